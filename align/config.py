@@ -1,0 +1,216 @@
+"""Typed recipe configuration: YAML + dotted overrides -> validated dataclasses.
+
+A recipe is a YAML mapping. Its schema is a tree of dataclasses; defaults live in the
+schema only. Loading is strict in the way nanoGPT's configurator is strict, without
+its `exec`:
+
+- an unknown key fails and names the closest valid key (`train.lrr` -> `train.lr`);
+- a value of the wrong type fails (`train.max_steps: "ten"`);
+- a value outside its range fails (`train.lr: 0`), before any model or data is loaded.
+
+Field constraints are written in the field's metadata: `check=` takes a predicate and
+`expect=` the words the error uses for it, e.g.
+`lr: float = field(default=1e-4, metadata=positive("learning rate"))`.
+
+Overrides are `key.path=value` strings whose values are parsed as YAML
+(`train.max_steps=20`, `model.lora.target_modules=[q_proj,v_proj]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from align.errors import AlignError
+
+
+# ---------------------------------------------------------------------------
+# field constraints
+# ---------------------------------------------------------------------------
+def positive(what: str = "value") -> dict:
+    return {"check": lambda v: v > 0, "expect": f"{what} > 0"}
+
+
+def non_negative(what: str = "value") -> dict:
+    return {"check": lambda v: v >= 0, "expect": f"{what} >= 0"}
+
+
+def in_range(lo: float, hi: float, what: str = "value") -> dict:
+    return {"check": lambda v: lo <= v <= hi, "expect": f"{lo} <= {what} <= {hi}"}
+
+
+# ---------------------------------------------------------------------------
+# YAML + overrides
+# ---------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise AlignError(f"recipe {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise AlignError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AlignError(f"recipe {path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set `a.b.c=value` keys in a nested dict (a copy); values are parsed as YAML."""
+    data = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise AlignError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise AlignError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data):
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+# ---------------------------------------------------------------------------
+# dict -> dataclass, with checks
+# ---------------------------------------------------------------------------
+T = typing.TypeVar("T")
+
+
+def build(cls: type[T], data: Any, where: str = "") -> T:
+    """Validate `data` against dataclass `cls` and return an instance.
+
+    `where` is the dotted path of this section, used in error messages.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AlignError(f"{where or 'recipe'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise AlignError(_unknown_key_message(key, list(fields), where))
+    values = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        value = _coerce(hints[name], value, path)
+        check = fields[name].metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise AlignError(f"{path}: got {value!r}, expected {fields[name].metadata['expect']}")
+        values[name] = value
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except AlignError as err:
+            raise AlignError(f"{where}: {err}" if where else str(err)) from None
+    return obj
+
+
+def _unknown_key_message(key, valid: list[str], where: str) -> str:
+    path = f"{where}.{key}" if where else str(key)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {(where + '.') if where else ''}{close[0]}?" if close else ""
+    return f"unknown key {path}{hint} (valid keys here: {', '.join(valid)})"
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(tp, value, path: str):
+    """Check `value` against type hint `tp`; int is accepted for float."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, path)
+            except AlignError as err:
+                errors.append(str(err))
+        raise AlignError(errors[0] if len(errors) == 1 else f"{path}: got {_describe(value)}, expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise AlignError(f"{path}: got {value!r}, expected one of {', '.join(map(str, choices))}{hint}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise AlignError(f"{path}: got {_describe(value)}, expected a list")
+        return [_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise AlignError(f"{path}: got {_describe(value)}, expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AlignError(f"{path}: got {_describe(value)}, expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise AlignError(f"{path}: got {_describe(value)}, expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise AlignError(f"{path}: got {_describe(value)}, expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise AlignError(f"{path}: got {_describe(value)}, expected a string")
+        return value
+    raise TypeError(f"config schema: unsupported type {tp!r} at {path}")
+
+
+def _type_name(tp) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None))
+
+
+def to_dict(obj) -> dict:
+    """A dataclass tree as plain dicts (for writing the resolved config)."""
+    return dataclasses.asdict(obj)
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+         data: dict | None = None) -> T:
+    """Read a YAML recipe (or take `data`), apply overrides, validate against `cls`."""
+    raw = read_yaml(path) if path is not None else (data or {})
+    raw = apply_overrides(raw, overrides or [])
+    return build(cls, raw)
