@@ -1,0 +1,83 @@
+"""`align` / `python -m align`: the command line. A thin shell over functions tests call directly.
+
+Exit status: 0 done; 2 bad input (one line on stderr, no traceback); 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from align.errors import AlignError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2 with one line, as bad input does
+        raise AlignError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="align", description="LLM alignment training toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="run the stage named by the recipe's `stage:`")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+
+    p = sub.add_parser("pipeline", help="run several stages in order")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("eval-rm", help="reward-model accuracy on a preference set")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--output")
+    p.add_argument("--plot")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=1024)
+
+    p = sub.add_parser("generate", help="batched sampling from a trained policy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--output")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+
+    p = sub.add_parser("rl", help="a classic-RL run (recipes/rl/)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def run_command(args) -> int:
+    if args.command == "train":
+        from align.engine import run
+        from align.recipe import load_recipe
+
+        run(load_recipe(args.recipe, args.overrides))
+        return 0
+    if args.command == "rl":
+        from align.rl.runner import run as run_rl
+
+        run_rl(args.recipe, args.overrides)
+        return 0
+    raise AlignError(f"align {args.command}: not available yet in this version")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        return run_command(args)
+    except AlignError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

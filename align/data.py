@@ -1,0 +1,425 @@
+"""The one data layer: read rows, detect the format, tokenize with loss masks, batch.
+
+Sources: a local `.jsonl`, `.jsonl.gz`, `.json`, `.parquet` or `.csv` file, a
+`datasets` name (loaded with `datasets.load_dataset`), a mapping
+`{path, name, split, take}`, or a list of these (a mixture, concatenated in order).
+
+Formats (detected from the columns, as TRL names them):
+
+| format | columns | trained tokens |
+|---|---|---|
+| language modelling | `text` | all but the first |
+| prompt-completion | `prompt`, `completion` (strings, or message lists: conversational) | the completion (+ EOS) |
+| conversational | `messages` | every assistant turn (as the chat template renders it) |
+| preference | `prompt`?, `chosen`, `rejected` | see `align.preference_data` |
+
+Standard (string) data is tokenized as `tokenizer(prompt)` (which adds BOS where the
+tokenizer does) followed by `tokenizer(completion, add_special_tokens=False)` and
+EOS. Conversational data goes through the tokenizer's chat template; the trained span
+of an assistant turn is what the template adds between the prompt rendered with
+`add_generation_prompt=True` and the prompt plus that turn, so the mask is exact to
+the token. A template that renders a prefix differently once more turns follow
+("boundary drift") is an error, not a silently wrong mask.
+
+An example is a dict of int lists: `input_ids`, `labels` (-100 where not trained),
+and for packed rows `position_ids`. Labels are aligned with `input_ids` (not
+shifted); the loss shifts. The first token of every sample is never a label, so
+samples concatenated in one row (packing, padding-free) never learn across a boundary.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import AlignError
+
+IGNORE = -100
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
+
+
+# ---------------------------------------------------------------------------
+# 1. reading rows
+# ---------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """Rows of one or more sources, remembering where each row came from (for error messages)."""
+
+    rows: list[dict]
+    origins: list[tuple[str, int]] = field(default_factory=list)  # (source name, row number from 1)
+
+    def where(self, i: int) -> str:
+        name, line = self.origins[i]
+        return f"{name} row {line}"
+
+
+def load_rows(spec: Any, *, key: str = "data.train") -> Rows:
+    """Read every row of a source spec (a path, a datasets name, a mapping or a list of them)."""
+    specs = spec if isinstance(spec, list) else [spec]
+    if not specs:
+        raise AlignError(f"{key}: an empty list; expected a data file or a datasets name")
+    rows, origins = [], []
+    for one in specs:
+        path, name, split, take = _parse_spec(one, key)
+        part = _read_source(path, name, split, key)
+        if take is not None:
+            part = part[:take]
+        label = path if split is None else f"{path}[{split}]"
+        rows.extend(part)
+        origins.extend((label, i + 1) for i in range(len(part)))
+    if not rows:
+        raise AlignError(f"{key}: {spec!r} has no rows")
+    return Rows(rows, origins)
+
+
+def _parse_spec(spec, key):
+    if isinstance(spec, str):
+        return spec, None, None, None
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"path", "name", "split", "take"}
+        if unknown or "path" not in spec:
+            raise AlignError(f"{key}: a source mapping takes keys path, name, split, take; got {sorted(spec)}")
+        take = spec.get("take")
+        if take is not None and (not isinstance(take, int) or take <= 0):
+            raise AlignError(f"{key}: take must be a positive integer, got {take!r}")
+        return str(spec["path"]), spec.get("name"), spec.get("split"), take
+    raise AlignError(f"{key}: got {spec!r}, expected a file path, a datasets name or a mapping {{path, split}}")
+
+
+def _read_source(path: str, name, split, key) -> list[dict]:
+    local = Path(path)
+    if local.suffix and any(str(local).endswith(s) for s in FILE_SUFFIXES):
+        if not local.is_file():
+            raise AlignError(f"{key}: file {path} not found")
+        return _read_file(local)
+    if local.exists():
+        if local.is_dir():
+            return _read_datasets(path, name, split or "train", key)
+        raise AlignError(f"{key}: {path} has an unsupported extension; expected one of {', '.join(FILE_SUFFIXES)}")
+    return _read_datasets(path, name, split or "train", key)
+
+
+def _read_file(path: Path) -> list[dict]:
+    text_name = str(path)
+    if text_name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if text_name.endswith(".gz") else open
+        rows = []
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for n, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise AlignError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise AlignError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    if text_name.endswith((".json", ".json.gz")):
+        opener = gzip.open if text_name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise AlignError(f"{path}: not valid JSON ({err.msg})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise AlignError(f"{path}: expected a JSON list of objects")
+        return data
+    import datasets
+
+    kind = "parquet" if text_name.endswith(".parquet") else "csv"
+    return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+
+
+def _read_datasets(path, name, split, key) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(path, name, split=split))
+    except Exception as err:  # datasets raises many types for a missing name or split
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AlignError(f"{key}: cannot load {path!r} (split {split!r}) as a file or a datasets name: {text}") from None
+
+
+# ---------------------------------------------------------------------------
+# 2. formats
+# ---------------------------------------------------------------------------
+SFT_FORMATS = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+}
+
+
+def detect_format(rows: Rows, formats: dict[str, tuple[str, ...]], key: str) -> str:
+    first = rows.rows[0]
+    for name, columns in formats.items():
+        if all(c in first for c in columns):
+            return name
+    expected = " or ".join("/".join(c) for c in formats.values())
+    raise AlignError(f"{key}: {rows.where(0)} has columns {sorted(first)}; expected {expected}")
+
+
+def is_conversational(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _check_messages(messages, where: str) -> None:
+    if not is_conversational(messages) or not messages:
+        raise AlignError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    for m in messages:
+        if "content" not in m or not isinstance(m["content"], str):
+            raise AlignError(f"{where}: every message needs a string 'content'")
+
+
+def _require_chat_template(tokenizer, where: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise AlignError(f"{where}: conversational data needs a chat template, and the tokenizer has none; "
+                         "set model.chat_template")
+
+
+# ---------------------------------------------------------------------------
+# 3. tokenization
+# ---------------------------------------------------------------------------
+def chat_ids(tokenizer, messages, *, add_generation_prompt=False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return list(ids)
+
+
+def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
+    """Token ids of a prompt as generation sees it (chat template + generation prompt if conversational)."""
+    if is_conversational(prompt):
+        _require_chat_template(tokenizer, where)
+        return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise AlignError(f"{where}: prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_prompt_completion(tokenizer, prompt, completion, where: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) for one pair; completion ends with EOS (or the template's end of turn)."""
+    if is_conversational(prompt) or is_conversational(completion):
+        if not (is_conversational(prompt) and is_conversational(completion)):
+            raise AlignError(f"{where}: prompt and completion must both be strings or both message lists")
+        _check_messages(prompt, where)
+        _check_messages(completion, where)
+        prompt_ids = encode_prompt(tokenizer, prompt, where)
+        full = chat_ids(tokenizer, prompt + completion)
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise AlignError(f"{where}: the chat template renders the prompt differently once the completion follows "
+                             "(boundary drift); the loss mask would be wrong")
+        return prompt_ids, full[len(prompt_ids):]
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise AlignError(f"{where}: prompt and completion must be strings or message lists")
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not completion_ids or completion_ids[-1] != tokenizer.eos_token_id):
+        completion_ids.append(tokenizer.eos_token_id)
+    return prompt_ids, completion_ids
+
+
+def _tokenize_messages(tokenizer, messages, where) -> tuple[list[int], list[int]]:
+    _check_messages(messages, where)
+    _require_chat_template(tokenizer, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise AlignError(f"{where}: no assistant message to train on")
+    full = chat_ids(tokenizer, messages)
+    labels = [IGNORE] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        upto = chat_ids(tokenizer, messages[: i + 1])
+        if full[: len(upto)] != upto:
+            raise AlignError(f"{where}: the chat template renders turn {i} differently once later turns follow "
+                             "(boundary drift); the loss mask would be wrong")
+        labels[start: len(upto)] = full[start: len(upto)]
+    return full, labels
+
+
+def tokenize_sft_row(tokenizer, row: dict, fmt: str, where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one SFT row, untruncated."""
+    if fmt == "text":
+        text = row["text"]
+        if not isinstance(text, str) or not text:
+            raise AlignError(f"{where}: 'text' must be a non-empty string")
+        ids = list(tokenizer(text)["input_ids"])
+        if tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
+        return ids, list(ids)
+    if fmt == "prompt_completion":
+        prompt_ids, completion_ids = encode_prompt_completion(tokenizer, row["prompt"], row["completion"], where)
+        return prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids
+    return _tokenize_messages(tokenizer, row["messages"], where)
+
+
+@dataclass
+class TokenizedSet:
+    examples: list[dict]
+    dropped: int = 0
+    truncated: int = 0
+    source: str = ""
+
+    def __len__(self):
+        return len(self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+def tokenize_sft(rows: Rows, tokenizer, *, max_length: int, truncation: str, key: str) -> TokenizedSet:
+    """Tokenize every row; samples left with no trained token are dropped and counted."""
+    fmt = detect_format(rows, SFT_FORMATS, key)
+    examples, dropped, truncated = [], 0, 0
+    for i, row in enumerate(rows.rows):
+        where = rows.where(i)
+        for column in SFT_FORMATS[fmt]:
+            if row.get(column) in (None, ""):
+                raise AlignError(f"{key}: {where} has an empty '{column}'")
+        ids, labels = tokenize_sft_row(tokenizer, row, fmt, where)
+        labels[0] = IGNORE  # never trained: nothing predicts the first token of a sample
+        if len(ids) > max_length:
+            if truncation == "drop":
+                dropped += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            truncated += 1
+        if all(label == IGNORE for label in labels):
+            dropped += 1
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    name = rows.origins[0][0]
+    if not examples:
+        raise AlignError(f"{key}: all {len(rows.rows)} samples of {name} have no trainable token left after "
+                         f"truncation to data.max_length={max_length}; raise data.max_length")
+    return TokenizedSet(examples, dropped=dropped, truncated=truncated, source=name)
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate samples (whole, in order) into rows of at most max_length, with per-sample position_ids."""
+    rows, current = [], {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + n > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ex["input_ids"]
+        current["labels"] += ex["labels"]
+        current["position_ids"] += list(range(n))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# 4. batches
+# ---------------------------------------------------------------------------
+class GlobalBatches:
+    """The deterministic sequence of global batches: step -> list of example indices.
+
+    A global batch holds `size` = batch_size x grad_accum x processes examples, so the
+    data of an optimizer step does not depend on how the batch is split: whole, by
+    gradient accumulation, or across processes (the invariance guarantee). Epoch e is
+    a permutation seeded by (seed, e); the last incomplete global batch of an epoch is
+    dropped. Any step's batch is computed directly, so resuming at step s needs no
+    replay. With `group_by_length`, windows of 64 batches are sorted by length before
+    batching (and the batches shuffled again) so that batches hold similar lengths.
+    """
+
+    WINDOW = 64
+
+    def __init__(self, lengths: list[int], size: int, *, seed: int, group_by_length: bool = True):
+        if len(lengths) < size:
+            raise AlignError(f"train: a global batch needs {size} samples (batch_size x grad_accum x processes) "
+                             f"but the training set has {len(lengths)}")
+        self.lengths, self.size, self.seed, self.group = lengths, size, seed, group_by_length
+        self.per_epoch = len(lengths) // size
+        self._epoch, self._batches = None, None
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        order = order[: self.per_epoch * self.size]
+        if self.group:
+            window = self.WINDOW * self.size
+            order = [i for start in range(0, len(order), window)
+                     for i in sorted(order[start: start + window], key=lambda j: -self.lengths[j])]
+        batches = [order[i: i + self.size] for i in range(0, len(order), self.size)]
+        if self.group:
+            rng.shuffle(batches)
+        return batches
+
+    def __getitem__(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[index]
+
+
+def split_global_batch(indices: list[int], lengths: list[int], *, micro_batches: int, process: int,
+                       processes: int) -> list[list[int]]:
+    """This process's micro-batches of a global batch: sorted by length, then cut in equal chunks.
+
+    Chunk k of the (micro_batches x processes) chunks goes to process k % processes, so
+    each process gets `micro_batches` micro-batches of similar lengths.
+    """
+    ordered = sorted(indices, key=lambda i: (-lengths[i], i))
+    n_chunks = micro_batches * processes
+    per = len(ordered) // n_chunks
+    chunks = [ordered[k * per: (k + 1) * per] for k in range(n_chunks)]
+    return [chunks[k] for k in range(process, n_chunks, processes)]
+
+
+def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """Stack examples into tensors.
+
+    Padded (default): right-padded (B, T) input_ids / labels / attention_mask.
+    Padding-free, or packed rows: examples concatenated into one (1, sum T) row with
+    position_ids restarting at each sample and no attention_mask; transformers then
+    keeps attention within each sample.
+    """
+    if padding_free:
+        ids, labels, positions = [], [], []
+        for ex in examples:
+            ids += ex["input_ids"]
+            labels += ex["labels"]
+            positions += ex.get("position_ids") or list(range(len(ex["input_ids"])))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+    width = max(len(ex["input_ids"]) for ex in examples)
+    B = len(examples)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    has_positions = "position_ids" in examples[0]
+    position_ids = torch.zeros((B, width), dtype=torch.long) if has_positions else None
+    for b, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[b, :n] = torch.tensor(ex["input_ids"])
+        labels[b, :n] = torch.tensor(ex["labels"])
+        attention_mask[b, :n] = 1
+        if has_positions:
+            position_ids[b, :n] = torch.tensor(ex["position_ids"])
+            position_ids[b, n:] = torch.arange(width - n)
+    batch = {"input_ids": input_ids, "labels": labels}
+    if has_positions:
+        # packed rows: attention follows position_ids, so no attention_mask
+        batch["position_ids"] = position_ids
+    else:
+        batch["attention_mask"] = attention_mask
+    return batch
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

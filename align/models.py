@@ -1,0 +1,146 @@
+"""The one loader: every stage gets its model and tokenizer here.
+
+`model.name_or_path` may be
+- `builtin:tiny` / `builtin:small`: a randomly initialised Llama from `align.builtin`
+  with the shipped character-level tokenizer (nothing downloaded);
+- a local folder with a full model (safetensors) or a PEFT adapter (`adapter_config.json`);
+- a hub id (`Qwen/Qwen2.5-0.5B`), fetched by transformers on a machine that can reach the hub.
+
+Safetensors only; `trust_remote_code` stays off unless the recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align import builtin
+from align.errors import AlignError
+from align.recipe import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model named by a PEFT adapter folder, or None when `path` is not one."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def load_tokenizer(cfg: ModelConfig, *, padding_side: str = "right"):
+    """Tokenizer with a pad token guaranteed (clear error otherwise)."""
+    name = cfg.name_or_path
+    if builtin.is_builtin(name):
+        tokenizer = builtin.load_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        source = name
+        if _adapter_base(name) and not (Path(name) / "tokenizer_config.json").is_file():
+            source = _adapter_base(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                                      trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise AlignError(f"model.name_or_path: cannot load a tokenizer from {source!r} ({_first_line(err)})") from None
+    tokenizer.padding_side = padding_side
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = cfg.chat_template
+    if tokenizer.pad_token is None:
+        if cfg.pad_token is None:
+            raise AlignError(
+                f"model.name_or_path: the tokenizer of {name!r} has no pad token; set model.pad_token "
+                f"(for example model.pad_token={tokenizer.eos_token!r} or another unused special token)")
+        tokenizer.pad_token = cfg.pad_token
+    return tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: int = 0,
+               trainable: bool = True):
+    """Load (or build) the model; `head` is "causal_lm" or "score" (one scalar: reward or value model).
+
+    A LoRA config wraps the model in a PEFT adapter when `trainable`; a PEFT adapter folder
+    is loaded on its base model (trainable when `trainable`).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    dtype = DTYPES[cfg.dtype]
+    name = cfg.name_or_path
+    extra = {} if cfg.attn_implementation is None else {"attn_implementation": cfg.attn_implementation}
+    adapter_of = _adapter_base(name) if not builtin.is_builtin(name) else None
+    if builtin.is_builtin(name):
+        config = builtin.model_config(name, tokenizer)
+        if head != "causal_lm":
+            config.num_labels = 1
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = auto.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
+    else:
+        source = adapter_of or name
+        kwargs = dict(revision=cfg.revision if not adapter_of else None, dtype=dtype,
+                      trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **extra)
+        if head != "causal_lm":
+            kwargs["num_labels"] = 1
+        try:
+            model = auto.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise AlignError(f"model.name_or_path: cannot load {source!r} ({_first_line(err)})") from None
+        if adapter_of:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, name, is_trainable=trainable)
+    if head != "causal_lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise AlignError(f"model.name_or_path: the tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"embedding has {model.get_input_embeddings().num_embeddings}")
+    if cfg.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled and trainable and not adapter_of:
+        model = _wrap_lora(model, cfg, head)
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def _wrap_lora(model, cfg: ModelConfig, head: str):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = cfg.lora
+    task_type = TaskType.CAUSAL_LM if head == "causal_lm" else TaskType.SEQ_CLS
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, task_type=task_type)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_pretrained(model, tokenizer, out_dir: str | Path, accelerator=None) -> None:
+    """Save in Hugging Face format (safetensors): a full model, or the adapter for PEFT models."""
+    out_dir = Path(out_dir)
+    if accelerator is not None:
+        unwrapped = accelerator.unwrap_model(model)
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+        accelerator.wait_for_everyone()
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,155 @@
+"""The recipe schema shared by every LLM stage.
+
+A recipe YAML has the common sections below (`model`, `data`, `train`, `eval`) plus
+one optional section named after its stage (`sft:`, `dpo:` …) whose schema the stage
+declares. Defaults live here and in the stage sections only.
+
+    stage: sft
+    output_dir: runs/tiny-sft
+    model: {name_or_path: builtin:tiny}
+    data: {train: data/arith/sft_train.jsonl, eval: data/arith/sft_eval.jsonl}
+    train: {max_steps: 1800, batch_size: 128, lr: 3e-3}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from align import config as cfg
+from align.errors import AlignError
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train a LoRA adapter (PEFT) instead of the full model."""
+    r: int = field(default=16, metadata=cfg.positive("lora rank r"))
+    alpha: float = field(default=32.0, metadata=cfg.positive("lora alpha"))
+    dropout: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.99, "lora dropout"))
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or PEFT's "all-linear"."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny"
+    """A hub id, a local folder (full model or PEFT adapter), or builtin:tiny / builtin:small."""
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+    """None keeps transformers' default (sdpa)."""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    pad_token: str | None = None
+    """Token to pad with when the tokenizer has none (else loading fails with a clear error)."""
+    chat_template: str | None = None
+    """A Jinja chat template to use when the tokenizer has none."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train: Any = None
+    """Training data: a local .jsonl/.json/.jsonl.gz/.parquet/.csv file, a datasets name, a mapping
+    {path, name, split, take}, or a list of these (a mixture, concatenated)."""
+    eval: Any = None
+    """Held-out data in the same forms (optional)."""
+    max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))
+    """Longest tokenized sample (prompt + completion); longer samples are truncated at the end."""
+    truncation: Literal["keep_start", "drop"] = "keep_start"
+    """keep_start: cut the end of too-long samples; drop: drop them. Either way a sample left with
+    no trainable token is dropped and counted, and the run fails if every sample is dropped."""
+    packing: bool = False
+    """Concatenate samples into rows of max_length (attention kept within each sample)."""
+    padding_free: bool = False
+    """Collate each micro-batch as one row of concatenated samples, no pad tokens (best with a
+    varlen attention kernel such as flash-attention on GPU; on CPU sdpa pads are cheaper)."""
+    group_by_length: bool = True
+    """Batch samples of similar length together (within windows of 64 batches) to cut padding."""
+    eval_limit: int | None = None
+    """Evaluate on at most this many held-out rows (None: all)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=100, metadata=cfg.positive("train.max_steps"))
+    """Optimizer steps. Each step consumes batch_size x grad_accum x processes samples."""
+    batch_size: int = field(default=8, metadata=cfg.positive("train.batch_size"))
+    """Samples per micro-batch per process."""
+    grad_accum: int = field(default=1, metadata=cfg.positive("train.grad_accum"))
+    lr: float = field(default=1e-4, metadata=cfg.positive("train.lr"))
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = field(default=0, metadata=cfg.non_negative("train.warmup_steps"))
+    min_lr_ratio: float = field(default=0.0, metadata=cfg.in_range(0.0, 1.0, "train.min_lr_ratio"))
+    weight_decay: float = field(default=0.0, metadata=cfg.non_negative("train.weight_decay"))
+    adam_beta1: float = field(default=0.9, metadata=cfg.in_range(0.0, 0.999999, "train.adam_beta1"))
+    adam_beta2: float = field(default=0.999, metadata=cfg.in_range(0.0, 0.999999, "train.adam_beta2"))
+    max_grad_norm: float | None = field(default=1.0, metadata=cfg.positive("train.max_grad_norm"))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 where the GPU supports it, else no (fp32)."""
+    save_steps: int = field(default=500, metadata=cfg.positive("train.save_steps"))
+    save_total_limit: int = field(default=2, metadata=cfg.positive("train.save_total_limit"))
+    log_steps: int = field(default=10, metadata=cfg.positive("train.log_steps"))
+    report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=lambda: ["none"])
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    steps: int | None = field(default=None, metadata=cfg.positive("eval.steps"))
+    """Evaluate every this many steps (None: only before the first and after the last step)."""
+    batch_size: int = field(default=256, metadata=cfg.positive("eval.batch_size"))
+    generate: bool = True
+    """Compute eval/task_accuracy: exact match of greedy generations against the reference completions."""
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("eval.max_new_tokens"))
+    """Greedy generation length for eval/task_accuracy."""
+
+
+@dataclass
+class Recipe:
+    stage: str = ""
+    output_dir: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stage_args: Any = None
+    """The stage's own section (`sft:`, `dpo:` …), validated against the stage's schema."""
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, data: dict | None = None) -> Recipe:
+    """Read, override and validate a recipe; nothing is loaded or written yet."""
+    from align.stages import STAGES
+
+    raw = cfg.read_yaml(path) if path is not None else dict(data or {})
+    raw = cfg.apply_overrides(raw, overrides or [])
+    stage = raw.get("stage")
+    if not isinstance(stage, str) or stage not in STAGES:
+        close = cfg.difflib.get_close_matches(str(stage), list(STAGES), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise AlignError(f"stage: got {stage!r}, expected one of {', '.join(STAGES)}{hint}")
+    args_cls = STAGES[stage].args_cls
+    section_name = STAGES[stage].section
+    common = {k: v for k, v in raw.items() if k != section_name}
+    if "stage_args" in common:
+        raise AlignError(f"unknown key stage_args; the stage's own settings go under {section_name}:")
+    recipe = cfg.build(Recipe, common)
+    recipe.stage_args = cfg.build(args_cls, raw.get(section_name) or {}, section_name)
+    if not recipe.output_dir:
+        raise AlignError("output_dir: required (the folder the run writes its model, logs and checkpoints to)")
+    if recipe.data.train is None:
+        raise AlignError("data.train: required (a data file or a datasets name)")
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    from align.stages import STAGES
+
+    out = dataclasses.asdict(recipe)
+    out.pop("stage_args")
+    out[STAGES[recipe.stage].section] = dataclasses.asdict(recipe.stage_args)
+    return out

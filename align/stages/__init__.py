@@ -1,0 +1,32 @@
+"""Stage registry: recipe `stage:` name -> its settings schema and its class.
+
+A stage class is built as `Stage(recipe, accelerator)` and gives the engine
+`model`, `micro_batches(step)`, `weight(batch)`, `tokens(batch)`, `loss(model, batch)`,
+`after_step(step)`, `evaluate(model)` and `save(output_dir, accelerator)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    module: str
+    class_name: str
+    args_name: str
+    section: str
+
+    @property
+    def args_cls(self):
+        return getattr(import_module(self.module), self.args_name)
+
+    @property
+    def cls(self):
+        return getattr(import_module(self.module), self.class_name)
+
+
+STAGES: dict[str, StageSpec] = {
+    "sft": StageSpec("align.stages.sft", "SFTStage", "SFTArgs", "sft"),
+}

@@ -1,0 +1,102 @@
+"""Supervised fine-tuning: next-token NLL on the completion tokens only.
+
+The loss of a step is the sum of token NLLs over every trained token of the global
+batch divided by their count (the engine normalises), so long and short samples
+weigh per token, the same whether the batch is split by accumulation or processes.
+Prompt tokens are never trained on (see `align.data` for how the mask is built);
+`sft.completion_only_loss: false` trains on prompts too, as plain language modelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from align import evaluate, models
+from align.data import IGNORE, collate, load_rows, pack, tokenize_sft
+from align.losses import nll_sum
+from align.recipe import Recipe
+from align.stages.base import OfflineBatches, tensors_only
+
+
+@dataclass
+class SFTArgs:
+    completion_only_loss: bool = True
+    """Train on completion tokens only (prompt tokens masked). False: every token but the first."""
+
+
+class SFTStage:
+    def __init__(self, recipe: Recipe, accelerator):
+        self.recipe, self.accelerator = recipe, accelerator
+        data = recipe.data
+        self.tokenizer = models.load_tokenizer(recipe.model)
+        trainset = self._tokenize(data.train, "data.train")
+        self._report(trainset, "data.train")
+        examples = trainset.examples
+        if data.packing:
+            examples = pack(examples, data.max_length)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.batches = OfflineBatches(
+            examples, [len(e["input_ids"]) for e in examples], batch_size=recipe.train.batch_size,
+            grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
+            processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
+            collate_fn=lambda exs: collate(exs, self.pad_id, padding_free=data.padding_free or data.packing),
+            weight_fn=lambda e: sum(1 for label in e["labels"][1:] if label != IGNORE),
+        )
+        self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
+        if data.eval is not None:
+            rows = load_rows(data.eval, key="data.eval")
+            if data.eval_limit is not None:
+                rows.rows, rows.origins = rows.rows[: data.eval_limit], rows.origins[: data.eval_limit]
+            self.eval_examples = self._tokenize_rows(rows, "data.eval").examples
+            if "prompt" in rows.rows[0] and "completion" in rows.rows[0]:
+                self.eval_prompts = [r["prompt"] for r in rows.rows]
+                self.eval_references = [r["completion"] for r in rows.rows]
+        self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+
+    # -- data --------------------------------------------------------------------------
+    def _tokenize(self, spec, key):
+        return self._tokenize_rows(load_rows(spec, key=key), key)
+
+    def _tokenize_rows(self, rows, key):
+        tokenized = tokenize_sft(rows, self.tokenizer, max_length=self.recipe.data.max_length,
+                                 truncation=self.recipe.data.truncation, key=key)
+        if not self.recipe.stage_args.completion_only_loss:
+            for e in tokenized.examples:
+                e["labels"] = [IGNORE] + e["input_ids"][1:]
+        return tokenized
+
+    def _report(self, tokenized, key):
+        if tokenized.dropped or tokenized.truncated:
+            self.accelerator.print(
+                f"{key}: {tokenized.dropped} samples dropped (no trainable token within data.max_length="
+                f"{self.recipe.data.max_length}), {tokenized.truncated} truncated; {len(tokenized)} kept")
+
+    # -- engine interface ---------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        return self.batches(step)
+
+    def loss(self, model, batch):
+        batch = tensors_only(batch)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits  # (B, T, V)
+        loss_sum = nll_sum(logits[:, :-1], labels[:, 1:])
+        return loss_sum, {}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def evaluate(self, model) -> dict:
+        ev = self.recipe.eval
+        metrics = {}
+        if self.eval_examples:
+            metrics["eval/loss"] = evaluate.eval_loss(model, self.eval_examples, self.pad_id,
+                                                      batch_size=ev.batch_size, accelerator=self.accelerator)
+        if self.eval_prompts and ev.generate:
+            metrics["eval/task_accuracy"] = evaluate.task_accuracy(
+                model, self.tokenizer, self.eval_prompts, self.eval_references, max_new_tokens=ev.max_new_tokens,
+                batch_size=ev.batch_size, accelerator=self.accelerator)
+        return metrics
+
+    def save(self, out_dir, accelerator) -> None:
+        models.save_pretrained(self.model, self.tokenizer, out_dir, accelerator)
+
