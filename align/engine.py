@@ -219,6 +219,7 @@ def run(recipe: Recipe) -> dict:
 
     from align.stages import STAGES
 
+    ensure_model(recipe.model)
     out = Path(recipe.output_dir)
     finished = _finished_metrics(out, recipe.train.max_steps)
     if finished is not None:
@@ -229,6 +230,18 @@ def run(recipe: Recipe) -> dict:
     set_seed(recipe.seed)
     stage = STAGES[recipe.stage].cls(recipe, accelerator)
     return train(stage, recipe, accelerator)
+
+
+def ensure_model(model_cfg) -> None:
+    """Run `model.from_recipe` first when the folder it should produce holds no finished model yet."""
+    if model_cfg.from_recipe is None or (Path(model_cfg.name_or_path) / "config.json").is_file() \
+            or (Path(model_cfg.name_or_path) / "adapter_config.json").is_file():
+        return
+    from align.recipe import load_recipe
+
+    upstream = load_recipe(model_cfg.from_recipe, [f"output_dir={model_cfg.name_or_path}"])
+    print(f"model.name_or_path {model_cfg.name_or_path} does not exist yet: training it with {model_cfg.from_recipe}")
+    run(upstream)
 
 
 def _finished_metrics(out: Path, max_steps: int) -> dict | None:

@@ -48,6 +48,9 @@ class ModelConfig:
     chat_template: str | None = None
     """A Jinja chat template to use when the tokenizer has none."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    from_recipe: str | None = None
+    """A recipe that produces `name_or_path` (its output_dir), run first when that folder has no model yet:
+    e.g. a DPO recipe names the tiny SFT recipe, so it trains the SFT model it starts from when missing."""
 
 
 @dataclass

@@ -1,0 +1,189 @@
+"""Preference data: (prompt, chosen, rejected) rows tokenized identically on both sides.
+
+Formats (TRL's names):
+
+| format | columns |
+|---|---|
+| explicit prompt | `prompt`, `chosen`, `rejected` (strings, or message lists: conversational) |
+| implicit prompt | `chosen`, `rejected` only: the shared beginning is the prompt |
+
+Optional columns: `margin` (a per-pair number for the Bradley–Terry margin) and `subset`
+(a category, for per-subset accuracy).
+
+The implicit prompt of two transcripts is their longest common prefix, cut back to a
+clean boundary: for conversational rows, the messages both share; for strings, the
+end of the last `Assistant:` marker inside the shared text when there is one
+(Anthropic HH-RLHF transcripts `\\n\\nHuman: … \\n\\nAssistant: …`), else the last
+whitespace, so that a word both answers start with is not split.
+
+A tokenized pair is a dict `prompt_ids`, `chosen_ids`, `rejected_ids` (the completion
+ids end with EOS or the template's end of turn), plus `margin` / `subset` when the row
+has them. Samples longer than `max_length` lose the end of their completion; pairs
+left with no completion token, or whose two sides become identical, are dropped and
+counted (all dropped is an error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from align.data import IGNORE, Rows, encode_prompt_completion, is_conversational
+from align.errors import AlignError
+
+ASSISTANT_MARKER = "Assistant:"
+
+
+def split_implicit_prompt(chosen, rejected):
+    """(prompt, chosen_completion, rejected_completion) from two full transcripts."""
+    if is_conversational(chosen) and is_conversational(rejected):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        # the prompt ends before the first differing assistant turn
+        while n > 0 and chosen[n - 1].get("role") == "assistant" and n == min(len(chosen), len(rejected)):
+            n -= 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise ValueError("chosen and rejected must both be strings or both message lists")
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    shared = chosen[:n]
+    marker = shared.rfind(ASSISTANT_MARKER)
+    if marker >= 0:
+        n = marker + len(ASSISTANT_MARKER)
+    elif n < limit or n < max(len(chosen), len(rejected)):
+        while n > 0 and not chosen[n - 1].isspace():
+            n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+@dataclass
+class PreferenceSet:
+    examples: list[dict]
+    dropped_identical: int = 0
+    dropped_empty: int = 0
+    truncated: int = 0
+    source: str = ""
+
+    def __len__(self):
+        return len(self.examples)
+
+    def summary(self) -> str:
+        return (f"{len(self.examples)} pairs kept; {self.dropped_identical} dropped as identical after truncation, "
+                f"{self.dropped_empty} with no completion token left, {self.truncated} truncated")
+
+
+def _row_parts(row: dict, where: str):
+    for column in ("chosen", "rejected"):
+        if column not in row:
+            raise AlignError(f"{where}: missing column '{column}'; preference data needs chosen and rejected "
+                             f"(and optionally prompt), got columns {sorted(row)}")
+        if row[column] in (None, "", []):
+            raise AlignError(f"{where}: empty '{column}'")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if is_conversational(chosen) != is_conversational(rejected):
+        raise AlignError(f"{where}: chosen and rejected must both be strings or both message lists")
+    if "prompt" in row and row["prompt"] not in (None, ""):
+        prompt = row["prompt"]
+        if is_conversational(chosen):
+            _check_roles(prompt, chosen, rejected, where)
+        return prompt, chosen, rejected
+    try:
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+    except ValueError as err:
+        raise AlignError(f"{where}: {err}") from None
+    if is_conversational(chosen):
+        _check_roles(prompt, chosen, rejected, where)
+    return prompt, chosen, rejected
+
+
+def _check_roles(prompt, chosen, rejected, where):
+    if not is_conversational(prompt):
+        raise AlignError(f"{where}: a conversational pair needs a message-list prompt")
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side or side[0].get("role") != "assistant":
+            raise AlignError(f"{where}: the {name} messages after the prompt must start with an assistant turn, "
+                             f"got roles {[m.get('role') for m in side]}")
+    if prompt and prompt[-1].get("role") == "assistant":
+        raise AlignError(f"{where}: the prompt ends with an assistant turn; expected it to end with a user turn")
+
+
+def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str) -> PreferenceSet:
+    examples, identical, empty, truncated = [], 0, 0, 0
+    for i, row in enumerate(rows.rows):
+        where = f"{key}: {rows.where(i)}"
+        prompt, chosen, rejected = _row_parts(row, where)
+        prompt_ids, chosen_ids = encode_prompt_completion(tokenizer, prompt, chosen, where)
+        prompt_ids_r, rejected_ids = encode_prompt_completion(tokenizer, prompt, rejected, where)
+        if prompt_ids != prompt_ids_r:
+            raise AlignError(f"{where}: the prompt tokenizes differently before chosen and rejected")
+        room = max_length - len(prompt_ids)
+        if len(chosen_ids) > room or len(rejected_ids) > room:
+            truncated += 1
+        chosen_ids, rejected_ids = chosen_ids[: max(room, 0)], rejected_ids[: max(room, 0)]
+        if not chosen_ids or not rejected_ids:
+            empty += 1
+            continue
+        if chosen_ids == rejected_ids:
+            identical += 1
+            continue
+        example = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+        if "margin" in row and row["margin"] is not None:
+            example["margin"] = float(row["margin"])
+        if "subset" in row and row["subset"] is not None:
+            example["subset"] = str(row["subset"])
+        examples.append(example)
+    name = rows.origins[0][0]
+    result = PreferenceSet(examples, identical, empty, truncated, name)
+    if not examples:
+        raise AlignError(f"{key}: no usable pair in {name} ({result.summary()}); check data.max_length")
+    return result
+
+
+def pair_length(example: dict) -> int:
+    """Tokens of the longer side (prompt included), used to group pairs by length."""
+    n = len(example["prompt_ids"])
+    return n + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+
+def collate_pairs(examples: list[dict], pad_id: int, *, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """One concatenated batch for one forward pass: rows [chosen_1..chosen_B, rejected_1..rejected_B].
+
+    input_ids, attention_mask: (2B, T); labels: (2B, T), the completion tokens and
+    -100 elsewhere (prompt and padding); margin: (B,) when the pairs have margins.
+    """
+    sequences, labels = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for ex in examples:
+            sequences.append(ex["prompt_ids"] + ex[side])
+            labels.append([IGNORE] * len(ex["prompt_ids"]) + ex[side])
+    width = max(len(s) for s in sequences)
+    rows = len(sequences)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    label_t = torch.full((rows, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, (seq, lab) in enumerate(zip(sequences, labels)):
+        n = len(seq)
+        span = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        input_ids[r, span] = torch.tensor(seq)
+        label_t[r, span] = torch.tensor(lab)
+        mask[r, span] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+    if examples and "margin" in examples[0]:
+        batch["margin"] = torch.tensor([ex.get("margin", 0.0) for ex in examples], dtype=torch.float32)
+    return batch
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding: (B, T) -> (B,).
+
+    Found from the attention mask, never from the pad token id, so a tokenizer whose
+    pad token equals its EOS token still scores the real last token.
+    """
+    T = attention_mask.shape[-1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(-1).values
