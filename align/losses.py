@@ -194,3 +194,156 @@ def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torc
     resid = target - predicted
     var_resid = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
     return float("nan") if var_target.item() == 0 else float(1.0 - var_resid / var_target)
+
+
+# ---------------------------------------------------------------------------
+# reward model
+# ---------------------------------------------------------------------------
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None, *, center_coefficient: float | None = None,
+                       reduction: str = "mean") -> torch.Tensor:
+    """Bradley–Terry pairwise loss of a reward model, per pair (B,) reduced by `reduction`.
+
+        loss_i = -log σ(r_chosen_i - r_rejected_i - margin_i) + c · (r_chosen_i + r_rejected_i)²
+
+    Bradley & Terry (1952); as a reward-model loss, Ouyang et al. 2022 (InstructGPT, eq. 1).
+    `margin` (Llama 2, Touvron et al. 2023, eq. 2) asks the chosen reward to win by at least
+    that much. `center_coefficient` c (Eisenstein et al. 2023, "Helping or herding?", eq. 2)
+    pulls the rewards towards mean zero. With reduction="mean" this is exactly TRL
+    RewardTrainer's loss (-mean log σ(...) + c · mean((r_c + r_r)²)); "sum" serves the engine,
+    which normalises by the number of pairs in the global batch; "none" returns (B,).
+    """
+    delta = chosen_rewards - rejected_rewards
+    if margin is not None:
+        delta = delta - margin
+    losses = -F.logsigmoid(delta)
+    if center_coefficient is not None:
+        losses = losses + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
+    try:
+        return _REDUCTIONS[reduction](losses)
+    except KeyError:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {sorted(_REDUCTIONS)}") from None
+
+
+_REDUCTIONS = {"mean": torch.mean, "sum": torch.sum, "none": lambda x: x}
+
+
+# ---------------------------------------------------------------------------
+# offline preference optimisation: DPO family, SimPO, ORPO
+# ---------------------------------------------------------------------------
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion token counts: (B, T, V), (B, T) -> (B,), (B,).
+
+    `labels` are aligned with the inputs (not shifted; -100 where not scored): position
+    t's logits score labels[t + 1]. Divide the sum by the count for the length-averaged
+    log-prob SimPO and ORPO use.
+    """
+    targets = labels[:, 1:]
+    return token_logprobs(logits[:, :-1], targets).sum(-1), (targets != -100).sum(-1)
+
+
+def _dpo_sigmoid(chosen_ratios, rejected_ratios, *, beta, label_smoothing, chosen_lengths, rejected_lengths):
+    # label_smoothing > 0: conservative DPO (Mitchell 2023), a mixture with the flipped label
+    logits = beta * (chosen_ratios - rejected_ratios)
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def _dpo_hinge(chosen_ratios, rejected_ratios, *, beta, label_smoothing, chosen_lengths, rejected_lengths):
+    return torch.relu(1 - beta * (chosen_ratios - rejected_ratios))
+
+
+def _dpo_ipo(chosen_ratios, rejected_ratios, *, beta, label_smoothing, chosen_lengths, rejected_lengths):
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths (completion token counts)")
+    delta = chosen_ratios / chosen_lengths.clamp(min=1) - rejected_ratios / rejected_lengths.clamp(min=1)
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def _dpo_robust(chosen_ratios, rejected_ratios, *, beta, label_smoothing, chosen_lengths, rejected_lengths):
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    logits = beta * (chosen_ratios - rejected_ratios)
+    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
+    flipped = -label_smoothing * F.logsigmoid(-logits)
+    return (clean - flipped) / (1 - 2 * label_smoothing)
+
+
+DPO_LOSSES = {
+    "sigmoid": _dpo_sigmoid,  # Rafailov et al. 2023, eq. 7
+    "hinge": _dpo_hinge,  # SLiC (Zhao et al. 2023) on the DPO log-ratios
+    "ipo": _dpo_ipo,  # Azar et al. 2023, eq. 17, on per-token log-ratios as TRL does
+    "robust": _dpo_robust,  # Chowdhury et al. 2024, unbiased under label flips with rate label_smoothing
+}
+"""loss_type -> per-pair loss of the policy/reference log-ratios. Each takes the same keywords."""
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
+             rejected_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation and its variants, per pair: all inputs (B,) -> three (B,) tensors.
+
+    Log-probs are SUMMED over the completion tokens (TRL's convention). With the
+    log-ratios rho_c = logp_c - ref_c and rho_r = logp_r - ref_r:
+
+        sigmoid: -log sigma(beta (rho_c - rho_r))          [label_smoothing e > 0: conservative DPO,
+                                                            -(1-e) log sigma(x) - e log sigma(-x)]
+        hinge:   max(0, 1 - beta (rho_c - rho_r))
+        ipo:     (rho_c / n_c - rho_r / n_r - 1 / (2 beta))^2   (n: completion token counts)
+        robust:  ((1-e)(-log sigma(x)) - e(-log sigma(-x))) / (1 - 2e),  x = beta (rho_c - rho_r)
+
+    Returns (losses, chosen_rewards, rejected_rewards); the rewards are the implicit
+    rewards beta * rho, detached. `losses.mean()` equals TRL 1.16 `DPOTrainer`'s loss for
+    the same `loss_type` (which no longer applies label_smoothing to sigmoid: parity
+    holds at 0). Worked example: beta 0.1, rho_c = 2, rho_r = -3 (sigmoid) ->
+    -log sigma(0.5) = 0.4741.
+    """
+    try:
+        variant = DPO_LOSSES[loss_type]
+    except KeyError:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {sorted(DPO_LOSSES)}") from None
+    chosen_ratios = chosen_logps - ref_chosen_logps
+    rejected_ratios = rejected_logps - ref_rejected_logps
+    losses = variant(chosen_ratios, rejected_ratios, beta=beta, label_smoothing=label_smoothing,
+                     chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
+
+
+def simpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, *, beta: float = 2.0,
+               gamma: float = 0.5, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free, per pair: (B,), (B,) -> three (B,) tensors.
+
+        x = beta * (avg_logp_c - avg_logp_r) - gamma
+        loss = -(1 - e) log sigma(x) - e log sigma(-x)      (e = label_smoothing, 0 in the paper)
+
+    on LENGTH-AVERAGED completion log-probs; gamma is the target reward margin (TRL's
+    `simpo_gamma`). Rewards are beta * avg_logp. Equals TRL's CPO with loss_type="simpo"
+    and cpo_alpha=0. Worked example: beta 2, gamma 0.5, avg_c = -0.5, avg_r = -1.5 ->
+    -log sigma(1.5) = 0.2014.
+    """
+    x = beta * (chosen_avg_logps - rejected_avg_logps) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+    return losses, beta * chosen_avg_logps.detach(), beta * rejected_avg_logps.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (Maechler 2012: switch at -log 2)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, chosen_nll: torch.Tensor, *,
+              lam: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024, eqs. 4-7), reference-free, per pair: three (B,) -> three (B,) tensors.
+
+        log_odds(y) = avg_logp(y) - log(1 - exp(avg_logp(y)))
+        loss = chosen_nll - lam * log sigma(log_odds(y_c) - log_odds(y_r))
+
+    on LENGTH-AVERAGED completion log-probs. `chosen_nll` is the caller's NLL of the
+    chosen answer (a token mean per pair); TRL's ORPOTrainer takes one token mean over
+    prompt + chosen of the whole batch, which is what `chosen_nll` equal to that scalar
+    reproduces (lam is TRL's `beta`). Rewards are lam * avg_logp (TRL's logging).
+    """
+    chosen_avg_logps, rejected_avg_logps = chosen_avg_logps.float(), rejected_avg_logps.float()
+    log_odds = (chosen_avg_logps - rejected_avg_logps) - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps))
+    losses = chosen_nll - lam * F.logsigmoid(log_odds)
+    return losses, lam * chosen_avg_logps.detach(), lam * rejected_avg_logps.detach()
