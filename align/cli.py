@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--prompt-truncation", choices=["keep_end", "keep_start"], default="keep_end",
+                   help="a pair longer than --max-length: cut the start of the prompt (keep_end) or the answers' ends")
 
     p = sub.add_parser("generate", help="batched sampling from a trained policy")
     p.add_argument("--model", required=True)
@@ -57,6 +59,12 @@ def run_command(args) -> int:
         from align.recipe import load_recipe
 
         run(load_recipe(args.recipe, args.overrides))
+        return 0
+    if args.command == "eval-rm":
+        from align.evaluate_rm import evaluate_reward_model
+
+        evaluate_reward_model(args.model, args.data, output=args.output, plot=args.plot, batch_size=args.batch_size,
+                              max_length=args.max_length, prompt_truncation=args.prompt_truncation)
         return 0
     if args.command == "rl":
         from align.rl.runner import run as run_rl

@@ -112,7 +112,26 @@ def _check_roles(prompt, chosen, rejected, where):
         raise AlignError(f"{where}: the prompt ends with an assistant turn; expected it to end with a user turn")
 
 
-def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str) -> PreferenceSet:
+PROMPT_TRUNCATION = ("keep_start", "keep_end")
+
+
+def _keep_prompt_end(prompt_ids: list[int], longest: int, max_length: int, bos_id) -> list[int]:
+    """The prompt cut from the left to leave room for the longer completion (its first
+    half of max_length at least); a leading BOS is kept."""
+    budget = max(max_length - longest, max_length // 2)
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    head = prompt_ids[:1] if bos_id is not None and prompt_ids[:1] == [bos_id] else []
+    return head + prompt_ids[len(prompt_ids) - (budget - len(head)):]
+
+
+def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str,
+                         prompt_truncation: str = "keep_start") -> PreferenceSet:
+    """Tokenize every pair. Too-long pairs lose the end of their completions; with
+    prompt_truncation="keep_end" the prompt first loses its beginning (the end of a long
+    dialogue, next to the answers, survives) so that the completions fit."""
+    if prompt_truncation not in PROMPT_TRUNCATION:
+        raise AlignError(f"{key}: prompt truncation {prompt_truncation!r}; expected one of {PROMPT_TRUNCATION}")
     examples, identical, empty, truncated = [], 0, 0, 0
     for i, row in enumerate(rows.rows):
         where = f"{key}: {rows.where(i)}"
@@ -121,8 +140,13 @@ def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str) ->
         prompt_ids_r, rejected_ids = encode_prompt_completion(tokenizer, prompt, rejected, where)
         if prompt_ids != prompt_ids_r:
             raise AlignError(f"{where}: the prompt tokenizes differently before chosen and rejected")
+        cut = False
+        if prompt_truncation == "keep_end":
+            kept = _keep_prompt_end(prompt_ids, max(len(chosen_ids), len(rejected_ids)), max_length,
+                                    tokenizer.bos_token_id)
+            cut, prompt_ids = len(kept) < len(prompt_ids), kept
         room = max_length - len(prompt_ids)
-        if len(chosen_ids) > room or len(rejected_ids) > room:
+        if cut or len(chosen_ids) > room or len(rejected_ids) > room:
             truncated += 1
         chosen_ids, rejected_ids = chosen_ids[: max(room, 0)], rejected_ids[: max(room, 0)]
         if not chosen_ids or not rejected_ids:

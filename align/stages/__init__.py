@@ -29,4 +29,8 @@ class StageSpec:
 
 STAGES: dict[str, StageSpec] = {
     "sft": StageSpec("align.stages.sft", "SFTStage", "SFTArgs", "sft"),
+    "dpo": StageSpec("align.stages.preference", "PreferenceStage", "DPOArgs", "dpo"),
+    "simpo": StageSpec("align.stages.preference", "PreferenceStage", "SimPOArgs", "simpo"),
+    "orpo": StageSpec("align.stages.preference", "PreferenceStage", "ORPOArgs", "orpo"),
+    "reward": StageSpec("align.stages.reward", "RewardStage", "RewardArgs", "reward"),
 }

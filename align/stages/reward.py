@@ -1,0 +1,120 @@
+"""Reward model: a scalar head on a causal-LM backbone, trained with the Bradley–Terry loss.
+
+InstructGPT (Ouyang et al. 2022, section 3.5): start from the SFT model, replace the
+LM head by a linear head giving one scalar, and train on comparisons with
+-log σ(r(x, y_chosen) - r(x, y_rejected)). The model is
+`AutoModelForSequenceClassification` with num_labels=1 from the shared loader (full or
+LoRA); loading a causal-LM folder into it keeps the backbone and initialises a new
+`score` head. The saved folder loads with `AutoModelForSequenceClassification.from_pretrained`.
+
+Per step: chosen and rejected of every pair are scored in ONE forward (rows
+[chosen_1..chosen_B, rejected_1..rejected_B], `collate_pairs`); the reward is read at
+the last real token of each row (`align.evaluate_rm.sequence_rewards`, pad == eos safe).
+The loss sum over the micro-batch is normalised by the number of pairs in the global
+batch (`_weight` = pairs), so it equals TRL RewardTrainer's mean loss per step.
+Optional per-pair `margin` column and reward centering (`center_rewards_coefficient`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from align import config as cfg
+from align import models
+from align.data import load_rows
+from align.evaluate_rm import score_pairs, sequence_rewards
+from align.losses import bradley_terry_loss
+from align.preference_data import collate_pairs, tokenize_preferences
+from align.recipe import Recipe
+from align.stages.base import OfflineBatches
+
+
+@dataclass
+class RewardArgs:
+    center_rewards_coefficient: float | None = field(default=None,
+                                                     metadata=cfg.non_negative("reward.center_rewards_coefficient"))
+    """c in + c·mean((r_chosen + r_rejected)²), pulling rewards towards mean zero (TRL's name; 0.01 is usual)."""
+    prompt_truncation: Literal["keep_start", "keep_end"] = "keep_end"
+    """A pair longer than data.max_length: keep_end cuts the beginning of the prompt first (a long dialogue
+    keeps its end, next to the answers); keep_start cuts only the ends of the answers."""
+
+
+def pair_tokens(example: dict) -> int:
+    """Input tokens of a pair in the concatenated forward (both sides, prompt twice)."""
+    return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+
+
+class RewardStage:
+    def __init__(self, recipe: Recipe, accelerator):
+        self.recipe, self.accelerator = recipe, accelerator
+        self.args: RewardArgs = recipe.stage_args
+        self.tokenizer = models.load_tokenizer(recipe.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        train = self._tokenize(recipe.data.train, "data.train")
+        self.batches = OfflineBatches(
+            train.examples, [pair_tokens(e) for e in train.examples], batch_size=recipe.train.batch_size,
+            grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
+            processes=accelerator.num_processes, seed=recipe.seed, group_by_length=recipe.data.group_by_length,
+            collate_fn=lambda exs: collate_pairs(exs, self.pad_id), weight_fn=lambda e: 1,
+        )
+        self.eval_examples = []
+        if recipe.data.eval is not None:
+            self.eval_examples = self._tokenize(recipe.data.eval, "data.eval").examples
+            if recipe.data.eval_limit is not None:
+                self.eval_examples = self.eval_examples[: recipe.data.eval_limit]
+        self.model = models.load_model(recipe.model, self.tokenizer, head="score", seed=recipe.seed)
+
+    def _tokenize(self, spec, key):
+        pairs = tokenize_preferences(load_rows(spec, key=key), self.tokenizer, max_length=self.recipe.data.max_length,
+                                     key=key, prompt_truncation=self.args.prompt_truncation)
+        self.accelerator.print(f"{key}: {pairs.summary()}")
+        return pairs
+
+    # -- engine interface ---------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        return self.batches(step)
+
+    def loss(self, model, batch):
+        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+        loss_sum = bradley_terry_loss(chosen, rejected, batch.get("margin"),
+                                      center_coefficient=self.args.center_rewards_coefficient, reduction="sum")
+        return loss_sum, pair_metrics(chosen.detach(), rejected.detach(), prefix="")
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def evaluate(self, model) -> dict:
+        if not self.eval_examples:
+            return {}
+        chosen, rejected = score_pairs(model, self.eval_examples, self.pad_id, batch_size=self.recipe.eval.batch_size,
+                                       accelerator=self.accelerator)
+        margin = None
+        if "margin" in self.eval_examples[0]:
+            margin = torch.tensor([e.get("margin", 0.0) for e in self.eval_examples])
+        n = len(self.eval_examples)
+        metrics = {k: total / count for k, (total, count) in pair_metrics(chosen, rejected, prefix="eval/").items()}
+        metrics["eval/pair_accuracy"] = metrics["eval/rewards/accuracies"]
+        metrics["eval/ties"] = float((chosen == rejected).sum())
+        metrics["eval/loss"] = bradley_terry_loss(chosen, rejected, margin,
+                                                  center_coefficient=self.args.center_rewards_coefficient).item()
+        metrics["eval/pairs"] = float(n)
+        return metrics
+
+    def save(self, out_dir, accelerator) -> None:
+        models.save_pretrained(self.model, self.tokenizer, out_dir, accelerator)
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, *, prefix: str) -> dict[str, tuple[float, int]]:
+    """TRL's reward names as (sum, count): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies.
+
+    accuracies counts a tie as wrong.
+    """
+    n = chosen.numel()
+    return {f"{prefix}rewards/chosen": (chosen.sum().item(), n),
+            f"{prefix}rewards/rejected": (rejected.sum().item(), n),
+            f"{prefix}rewards/margins": ((chosen - rejected).sum().item(), n),
+            f"{prefix}rewards/accuracies": ((chosen > rejected).sum().item(), n)}
