@@ -9,10 +9,10 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
 
 from align import engine
 from align.cli import main
@@ -21,6 +21,7 @@ from align.losses import bradley_terry_loss
 from align.preference_data import collate_pairs, split_implicit_prompt
 from align.recipe import load_recipe
 
+REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
