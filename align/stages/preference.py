@@ -1,0 +1,342 @@
+"""Offline preference optimisation: DPO (sigmoid, IPO, hinge, robust), SimPO and ORPO.
+
+One stage class serves `stage: dpo`, `stage: simpo` and `stage: orpo`; the objective
+comes from `OBJECTIVES` (a table, not a branch chain) and the formulas from
+`align.losses` (`dpo_loss`, `simpo_loss`, `orpo_loss`).
+
+Per micro-batch, chosen and rejected go through ONE concatenated forward
+(`collate_pairs`: rows [chosen_1..chosen_B, rejected_1..rejected_B]). The loss of a
+step is the sum of per-pair losses divided by the global number of pairs (the engine
+normalises: `_weight` = pairs), so the update does not depend on accumulation or the
+number of processes.
+
+The reference model (DPO only) costs no memory during training: its summed
+completion log-probs are computed ONCE before the first step and stored with each
+pair. Without `dpo.ref_model` the reference is the starting policy itself (for LoRA,
+its initial adapter, which equals the base model for a new adapter), so nothing else
+is loaded; with `dpo.ref_model` that model is loaded, scored and freed. For a LoRA
+run `dpo.precompute_ref_logps: false` instead scores the reference at every step from
+the same weights with the adapter disabled (`model.disable_adapter()`). SimPO and
+ORPO are reference-free and load none.
+
+The NLL term: `rpo_alpha` > 0 (DPO, SimPO) adds rpo_alpha * NLL of the chosen answer,
+the token mean over its completion tokens per pair (RPO, Pang et al. 2024; TRL's
+`loss_type=["sigmoid", "sft"]` with `loss_weights=[1, rpo_alpha]` takes one token mean
+over the batch instead: identical when completions have equal length). ORPO's NLL is
+the same per-pair token mean over the chosen completion, or over prompt + completion
+with `orpo.nll_on_prompt: true` (TRL's ORPOTrainer, which again takes a batch token mean).
+
+Metrics (TRL's names): `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
+`rewards/margins`, `logps/chosen`, `logps/rejected` (summed for DPO, length-averaged for
+SimPO/ORPO, as TRL logs them), `nll_loss`; evaluation: `eval/loss`,
+`eval/pair_accuracy` (implicit reward of chosen > rejected on held-out pairs),
+`eval/rewards/margins`, and `eval/task_accuracy` (greedy exact match of the held-out
+prompts against their chosen answer, when the eval rows have an explicit prompt).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal
+
+import torch
+
+from align import config as cfg
+from align import evaluate, models
+from align.data import load_rows
+from align.errors import AlignError
+from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
+from align.preference_data import collate_pairs, pair_length, tokenize_preferences
+from align.recipe import Recipe
+from align.stages.base import OfflineBatches, tensors_only
+
+
+# ---------------------------------------------------------------------------
+# settings (one section per stage name)
+# ---------------------------------------------------------------------------
+@dataclass
+class DPOArgs:
+    beta: float = field(default=0.1, metadata=cfg.positive("dpo.beta"))
+    """Strength of the implicit KL constraint (IPO: its tau)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "dpo.label_smoothing"))
+    """sigmoid: conservative DPO; robust: the assumed label-flip rate."""
+    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("dpo.rpo_alpha"))
+    """Weight of the NLL of the chosen answer added to each pair's loss (RPO). 0: plain DPO."""
+    ref_model: str | None = None
+    """The reference: a local folder or hub id with the same tokenizer. None: the starting policy."""
+    precompute_ref_logps: bool = True
+    """Score the reference once before training. False (LoRA only): every step, adapter disabled."""
+    ref_batch_size: int = field(default=64, metadata=cfg.positive("dpo.ref_batch_size"))
+    """Pairs per forward while precomputing the reference log-probs."""
+
+
+@dataclass
+class SimPOArgs:
+    beta: float = field(default=2.0, metadata=cfg.positive("simpo.beta"))
+    gamma: float = field(default=0.5, metadata=cfg.non_negative("simpo.gamma"))
+    """Target reward margin (TRL's simpo_gamma)."""
+    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "simpo.label_smoothing"))
+    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("simpo.rpo_alpha"))
+    """Weight of the NLL of the chosen answer (TRL's cpo_alpha). 0: pure SimPO."""
+
+
+@dataclass
+class ORPOArgs:
+    lam: float = field(default=0.1, metadata=cfg.positive("orpo.lam"))
+    """Weight of the odds-ratio term (the paper's lambda, TRL's beta)."""
+    nll_on_prompt: bool = False
+    """NLL over prompt + chosen (TRL's ORPOTrainer) instead of the chosen completion only."""
+
+
+# ---------------------------------------------------------------------------
+# objectives: per-pair (losses, chosen_rewards, rejected_rewards) from the pair's log-probs
+# ---------------------------------------------------------------------------
+def _dpo(args: DPOArgs, lp: dict):
+    return dpo_loss(lp["chosen"], lp["rejected"], lp["ref_chosen"], lp["ref_rejected"], beta=args.beta,
+                    loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                    chosen_lengths=lp["chosen_n"], rejected_lengths=lp["rejected_n"])
+
+
+def _simpo(args: SimPOArgs, lp: dict):
+    return simpo_loss(lp["chosen"] / lp["chosen_n"], lp["rejected"] / lp["rejected_n"], beta=args.beta,
+                      gamma=args.gamma, label_smoothing=args.label_smoothing)
+
+
+def _orpo(args: ORPOArgs, lp: dict):
+    return orpo_loss(lp["chosen"] / lp["chosen_n"], lp["rejected"] / lp["rejected_n"], lp["chosen_nll"],
+                     lam=args.lam)
+
+
+@dataclass(frozen=True)
+class Objective:
+    pair_loss: Callable[[object, dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    needs_reference: bool
+    averaged_logps: bool
+    """Whether logps/* metrics are length-averaged (SimPO, ORPO) or summed (DPO)."""
+
+
+OBJECTIVES = {
+    "dpo": Objective(_dpo, needs_reference=True, averaged_logps=False),
+    "simpo": Objective(_simpo, needs_reference=False, averaged_logps=True),
+    "orpo": Objective(_orpo, needs_reference=False, averaged_logps=True),
+}
+
+
+# ---------------------------------------------------------------------------
+# the concatenated forward
+# ---------------------------------------------------------------------------
+def pair_logps(model, batch: dict, *, nll_on_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """One forward of the (2B, T) concatenated batch -> per-pair (B,) log-prob statistics.
+
+    chosen / rejected: summed completion log-probs; chosen_n / rejected_n: completion
+    token counts; chosen_nll: token-mean NLL of the chosen completion (or of prompt +
+    completion with `nll_on_prompt`, every token but the first).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+    targets = batch["labels"][:, 1:]  # (2B, T-1) completion tokens, -100 elsewhere
+    completion = targets != -100
+    if nll_on_prompt:
+        scored = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    else:
+        scored = targets
+    token_lp = token_logprobs(logits[:, :-1], scored)  # (2B, T-1)
+    sums = (token_lp * completion).sum(-1)
+    counts = completion.sum(-1).to(sums.dtype)
+    B = sums.shape[0] // 2
+    chosen_tok = token_lp[:B]
+    nll_mask = (scored[:B] != -100)
+    out = {"chosen": sums[:B], "rejected": sums[B:], "chosen_n": counts[:B], "rejected_n": counts[B:],
+           "chosen_nll": -chosen_tok.sum(-1) / nll_mask.sum(-1).clamp(min=1)}
+    if "ref_chosen_logps" in batch:
+        out["ref_chosen"], out["ref_rejected"] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    return out
+
+
+@torch.no_grad()
+def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None) -> torch.Tensor:
+    """Summed completion log-probs of every pair under `model`: (N, 2) [chosen, rejected].
+
+    Pairs are scored in length-sorted batches; under several processes each scores
+    every n-th pair and the results are summed over processes (exact: zeros elsewhere).
+    """
+    n = len(examples)
+    out = torch.zeros(n, 2, dtype=torch.float64)
+    process, processes = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    mine = sorted(range(process, n, processes), key=lambda i: pair_length(examples[i]))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start: start + batch_size]
+        batch = collate_pairs([examples[i] for i in chunk], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+            lp = pair_logps(model, batch)
+        out[chunk, 0] = lp["chosen"].double().cpu()
+        out[chunk, 1] = lp["rejected"].double().cpu()
+    model.train(was_training)
+    if accelerator is not None and processes > 1:
+        out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------
+class PreferenceStage:
+    def __init__(self, recipe: Recipe, accelerator):
+        self.recipe, self.accelerator = recipe, accelerator
+        self.args = recipe.stage_args
+        self.objective = OBJECTIVES[recipe.stage]
+        self.nll_on_prompt = getattr(self.args, "nll_on_prompt", False)
+        self.rpo_alpha = getattr(self.args, "rpo_alpha", 0.0)
+        data = recipe.data
+        self.tokenizer = models.load_tokenizer(recipe.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        train_set = self._tokenize(load_rows(data.train, key="data.train"), "data.train")
+        self.examples = train_set.examples
+        self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
+        if data.eval is not None:
+            rows = load_rows(data.eval, key="data.eval")
+            if data.eval_limit is not None:
+                rows.rows, rows.origins = rows.rows[: data.eval_limit], rows.origins[: data.eval_limit]
+            self.eval_examples = self._tokenize(rows, "data.eval").examples
+            if all("prompt" in r and "chosen" in r for r in rows.rows):
+                self.eval_prompts = [r["prompt"] for r in rows.rows]
+                self.eval_references = [r["chosen"] for r in rows.rows]
+        self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.ref_every_step = False
+        if self.objective.needs_reference:
+            self._prepare_reference()
+        self.batches = OfflineBatches(
+            self.examples, [pair_length(e) for e in self.examples], batch_size=recipe.train.batch_size,
+            grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
+            processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
+            collate_fn=self._collate, weight_fn=lambda e: 1)
+
+    # -- data and reference ------------------------------------------------------------
+    def _tokenize(self, rows, key):
+        tokenized = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length, key=key)
+        if tokenized.dropped_identical or tokenized.dropped_empty or tokenized.truncated:
+            self.accelerator.print(f"{key}: {tokenized.summary()}")
+        return tokenized
+
+    def _collate(self, examples: list[dict]) -> dict:
+        batch = collate_pairs(examples, self.pad_id)
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples],
+                                                       dtype=torch.float32)
+        return batch
+
+    def _prepare_reference(self):
+        args = self.args
+        if not args.precompute_ref_logps:
+            if not models.is_peft(self.model) or args.ref_model is not None:
+                raise AlignError("dpo.precompute_ref_logps: false needs a LoRA run (model.lora.enabled) and no "
+                                 "dpo.ref_model: the reference is then the same weights with the adapter disabled")
+            if models._adapter_base(self.recipe.model.name_or_path):
+                raise AlignError("dpo.precompute_ref_logps: false with an existing adapter folder would use the base "
+                                 "model as reference; precompute instead (the default)")
+            self.ref_every_step = True
+            return
+        if args.ref_model is None:
+            reference = self.model  # the starting policy: nothing else is loaded
+        else:
+            ref_cfg = replace(self.recipe.model, name_or_path=args.ref_model, from_recipe=None,
+                              lora=replace(self.recipe.model.lora, enabled=False))
+            ref_tokenizer = models.load_tokenizer(ref_cfg)
+            if ref_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise AlignError(f"dpo.ref_model: {args.ref_model!r} has a different tokenizer from model.name_or_path "
+                                 f"{self.recipe.model.name_or_path!r} ({len(ref_tokenizer)} vs {len(self.tokenizer)} "
+                                 f"tokens); the reference must score the same token ids")
+            reference = models.load_model(ref_cfg, ref_tokenizer, seed=self.recipe.seed, trainable=False)
+        reference.to(self.accelerator.device)
+        for examples in (self.examples, self.eval_examples):
+            if not examples:
+                continue
+            scores = score_pairs(reference, examples, self.pad_id, batch_size=args.ref_batch_size,
+                                 accelerator=self.accelerator)
+            for e, (c, r) in zip(examples, scores.tolist()):
+                e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
+        if reference is not self.model:
+            del reference  # freed before training starts
+            gc.collect()
+
+    # -- the loss ----------------------------------------------------------------------
+    def _pair_losses(self, model, batch: dict):
+        lp = pair_logps(model, batch, nll_on_prompt=self.nll_on_prompt)
+        if self.ref_every_step:
+            unwrapped = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), unwrapped.disable_adapter():
+                ref = pair_logps(unwrapped, batch)
+            lp["ref_chosen"], lp["ref_rejected"] = ref["chosen"], ref["rejected"]
+        losses, chosen_rewards, rejected_rewards = self.objective.pair_loss(self.args, lp)
+        if self.rpo_alpha:
+            losses = losses + self.rpo_alpha * lp["chosen_nll"]
+        return losses, chosen_rewards, rejected_rewards, lp
+
+    def micro_batches(self, step: int) -> list[dict]:
+        return self.batches(step)
+
+    def loss(self, model, batch):
+        batch = tensors_only(batch)
+        losses, chosen_rewards, rejected_rewards, lp = self._pair_losses(model, batch)
+        n = losses.shape[0]
+        chosen_lp, rejected_lp = lp["chosen"].detach(), lp["rejected"].detach()
+        if self.objective.averaged_logps:
+            chosen_lp, rejected_lp = chosen_lp / lp["chosen_n"], rejected_lp / lp["rejected_n"]
+        metrics = {
+            "rewards/chosen": (chosen_rewards.sum().item(), n),
+            "rewards/rejected": (rejected_rewards.sum().item(), n),
+            "rewards/accuracies": ((chosen_rewards > rejected_rewards).sum().item(), n),
+            "rewards/margins": ((chosen_rewards - rejected_rewards).sum().item(), n),
+            "logps/chosen": (chosen_lp.sum().item(), n),
+            "logps/rejected": (rejected_lp.sum().item(), n),
+        }
+        if self.rpo_alpha or self.recipe.stage == "orpo":
+            metrics["nll_loss"] = (lp["chosen_nll"].detach().sum().item(), n)
+        return losses.sum(), metrics
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    # -- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def _pair_metrics(self, model) -> dict:
+        """eval/loss, eval/pair_accuracy and eval/rewards/margins over the held-out pairs."""
+        acc = self.accelerator
+        unwrapped = acc.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        device = next(unwrapped.parameters()).device
+        mine = sorted(range(acc.process_index, len(self.eval_examples), acc.num_processes),
+                      key=lambda i: pair_length(self.eval_examples[i]))
+        bs = self.recipe.eval.batch_size
+        loss, correct, margin = 0.0, 0.0, 0.0
+        for start in range(0, len(mine), bs):
+            batch = self._collate([self.eval_examples[i] for i in mine[start: start + bs]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with acc.autocast():
+                losses, chosen_rewards, rejected_rewards, _ = self._pair_losses(unwrapped, batch)
+            loss += losses.sum().item()
+            correct += (chosen_rewards > rejected_rewards).sum().item()
+            margin += (chosen_rewards - rejected_rewards).sum().item()
+        unwrapped.train(was_training)
+        loss, correct, margin, count = evaluate._reduce_sum(acc, [loss, correct, margin, float(len(mine))])
+        count = max(count, 1.0)
+        return {"eval/loss": loss / count, "eval/pair_accuracy": correct / count, "eval/rewards/margins": margin / count}
+
+    def evaluate(self, model) -> dict:
+        ev = self.recipe.eval
+        metrics = self._pair_metrics(model) if self.eval_examples else {}
+        if self.eval_prompts and ev.generate:
+            metrics["eval/task_accuracy"] = evaluate.task_accuracy(
+                model, self.tokenizer, self.eval_prompts, self.eval_references, max_new_tokens=ev.max_new_tokens,
+                batch_size=ev.batch_size, accelerator=self.accelerator)
+        return metrics
+
+    def save(self, out_dir, accelerator) -> None:
+        models.save_pretrained(self.model, self.tokenizer, out_dir, accelerator)
