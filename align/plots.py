@@ -1,0 +1,37 @@
+"""Small plotting helpers (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_curves(path: str | Path, series: dict[str, tuple[list, list]], title: str = "", xlabel: str = "step",
+                ylabel: str = "value") -> Path:
+    """Write a line plot of named (x, y) series to a PNG at `path`; returns the path.
+
+    Empty series are skipped; a series with a single point is drawn as a marker.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    try:
+        for label, (xs, ys) in series.items():
+            if len(xs) == 0:
+                continue
+            ax.plot(list(xs), list(ys), label=label, marker="o" if len(xs) == 1 else None, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if any(len(xs) for xs, _ in series.values()):
+            ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
