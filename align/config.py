@@ -181,6 +181,8 @@ def _coerce(tp, value, path: str):
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     if tp is float:
+        if isinstance(value, str):
+            value = _yaml_float(value)  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AlignError(f"{path}: got {_describe(value)}, expected a number")
         return float(value)
@@ -197,6 +199,13 @@ def _coerce(tp, value, path: str):
             raise AlignError(f"{path}: got {_describe(value)}, expected a string")
         return value
     raise TypeError(f"config schema: unsupported type {tp!r} at {path}")
+
+
+def _yaml_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _type_name(tp) -> str:

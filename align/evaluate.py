@@ -43,7 +43,7 @@ def eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, acce
         batch = collate(mine[start: start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits
+        logits = model(**batch, use_cache=False).logits
         total += nll_sum(logits[:, :-1], labels[:, 1:]).item()
         count += (labels[:, 1:] != IGNORE).sum().item()
     model.train(was_training)

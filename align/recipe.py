@@ -70,8 +70,11 @@ class DataConfig:
     padding_free: bool = False
     """Collate each micro-batch as one row of concatenated samples, no pad tokens (best with a
     varlen attention kernel such as flash-attention on GPU; on CPU sdpa pads are cheaper)."""
-    group_by_length: bool = True
-    """Batch samples of similar length together (within windows of 64 batches) to cut padding."""
+    group_by_length: bool = False
+    """Batch samples of similar length together (within windows of 64 batches) to cut padding. Off by
+    default: it makes batches non-i.i.d. (on the built-in task it stalled learning: train loss 1.05 vs 0.13
+    after 500 steps). Micro-batches are always cut from a length-sorted global batch, which cuts
+    padding under gradient accumulation without changing what a step trains on."""
     eval_limit: int | None = None
     """Evaluate on at most this many held-out rows (None: all)."""
 

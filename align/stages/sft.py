@@ -78,7 +78,8 @@ class SFTStage:
     def loss(self, model, batch):
         batch = tensors_only(batch)
         labels = batch.pop("labels")
-        logits = model(**batch).logits  # (B, T, V)
+        # use_cache=False: with a KV cache transformers would ignore packed position_ids
+        logits = model(**batch, use_cache=False).logits  # (B, T, V)
         loss_sum = nll_sum(logits[:, :-1], labels[:, 1:])
         return loss_sum, {}
 

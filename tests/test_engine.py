@@ -1,0 +1,135 @@
+"""The engine: the invariance guarantee, exact resume, SIGTERM checkpoints, schedules."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from align import engine
+from align.recipe import TrainConfig, load_recipe
+
+from helpers import REPO, max_relative_difference, tiny_sft_recipe, weights
+
+
+def _run(recipe_dict, overrides=()):
+    return engine.run(load_recipe(None, list(overrides), data=recipe_dict))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    return env
+
+
+def test_same_global_batch_trains_the_same_whole_accumulated_or_on_two_processes(tmp_path):
+    """Batch 8 == batch 2 x grad_accum 4 == 2 processes x batch 4 (weights to 1e-4 relative).
+
+    Loss is normalised by the global count of trained tokens, so micro-batches with
+    different token counts still add up to the whole batch's gradient.
+    """
+    whole = tiny_sft_recipe(tmp_path / "whole", **{"train.batch_size": 8})
+    accum = tiny_sft_recipe(tmp_path / "accum", **{"train.batch_size": 2, "train.grad_accum": 4})
+    _run(whole)
+    _run(accum)
+    recipe_path = tmp_path / "ddp.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_sft_recipe(tmp_path / "ddp", **{"train.batch_size": 4})))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "align", "train", str(recipe_path)]
+    proc = subprocess.run(cmd, env=dict(_env(), ACCELERATE_USE_CPU="true"), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w_whole, w_accum, w_ddp = weights(tmp_path / "whole"), weights(tmp_path / "accum"), weights(tmp_path / "ddp")
+    start = weights_after_zero_steps(tmp_path)
+    assert max_relative_difference(w_whole, start) > 1e-3  # training moved the weights
+    assert max_relative_difference(w_whole, w_accum) < 1e-4
+    assert max_relative_difference(w_whole, w_ddp) < 1e-4
+    # the logged step losses agree too
+    loss = lambda d: [r["train/loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())
+                      if "train/loss" in r]
+    for other in ("accum", "ddp"):
+        assert loss(tmp_path / "whole") == pytest.approx(loss(tmp_path / other), rel=1e-5)
+
+
+def weights_after_zero_steps(tmp_path):
+    from align import builtin, models
+    from align.recipe import ModelConfig
+
+    tok = builtin.load_tokenizer()
+    model = models.load_model(ModelConfig(), tok, seed=0)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in weights(tmp_path / "whole")}
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    straight = tiny_sft_recipe(tmp_path / "straight", **{"train.max_steps": 6, "train.lr_scheduler": "cosine",
+                                                         "train.warmup_steps": 2})
+    _run(straight)
+    resumed = tiny_sft_recipe(tmp_path / "resumed", **{"train.max_steps": 6, "train.lr_scheduler": "cosine",
+                                                       "train.warmup_steps": 2, "train.save_steps": 2})
+    from align.stages.sft import SFTStage
+
+    def crash(self, step):
+        if step == 2:  # the 4th step: the newest checkpoint is step 2
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(SFTStage, "after_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(resumed)
+    assert (tmp_path / "resumed/checkpoints/step-2/trainer_state.json").is_file()
+    assert not (tmp_path / "resumed/model.safetensors").exists()
+    monkeypatch.undo()
+    _run(resumed)
+    assert max_relative_difference(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "resumed/log.jsonl").read_text().splitlines())
+             if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # nothing logged twice
+    # a finished run is not trained again
+    before = (tmp_path / "resumed/model.safetensors").stat().st_mtime_ns
+    _run(resumed)
+    assert (tmp_path / "resumed/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    recipe = tiny_sft_recipe(tmp_path / "run", **{"train.max_steps": 100000})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.Popen([sys.executable, "-m", "align", "train", str(path)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run/log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "train/loss" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    saved = engine.checkpoints(tmp_path / "run")
+    assert saved, "no checkpoint written on SIGTERM"
+    step = saved[-1][0]
+    assert "checkpoint saved" in out + err
+    proc = subprocess.run([sys.executable, "-m", "align", "train", str(path), f"train.max_steps={step + 2}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["train/steps"] == step + 2
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2, lr_scheduler="cosine", min_lr_ratio=0.1)
+    factors = [engine.lr_factor(s, cfg) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert engine.lr_factor(10, cfg) == pytest.approx(0.1)
+    linear = TrainConfig(max_steps=4, lr=1.0, lr_scheduler="linear")
+    assert [engine.lr_factor(s, linear) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
