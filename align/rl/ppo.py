@@ -182,15 +182,14 @@ def train(cfg: PPOConfig) -> dict:
     next_obs, _ = envs.reset(seed=cfg.seed)
     obs = torch.as_tensor(next_obs, dtype=torch.float32)  # (N, obs)
     ep_return = np.zeros(cfg.num_envs)  # (N,) running undiscounted returns
-    step, next_eval = 0, cfg.eval_every
+    next_eval = cfg.eval_every
     for update in range(num_updates):
         if cfg.anneal_lr:
             optimizer.param_groups[0]["lr"] = cfg.lr * (1.0 - update / num_updates)
 
         # 1. rollout
         obs = collect_rollout(envs, model, obs, rollout, ep_return, cfg.gamma, log)
-        step = log.step
-        b = rollout
+        step, b = log.step, rollout
 
         # 2. advantages: GAE with time on the last axis, (N, T)
         with torch.no_grad():
