@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--split", help="split of a datasets name or folder (e.g. test, or test[1800:])")
     p.add_argument("--prompt-truncation", choices=["keep_end", "keep_start"], default="keep_end",
                    help="a pair longer than --max-length: cut the start of the prompt (keep_end) or the answers' ends")
 
@@ -63,7 +64,8 @@ def run_command(args) -> int:
     if args.command == "eval-rm":
         from align.evaluate_rm import evaluate_reward_model
 
-        evaluate_reward_model(args.model, args.data, output=args.output, plot=args.plot, batch_size=args.batch_size,
+        data = {"path": args.data, "split": args.split} if args.split else args.data
+        evaluate_reward_model(args.model, data, output=args.output, plot=args.plot, batch_size=args.batch_size,
                               max_length=args.max_length, prompt_truncation=args.prompt_truncation)
         return 0
     if args.command == "rl":

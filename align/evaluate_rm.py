@@ -46,6 +46,11 @@ def score_head(model) -> torch.nn.Module:
     return min(found, key=lambda f: f[0])[2]
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros: (N, T) -> bool."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each row, read at its last real token: (N, T) -> (N,) float32.
 
@@ -55,8 +60,13 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     captured = []
     handle = score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if is_right_padded(attention_mask):
+            # causal attention alone keeps every real token away from the pads after it: no mask
+            # needed, so sdpa takes its causal kernel (no (T, T) mask; much less memory on CPU)
+            model(input_ids=input_ids, use_cache=False)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         handle.remove()
     scores = captured[-1]

@@ -1,0 +1,241 @@
+"""Reward-model training, align vs TRL 1.16 `RewardTrainer`: pairs/s and peak memory.
+
+    OMP_NUM_THREADS=1 python bench/bench_reward.py [--pairs 256] [--steps 6] [--warmup 2] [--reps 2]
+
+Same model (`builtin:small`, ~5M parameters, with a score head, saved to a folder so
+both load identical weights), same variable-length real preference data (Anthropic
+HH-RLHF harmless-base test pairs from ../shared/data, implicit-prompt transcripts, kept
+where both sides fit 1024 tokens so TRL's default length filter and align's
+max_length=1024 both keep every pair untruncated), each tool with its defaults:
+
+- `align`: `stage: reward` as the schema defaults it (batch 8 pairs, fp32 on CPU,
+  length-grouped batches, chosen and rejected in one forward);
+- `trl`: `RewardConfig()` defaults (batch 8 pairs, gradient checkpointing, bf16,
+  random batches), plus `use_cpu=True` on a CPU-only machine (required there);
+- `trl-fp32`: the same with `bf16=False, gradient_checkpointing=False` (like for like
+  with `align`);
+- `align-ckpt-bf16`: align with TRL's two memory-saving defaults turned on
+  (`model.gradient_checkpointing=true`, `train.mixed_precision=bf16`): like for like with `trl`.
+
+pairs/s: pairs trained between the end of step `--warmup` and the end of step
+`--warmup + --steps` over that time (setup, tokenization and saving excluded).
+Peak memory: CUDA max allocated on a GPU; on CPU the process's peak resident set
+(VmHWM, reset just before training through /proc/self/clear_refs) minus the resident
+set at that moment, i.e. what training added (the absolute peak is shown too).
+Each measurement runs in its own process; systems are interleaved (the order rotates
+each repetition) and a 512x512 matmul probe runs before and after each one; a run
+whose probes differ by more than 25% or fall below half the best probe is flagged as
+throttled and left out of the ratios (all runs are used when none is clean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+# name -> (tool, settings on top of the tool's defaults)
+SYSTEMS = {
+    "align": ("align", []),
+    "align-ckpt-bf16": ("align", ["model.gradient_checkpointing=true", "train.mixed_precision=bf16"]),
+    "trl": ("trl", {}),
+    "trl-fp32": ("trl", {"bf16": False, "gradient_checkpointing": False}),
+}
+MAX_LENGTH = 1024  # TRL's default max_length; align's default data.max_length
+
+
+def probe(seconds: float = 0.4) -> float:
+    """GFLOP/s of a 512x512 float32 matmul loop (a throttling detector)."""
+    import torch
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> float:
+    """Reset the peak resident set (Linux) and return the current one, in MB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return rss_mb("VmRSS")
+
+
+# ---------------------------------------------------------------------------
+# setup (parent)
+# ---------------------------------------------------------------------------
+def prepare(work: Path, pairs: int) -> tuple[int, float]:
+    from align import builtin, models
+    from align.recipe import ModelConfig
+
+    tokenizer = builtin.load_tokenizer()
+    model = models.load_model(ModelConfig(name_or_path="builtin:small"), tokenizer, head="score", seed=0)
+    model.config._name_or_path = str(work / "model")
+    models.save_pretrained(model, tokenizer, work / "model")
+    rows, tokens = [], 0
+    with gzip.open(HH, "rt") as handle:
+        for line in handle:
+            row = json.loads(line)
+            # bos + transcript + eos, one token per character
+            longest = 2 + max(len(row["chosen"]), len(row["rejected"]))
+            if row["chosen"] != row["rejected"] and longest <= MAX_LENGTH:
+                rows.append({"chosen": row["chosen"], "rejected": row["rejected"]})
+                tokens += 4 + len(row["chosen"]) + len(row["rejected"])
+            if len(rows) == pairs:
+                break
+    with (work / "pairs.jsonl").open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return len(rows), tokens / max(len(rows), 1)
+
+
+# ---------------------------------------------------------------------------
+# one measured run (child process)
+# ---------------------------------------------------------------------------
+def child(system: str, work: Path, steps: int, warmup: int) -> dict:
+    import torch
+    import transformers  # noqa: F401
+
+    cuda = torch.cuda.is_available()
+    total = warmup + steps
+    marks: list[float] = []  # perf_counter at the end of each optimizer step
+    state = {}
+    tool, settings = SYSTEMS[system]
+    if tool == "align":
+        from align.engine import make_accelerator, train
+        from align.recipe import load_recipe
+        from align.stages import STAGES
+
+        recipe = load_recipe(None, [
+            "stage=reward", f"output_dir={work / 'out-align'}", f"model.name_or_path={work / 'model'}",
+            f"data.train={work / 'pairs.jsonl'}", f"train.max_steps={total}", "train.save_steps=100000",
+            "train.log_steps=100000", "train.progress_bar=false", *settings])
+        accelerator = make_accelerator(recipe.train, recipe.output_dir)
+        stage = STAGES["reward"].cls(recipe, accelerator)
+        batch = recipe.train.batch_size
+        after_step = stage.after_step
+        stage.after_step = lambda step: (after_step(step), marks.append(time.perf_counter()))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        state["base"] = reset_peak()
+        train(stage, recipe, accelerator)
+    else:
+        from datasets import Dataset
+        from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
+        from trl import RewardConfig, RewardTrainer
+
+        rows = [json.loads(line) for line in (work / "pairs.jsonl").open()]
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(work / "model"))
+        model = AutoModelForSequenceClassification.from_pretrained(str(work / "model"))
+        config = RewardConfig(output_dir=str(work / f"out-{system}"), max_steps=total, use_cpu=not cuda,
+                              save_strategy="no", report_to="none", logging_steps=100000, disable_tqdm=True,
+                              **settings)
+        batch = config.per_device_train_batch_size
+
+        class Marks(TrainerCallback):
+            def on_train_begin(self, args, st, control, **kw):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                state["base"] = reset_peak()
+
+            def on_step_end(self, args, st, control, **kw):
+                marks.append(time.perf_counter())
+
+        trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer, callbacks=[Marks()])
+        trainer.train()
+    seconds = marks[total - 1] - marks[warmup - 1]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM") - state["base"]
+    return {"pairs_per_s": batch * steps / seconds, "seconds": seconds, "peak_mb": peak,
+            "peak_rss_mb": rss_mb("VmHWM"), "batch": batch}
+
+
+# ---------------------------------------------------------------------------
+# the interleaved comparison (parent)
+# ---------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--systems", default="align,trl,align-ckpt-bf16,trl-fp32")
+    parser.add_argument("--child", choices=list(SYSTEMS))
+    parser.add_argument("--work")
+    args = parser.parse_args()
+    if args.child:
+        result = child(args.child, Path(args.work), args.steps, args.warmup)
+        print("RESULT " + json.dumps(result))
+        return
+
+    systems = args.systems.split(",")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TQDM_DISABLE="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        n, mean_tokens = prepare(work, args.pairs)
+        print(f"{n} HH-RLHF pairs (both sides <= {MAX_LENGTH} tokens; {mean_tokens:.0f} tokens per pair on average), "
+              f"builtin:small reward model, each tool's defaults, {args.steps} timed steps after {args.warmup}, "
+              f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+        results = {s: [] for s in systems}
+        for rep in range(args.reps):
+            order = systems[rep % len(systems):] + systems[: rep % len(systems)]
+            for system in order:
+                before = probe()
+                env["HF_DATASETS_CACHE"] = str(work / f"hf-cache-{rep}-{system}")
+                proc = subprocess.run([sys.executable, __file__, "--child", system, "--work", str(work),
+                                       "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                      env=env, capture_output=True, text=True)
+                after = probe()
+                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode != 0 or not line:
+                    print(f"{system} failed:\n{proc.stderr[-3000:]}")
+                    continue
+                result = json.loads(line[0][7:])
+                result.update(probe_before=before, probe_after=after)
+                results[system].append(result)
+                print(f"rep {rep} {system:9s} {result['pairs_per_s']:7.2f} pairs/s  peak +{result['peak_mb']:7.1f} MB "
+                      f"(process peak {result['peak_rss_mb']:.0f} MB)  probe {before:.0f}/{after:.0f} GFLOP/s",
+                      flush=True)
+        probes = [r[k] for rs in results.values() for r in rs for k in ("probe_before", "probe_after")]
+        best = max(probes) if probes else 0.0
+
+        def clean(r):
+            lo, hi = sorted((r["probe_before"], r["probe_after"]))
+            return lo >= 0.5 * best and hi <= 1.25 * lo
+
+        print("\nsystem     pairs/s (best clean)   peak MB   kept/runs")
+        summary = {}
+        for system, rs in results.items():
+            if not rs:
+                continue
+            kept = [r for r in rs if clean(r)] or rs
+            summary[system] = (max(r["pairs_per_s"] for r in kept), min(r["peak_mb"] for r in kept))
+            print(f"{system:10s} {summary[system][0]:12.2f}        {summary[system][1]:9.1f}   "
+                  f"{len([r for r in rs if clean(r)])}/{len(rs)}")
+        for ours in [s for s in summary if SYSTEMS[s][0] == "align"]:
+            for peer in [s for s in summary if SYSTEMS[s][0] == "trl"]:
+                print(f"{ours} vs {peer}: {summary[ours][0] / summary[peer][0]:.2f}x pairs/s, "
+                      f"{summary[ours][1] / summary[peer][1]:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
