@@ -56,6 +56,7 @@ def make_accelerator(train: TrainConfig, output_dir: str):
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     trackers = [t for t in train.report_to if t != "none"]
+    check_trackers(trackers)
     # several CPU processes talk over gloo (with a DeepSpeed plugin each rank would otherwise think it is alone)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
@@ -65,13 +66,28 @@ def make_accelerator(train: TrainConfig, output_dir: str):
     return accelerator
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_trackers(trackers: list[str]) -> None:
+    import importlib.util
+
+    for name in trackers:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise AlignError(f"train.report_to: {name} is not installed; pip install {TRACKER_PACKAGES[name]}")
+
+
 def requested_processes() -> int | None:
     """The --num_processes of the `accelerate launch` that started us, when visible (Linux)."""
     try:
         args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    args = [a.decode(errors="replace") for a in args]
+    return num_processes_in_launch_args([a.decode(errors="replace") for a in args])
+
+
+def num_processes_in_launch_args(args: list[str]) -> int | None:
+    """`--num_processes N` from an `accelerate launch` command line (None when not one)."""
     if not any("accelerate" in a for a in args[:3]):
         return None
     for i, arg in enumerate(args):

@@ -133,3 +133,21 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert engine.lr_factor(10, cfg) == pytest.approx(0.1)
     linear = TrainConfig(max_steps=4, lr=1.0, lr_scheduler="linear")
     assert [engine.lr_factor(s, linear) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_cpu_flag_with_two_processes_warns_that_one_process_runs(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: say so loudly."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_sft_recipe(tmp_path / "run", **{"train.max_steps": 1})))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align", "train", str(path)]
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "asked for 2 processes but this run has 1" in proc.stderr
+    assert engine.num_processes_in_launch_args(["python", "/bin/accelerate", "launch", "--num_processes=4"]) == 4
+    assert engine.num_processes_in_launch_args(["python", "train.py", "--num_processes", "4"]) is None
+
+
+def test_report_to_tensorboard_writes_events(tmp_path):
+    _run(tiny_sft_recipe(tmp_path / "tb", **{"train.report_to": ["tensorboard"], "train.max_steps": 2}))
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
