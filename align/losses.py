@@ -347,3 +347,129 @@ def orpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, 
     log_odds = (chosen_avg_logps - rejected_avg_logps) - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps))
     losses = chosen_nll - lam * F.logsigmoid(log_odds)
     return losses, lam * chosen_avg_logps.detach(), lam * rejected_avg_logps.detach()
+
+
+# ---------------------------------------------------------------------------
+# GRPO: group-relative advantages and token aggregation
+# ---------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2): (B,) -> (B,), B = groups x G.
+
+    Rows of one prompt are contiguous: rows [g*G, (g+1)*G) are group g. Each reward minus
+    its group's mean, divided by
+
+        "group": the group's std (unbiased, + eps): TRL's default and the paper's
+        "batch": the std of all B rewards (unbiased, + eps) (Liu et al. 2025's fix for the
+                 difficulty bias of per-group scaling, kept as TRL's `scale_rewards="batch"`)
+        "none":  nothing (Dr. GRPO, Liu et al. 2025)
+
+    A group whose rewards are all equal gets advantage 0 everywhere: it contributes no
+    policy gradient (`zero_std_groups` counts them).
+
+    Worked example (G = 2): rewards [1, 0, 1, 1] -> group means [0.5, 1], group stds
+    [0.7071, 0] -> "group": [0.7070, -0.7070, 0, 0]; "none": [0.5, -0.5, 0, 0].
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_advantages: rewards must be (groups x group_size,), got {tuple(rewards.shape)} "
+                         f"with group_size {group_size}")
+    grouped = rewards.view(-1, group_size)  # (groups, G)
+    centred = (grouped - grouped.mean(-1, keepdim=True)).view(-1)  # (B,)
+    try:
+        scale = _REWARD_SCALES[scale_rewards]
+    except KeyError:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected one of {sorted(_REWARD_SCALES)}") from None
+    return centred / (scale(rewards, grouped) + eps) if scale is not None else centred
+
+
+_REWARD_SCALES = {
+    "group": lambda rewards, grouped: grouped.std(-1, keepdim=True).expand_as(grouped).reshape(-1),
+    "batch": lambda rewards, grouped: rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+    "none": None,
+}
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> int:
+    """Number of groups whose rewards are all equal (no learning signal): (B,) -> int."""
+    grouped = rewards.view(-1, group_size)
+    return int((grouped.max(-1).values == grouped.min(-1).values).sum())
+
+
+def grpo_token_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+                      clip_eps: float = 0.2, clip_eps_high: float | None = None, beta: float = 0.0,
+                      ref_logprobs: torch.Tensor | None = None,
+                      kl_ratio_correction: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GRPO's per-token loss: clipped surrogate with the sequence's advantage + beta * k3 KL.
+
+    logprobs, old_logprobs, ref_logprobs: (B, T); advantages: (B,) (one per sequence).
+    Returns (losses (B, T), clipped (B, T), kl (B, T) or None). The surrogate is
+    `ppo_clip_loss` (separate low/high epsilon: DAPO's clip-higher); the KL is
+    `kl_penalty(..., estimator="k3")` to the reference, added per token inside the
+    aggregation as DeepSeekMath's eq. 3 and TRL do. `kl_ratio_correction` multiplies the
+    KL term by the importance ratio exp(logprobs - old_logprobs) (DeepSeek-V3.2: its gradient
+    is then the unbiased gradient of the reverse KL; TRL 1.16's default
+    `use_bias_correction_kl=True`); False is DeepSeekMath's plain k3. The returned `kl` is
+    the uncorrected k3 (what TRL logs).
+    """
+    losses, clipped = ppo_clip_loss(logprobs, old_logprobs, advantages[:, None], clip_eps=clip_eps,
+                                    clip_eps_high=clip_eps_high)
+    kl = None
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("grpo_token_losses: beta > 0 needs ref_logprobs")
+        kl = kl_penalty(logprobs, ref_logprobs, estimator="k3")
+        weight = torch.exp(logprobs - old_logprobs) if kl_ratio_correction else 1.0
+        losses = losses + beta * weight * kl
+    return losses, clipped, kl
+
+
+def _agg_grpo(losses, mask, max_completion_length):
+    per_sequence = (losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+    return per_sequence.sum(), float(losses.shape[0])
+
+
+def _agg_dr_grpo(losses, mask, max_completion_length):
+    if max_completion_length is None:
+        raise ValueError("aggregation 'dr_grpo' needs max_completion_length")
+    return (losses * mask).sum(), float(losses.shape[0] * max_completion_length)
+
+
+def _agg_dapo(losses, mask, max_completion_length):
+    return (losses * mask).sum(), float(mask.sum())
+
+
+TOKEN_AGGREGATIONS = {
+    # per-sequence token mean, then the mean over sequences (DeepSeekMath eq. 3). A token of a
+    # long completion weighs less than one of a short one: long wrong answers are penalised
+    # less per token, short right ones rewarded more (the length bias Dr. GRPO points out).
+    # Weight of a micro-batch: its number of sequences.
+    "grpo": _agg_grpo,
+    # sum over tokens / (B x max_completion_length), a constant (Dr. GRPO, Liu et al. 2025):
+    # every token weighs the same whatever its sequence's length, and the normaliser does not
+    # move with the lengths sampled. Weight: sequences x max_completion_length.
+    "dr_grpo": _agg_dr_grpo,
+    # token-level mean over ALL completion tokens of the global batch (DAPO, Yu et al. 2025):
+    # every token weighs the same; the normaliser is the batch's token count. Weight: tokens.
+    "dapo": _agg_dapo,
+}
+"""aggregation -> f(losses (B, T), mask (B, T), max_completion_length) -> (numerator, weight).
+
+The step's loss is sum(numerators) / sum(weights) over every micro-batch of every
+process (the engine's normalisation by the global `_weight`), so each variant gives the
+same update however the global batch is split. With one micro-batch it is TRL 1.16's
+`GRPOTrainer` loss for the same `loss_type`.
+"""
+
+
+def aggregate_token_losses(losses: torch.Tensor, mask: torch.Tensor, *, aggregation: str = "grpo",
+                           max_completion_length: int | None = None) -> tuple[torch.Tensor, float]:
+    """(numerator, weight) of per-token `losses` (B, T) under `mask` (B, T) for `aggregation`.
+
+    Worked example: losses [[1, 1, 0], [3, 0, 0]] with mask [[1, 1, 0], [1, 0, 0]], length 3:
+    grpo (1 + 3) / 2 = 2; dr_grpo (2 + 3) / (2 x 3) = 0.8333; dapo (2 + 3) / 3 = 1.6667.
+    """
+    try:
+        variant = TOKEN_AGGREGATIONS[aggregation]
+    except KeyError:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {sorted(TOKEN_AGGREGATIONS)}") from None
+    return variant(losses, mask.to(losses.dtype), max_completion_length)
