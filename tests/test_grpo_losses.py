@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.losses import (TOKEN_AGGREGATIONS, aggregate_token_losses, group_advantages, grpo_token_losses,
-                          zero_std_groups)
+from align.losses import (
+    TOKEN_AGGREGATIONS,
+    aggregate_token_losses,
+    group_advantages,
+    grpo_token_losses,
+    zero_std_groups,
+)
 
 
 def test_group_advantages_by_hand():
