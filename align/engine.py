@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -189,15 +190,16 @@ class MetricSums:
         self.counts = defaultdict(float)
 
     def add(self, metrics: dict) -> None:
+        """Add {name: (sum, count)}; tensors stay tensors until read (no device sync per micro-batch)."""
         for name, (total, count) in metrics.items():
-            self.sums[name] += float(total)
-            self.counts[name] += float(count)
+            self.sums[name] = self.sums[name] + (total.detach().double() if torch.is_tensor(total) else float(total))
+            self.counts[name] = self.counts[name] + (count.detach().double() if torch.is_tensor(count) else float(count))
 
     def read(self, accelerator) -> dict:
         names = sorted(self.sums)
         if not names:
             return {}
-        packed = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64,
+        packed = torch.tensor([[float(self.sums[n]), float(self.counts[n])] for n in names], dtype=torch.float64,
                               device=accelerator.device)
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
@@ -313,32 +315,35 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
     bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (accelerator.is_main_process and tcfg.progress_bar),
                desc=f"{recipe.stage}", dynamic_ncols=True)
     step = start_step
-    last_metrics = {}
     try:
         while step < tcfg.max_steps:
-            # 1. this step's micro-batches and the global weight that normalises their loss
+            # 1. this step's micro-batches; one all-reduce gives the global weight that normalises
+            #    their loss, and whether any process was asked to stop
             micro = stage.micro_batches(step)
-            local_weight = sum(b["_weight"] for b in micro)
-            global_weight = local_weight
-            if accelerator.num_processes > 1:
-                global_weight = accelerator.reduce(torch.tensor(float(local_weight), device=accelerator.device),
-                                                   reduction="sum").item()
+            global_weight, stop = _reduce_step_header(accelerator, sum(b["_weight"] for b in micro), _Stop.requested)
+            if stop:
+                save_checkpoint(accelerator, out, step, {"step": step, "metrics_start": start_metrics},
+                                tcfg.save_total_limit)
+                accelerator.print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same "
+                                  f"command to resume")
+                raise SystemExit(143)
             if global_weight <= 0:
-                raise AlignError(f"train step {step}: the batch has no trainable tokens")
+                raise AlignError(f"train step {step + 1}: the batch has no trainable tokens")
             scale = accelerator.num_processes / global_weight
-            # 2. forward/backward each micro-batch; DDP synchronises on the last one only
+            # 2. forward/backward each micro-batch; DDP synchronises gradients on the last one only
             lr = set_lr(optimizer, step, tcfg)
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro):
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                sync = i == len(micro) - 1
-                with (accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()):
+                last = i == len(micro) - 1
+                with (accelerator.no_sync(model) if not last and accelerator.num_processes > 1 else nullcontext()):
                     with accelerator.autocast():
                         loss_sum, metrics = stage.loss(model, batch)
                     accelerator.backward(loss_sum * scale)
-                step_loss += loss_sum.item()
+                step_loss += loss_sum.detach().float()
                 sums.add(metrics)
                 tokens_since += batch["_tokens"]
+            step_loss = step_loss.item()
             if not math.isfinite(step_loss):
                 raise AlignError(f"train step {step + 1}: the loss is {step_loss} (not finite); "
                                  f"lower train.lr or check the data (last good checkpoint kept)")
@@ -367,23 +372,14 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
                     bar.set_postfix(loss=f"{record['train/loss']:.4f}",
                                     tok_s=f"{record['train/tokens_per_second']:.0f}")
             if recipe.eval.steps and step % recipe.eval.steps == 0 and step < tcfg.max_steps:
-                last_metrics = stage.evaluate(model)
+                evaluated = stage.evaluate(model)
                 if accelerator.is_main_process:
-                    log.write(step, last_metrics)
-                    accelerator.log(last_metrics, step=step)
+                    log.write(step, evaluated)
+                    accelerator.log(evaluated, step=step)
             bar.update(1)
-            stop = _Stop.requested
-            if accelerator.num_processes > 1:
-                stop = bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device),
-                                               reduction="sum").item())
-            if step % tcfg.save_steps == 0 or stop:
-                if step < tcfg.max_steps or stop:
-                    save_checkpoint(accelerator, out, step, {"step": step, "metrics_start": start_metrics},
-                                    tcfg.save_total_limit)
-            if stop:
-                accelerator.print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same "
-                                  f"command to resume")
-                raise SystemExit(143)
+            if step % tcfg.save_steps == 0 and step < tcfg.max_steps:
+                save_checkpoint(accelerator, out, step, {"step": step, "metrics_start": start_metrics},
+                                tcfg.save_total_limit)
     finally:
         bar.close()
         _Stop.restore(previous_handlers)
@@ -412,12 +408,13 @@ def _read_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _reduce_step_header(accelerator, local_weight: float, stop: bool) -> tuple[float, bool]:
+    """(global weight of the step, stop requested anywhere): one all-reduce per step."""
+    if accelerator.num_processes == 1:
+        return float(local_weight), stop
+    packed = torch.tensor([float(local_weight), float(stop)], dtype=torch.float64, device=accelerator.device)
+    total, stops = accelerator.reduce(packed, reduction="sum").tolist()
+    return total, stops > 0
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
