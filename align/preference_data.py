@@ -18,7 +18,8 @@ whitespace, so that a word both answers start with is not split.
 
 A tokenized pair is a dict `prompt_ids`, `chosen_ids`, `rejected_ids` (the completion
 ids end with EOS or the template's end of turn), plus `margin` / `subset` when the row
-has them. Samples longer than `max_length` lose the end of their completion; pairs
+has them. Samples longer than `max_length` lose the end of their completion (with
+`prompt_truncation="keep_end"`, the beginning of their prompt first); pairs
 left with no completion token, or whose two sides become identical, are dropped and
 counted (all dropped is an error).
 """

@@ -1,6 +1,6 @@
 """Reward-model training, align vs TRL 1.16 `RewardTrainer`: pairs/s and peak memory.
 
-    OMP_NUM_THREADS=1 python bench/bench_reward.py [--pairs 256] [--steps 6] [--warmup 2] [--reps 2]
+    OMP_NUM_THREADS=1 python bench/bench_reward.py [--pairs 64] [--reps 2]
 
 Same model (`builtin:small`, ~5M parameters, with a score head, saved to a folder so
 both load identical weights), same variable-length real preference data (Anthropic
@@ -17,8 +17,10 @@ max_length=1024 both keep every pair untruncated), each tool with its defaults:
 - `align-ckpt-bf16`: align with TRL's two memory-saving defaults turned on
   (`model.gradient_checkpointing=true`, `train.mixed_precision=bf16`): like for like with `trl`.
 
-pairs/s: pairs trained between the end of step `--warmup` and the end of step
-`--warmup + --steps` over that time (setup, tokenization and saving excluded).
+pairs/s: one epoch over the pairs (batch 8 both: pairs/8 optimizer steps) divided by its
+time from the start of training to the end of the last step (setup, tokenization and
+saving excluded). A whole epoch, not a few steps: length-grouped batches differ in
+length from step to step, so only the whole epoch compares the same work.
 Peak memory: CUDA max allocated on a GPU; on CPU the process's peak resident set
 (VmHWM, reset just before training through /proc/self/clear_refs) minus the resident
 set at that moment, i.e. what training added (the absolute peak is shown too).
@@ -110,13 +112,13 @@ def prepare(work: Path, pairs: int) -> tuple[int, float]:
 # ---------------------------------------------------------------------------
 # one measured run (child process)
 # ---------------------------------------------------------------------------
-def child(system: str, work: Path, steps: int, warmup: int) -> dict:
+def child(system: str, work: Path, steps: int) -> dict:
     import torch
     import transformers  # noqa: F401
 
     cuda = torch.cuda.is_available()
-    total = warmup + steps
-    marks: list[float] = []  # perf_counter at the end of each optimizer step
+    total = steps
+    marks: list[float] = []  # perf_counter at the start of training, then at the end of each step
     state = {}
     tool, settings = SYSTEMS[system]
     if tool == "align":
@@ -136,6 +138,7 @@ def child(system: str, work: Path, steps: int, warmup: int) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         state["base"] = reset_peak()
+        marks.append(time.perf_counter())
         train(stage, recipe, accelerator)
     else:
         from datasets import Dataset
@@ -155,6 +158,7 @@ def child(system: str, work: Path, steps: int, warmup: int) -> dict:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 state["base"] = reset_peak()
+                marks.append(time.perf_counter())
 
             def on_step_end(self, args, st, control, **kw):
                 marks.append(time.perf_counter())
@@ -162,7 +166,8 @@ def child(system: str, work: Path, steps: int, warmup: int) -> dict:
         trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                                 processing_class=tokenizer, callbacks=[Marks()])
         trainer.train()
-    seconds = marks[total - 1] - marks[warmup - 1]
+    assert len(marks) == total + 1, f"expected {total} steps, timed {len(marks) - 1}"
+    seconds = marks[-1] - marks[0]
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM") - state["base"]
     return {"pairs_per_s": batch * steps / seconds, "seconds": seconds, "peak_mb": peak,
             "peak_rss_mb": rss_mb("VmHWM"), "batch": batch}
@@ -173,16 +178,15 @@ def child(system: str, work: Path, steps: int, warmup: int) -> dict:
 # ---------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=64, help="pairs in the epoch (a multiple of 8)")
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--systems", default="align,trl,align-ckpt-bf16,trl-fp32")
     parser.add_argument("--child", choices=list(SYSTEMS))
     parser.add_argument("--work")
     args = parser.parse_args()
     if args.child:
-        result = child(args.child, Path(args.work), args.steps, args.warmup)
+        result = child(args.child, Path(args.work), args.steps)
         print("RESULT " + json.dumps(result))
         return
 
@@ -192,8 +196,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         n, mean_tokens = prepare(work, args.pairs)
+        steps = n // 8
         print(f"{n} HH-RLHF pairs (both sides <= {MAX_LENGTH} tokens; {mean_tokens:.0f} tokens per pair on average), "
-              f"builtin:small reward model, each tool's defaults, {args.steps} timed steps after {args.warmup}, "
+              f"builtin:small reward model, each tool's defaults, one epoch of {steps} steps of 8 pairs, "
               f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
         results = {s: [] for s in systems}
         for rep in range(args.reps):
@@ -202,7 +207,7 @@ def main() -> None:
                 before = probe()
                 env["HF_DATASETS_CACHE"] = str(work / f"hf-cache-{rep}-{system}")
                 proc = subprocess.run([sys.executable, __file__, "--child", system, "--work", str(work),
-                                       "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                       "--steps", str(steps)],
                                       env=env, capture_output=True, text=True)
                 after = probe()
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

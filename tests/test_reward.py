@@ -268,3 +268,19 @@ def test_tiny_reward_recipe_reaches_its_target(tmp_path):
     """recipes/tiny/reward.yaml as shipped (from the SFT model; trains it first when missing)."""
     metrics = engine.run(load_recipe(str(REPO / "recipes/tiny/reward.yaml"), [f"output_dir={tmp_path / 'rm'}"]))
     assert metrics["eval/pair_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HH.is_file(), reason="shared HH-RLHF file not present")
+def test_hh_rlhf_recipe_trains_on_real_pairs_and_eval_rm_scores_the_rest(tmp_path):
+    """recipes/tiny/reward-hh.yaml: 1,800 real pairs in, eval-rm on the 512 held out.
+    A 1M-parameter char-level model learns little here: assert the run is sound, not a level."""
+    from align.evaluate_rm import evaluate_reward_model
+
+    out = tmp_path / "rm"
+    metrics = engine.run(load_recipe(str(REPO / "recipes/tiny/reward-hh.yaml"), [f"output_dir={out}"]))
+    assert metrics["eval/loss"] < metrics["eval/loss_start"] + 0.05
+    summary = evaluate_reward_model(str(out), {"path": str(HH.parent), "split": "test[1800:]"}, max_length=256,
+                                    quiet=True)
+    assert summary["n"] + summary["dropped_identical"] + summary["dropped_empty"] == 512
+    assert summary["accuracy"] == pytest.approx(metrics["eval/pair_accuracy"], abs=1e-6)
