@@ -1,0 +1,131 @@
+"""Rollouts: left padding, the completion mask, recomputed log-probs, the ZeRO-3 gather hook."""
+
+from __future__ import annotations
+
+import doctest
+import sys
+import types
+
+import pytest
+import torch
+
+from align import rollout as ro
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from align import builtin
+
+    tok = builtin.load_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tok
+
+
+def test_doctests():
+    assert doctest.testmod(ro).failed == 0
+
+
+def test_completion_mask_ends_at_first_eos_even_when_pad_is_eos():
+    ids = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 5, 2, 6]])  # pad == eos == 2 in row 0
+    mask, ended = ro.completion_mask(ids, eos_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_logprobs_of_left_padded_rows_equal_unpadded(tiny):
+    model, _ = tiny
+    prompts = [[1, 20, 21, 22, 23], [1, 30]]
+    completions = torch.tensor([[40, 41, 2], [50, 2, 0]])
+    mask, _ = ro.completion_mask(completions, eos_id=2)
+    ids, pmask = ro.left_pad(prompts, pad_id=0)
+    batched = ro.completion_logprobs(model, ids, pmask, completions, mask)  # (2, 3)
+    for row, prompt in enumerate(prompts):
+        n = int(mask[row].sum())
+        alone = torch.tensor([prompt + completions[row, :n].tolist()])
+        logits = model(input_ids=alone).logits[0, len(prompt) - 1: -1].log_softmax(-1)
+        expected = logits.gather(-1, completions[row, :n, None]).squeeze(-1)
+        torch.testing.assert_close(batched[row, :n], expected, atol=1e-5, rtol=1e-5)
+        assert (batched[row, n:] == 0).all()
+
+
+def test_greedy_batch_equals_rows_alone_and_logprobs_match_generate_scores(tiny):
+    model, tok = tiny
+    prompts = [[1, 20, 21, 22, 23], [1, 30], [1, 40, 41]]
+    ids, pmask = ro.left_pad(prompts, tok.pad_token_id)
+    sampling = ro.SamplingConfig(max_new_tokens=5)
+    batched = ro.sample(model, ids, pmask, sampling=sampling, eos_id=2, pad_id=0, do_sample=False)
+    for row, prompt in enumerate(prompts):
+        alone = ro.sample(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+                          sampling=sampling, eos_id=2, pad_id=0, do_sample=False)
+        n = alone.shape[1]
+        assert batched[row, :n].tolist() == alone[0].tolist()
+        # the forward's log-probs equal the (cached, incremental) generate's own scores
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=2,
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        scores = torch.stack(out.scores, 1)[0].log_softmax(-1)  # (C, V)
+        mask, _ = ro.completion_mask(alone, 2)
+        lp = ro.completion_logprobs(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+                                    alone, mask)
+        expected = scores.gather(-1, alone[0, :, None]).squeeze(-1)
+        torch.testing.assert_close(lp[0], expected * mask[0], atol=1e-4, rtol=1e-4)
+
+
+def test_rollout_sampling_is_seeded_and_scores_reference(tiny):
+    model, tok = tiny
+    prompts = [[1, 20, 21]] * 4 + [[1, 30]] * 4
+    sampling = ro.SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=20, top_p=0.9)
+    a = ro.rollout(model, prompts, sampling=sampling, eos_id=2, pad_id=0, ref_model=model, generator_seed=3)
+    b = ro.rollout(model, prompts, sampling=sampling, eos_id=2, pad_id=0, generator_seed=3, policy_logprobs=False)
+    assert torch.equal(a.completion_ids, b.completion_ids) and b.logprobs is None and b.ref_logprobs is None
+    torch.testing.assert_close(a.logprobs, a.ref_logprobs)  # same weights -> same log-probs
+    assert (a.logprobs * (1 - a.completion_mask) == 0).all()
+    assert (a.completion_ids[a.completion_mask == 0] == 0).all()  # pads after the first EOS
+    # temperature-scaled: log-probs are of the distribution at temperature 0.7 (top-k/p not applied)
+    direct = ro.completion_logprobs(model, a.prompt_ids, a.prompt_mask, a.completion_ids, a.completion_mask,
+                                    temperature=0.7)
+    torch.testing.assert_close(a.logprobs, direct.detach(), atol=1e-5, rtol=1e-5)
+    assert len(a.texts(tok)) == 8
+
+
+def test_zero3_generation_gathers_all_parameters_once(tiny, monkeypatch):
+    model, _ = tiny
+    entered = []
+
+    class Gathered:
+        def __init__(self, params, modifier_rank=None):
+            entered.append((len(params), modifier_rank))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=Gathered)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+
+    class Engine(torch.nn.Module):  # stands in for a DeepSpeedEngine at stage 3
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def zero_optimization_stage(self):
+            return 3
+
+    class Unwrapping:
+        def unwrap_model(self, m):
+            return m.module
+
+    engine = Engine(model)
+    assert ro.is_zero3(engine) and not ro.is_zero3(model)
+    with ro.generation_model(engine, Unwrapping()) as gen:
+        assert gen is model
+    assert entered == [(len(list(model.parameters())), None)]
+    with ro.generation_model(model) as gen:  # no DeepSpeed: no gather
+        assert gen is model
+    assert len(entered) == 1
