@@ -101,6 +101,15 @@ def num_processes_in_launch_args(args: list[str]) -> int | None:
 
 
 def warn_if_world_size_differs(accelerator) -> None:
+    """Stop when a launcher started several processes that each run alone; warn on other mismatches."""
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and (accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.NO):
+        raise AlignError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate set up no "
+            f"distributed training (gradients would not be synchronised); on CPU set ACCELERATE_USE_CPU=true "
+            f"(ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} -m align ...)")
     asked = requested_processes()
     if asked is not None and asked != accelerator.num_processes:
         print(f"\n*** WARNING: accelerate launch asked for {asked} processes but this run has "

@@ -151,3 +151,18 @@ def test_cpu_flag_with_two_processes_warns_that_one_process_runs(tmp_path):
 def test_report_to_tensorboard_writes_events(tmp_path):
     _run(tiny_sft_recipe(tmp_path / "tb", **{"train.report_to": ["tensorboard"], "train.max_steps": 2}))
     assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+
+
+def test_two_processes_without_cpu_mode_stop_instead_of_training_unsynchronised(tmp_path):
+    """--multi_gpu on a CPU machine without ACCELERATE_USE_CPU gives no DDP: refuse with the fix."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_sft_recipe(tmp_path / "run", **{"train.max_steps": 1})))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "align", "train", str(path)]
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "set ACCELERATE_USE_CPU=true" in proc.stderr
+    assert not (tmp_path / "run/model.safetensors").exists()
