@@ -33,4 +33,5 @@ STAGES: dict[str, StageSpec] = {
     "simpo": StageSpec("align.stages.preference", "PreferenceStage", "SimPOArgs", "simpo"),
     "orpo": StageSpec("align.stages.preference", "PreferenceStage", "ORPOArgs", "orpo"),
     "reward": StageSpec("align.stages.reward", "RewardStage", "RewardArgs", "reward"),
+    "grpo": StageSpec("align.stages.grpo", "GRPOStage", "GRPOArgs", "grpo"),
 }

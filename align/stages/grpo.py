@@ -1,0 +1,349 @@
+"""GRPO: group-relative policy optimisation with verifiable rewards, no critic.
+
+Shao et al. 2024 (DeepSeekMath, sec. 4.1), as DeepSeek-R1 trains: for each prompt, G
+completions are sampled from the current policy; each is scored by reward functions
+(exact match on the built-in task); the advantage of a completion is its reward minus
+its group's mean, divided by the group's std (`align.losses.group_advantages`, with
+`scale_rewards` "group" / "batch" / "none"), the same for all of its tokens. The
+per-token loss is PPO's clipped surrogate with separate low/high epsilon (DAPO's
+clip-higher) plus beta * k3 KL to the reference (`grpo_token_losses`), aggregated by
+`grpo.aggregation` (`align.losses.TOKEN_AGGREGATIONS`: grpo, dr_grpo, dapo).
+
+One optimizer step = one global batch of `train.batch_size x train.grad_accum x
+processes` completions (TRL's convention: batch sizes count completions), i.e. that
+divided by G prompts. `micro_batches(step)` generates the step's rollouts: each process
+samples the groups of its own prompts (rows of one prompt contiguous), scores them,
+computes advantages (gathering all rewards first, so "batch" scaling sees the global
+batch), then cuts its rows into `grad_accum` micro-batches. The engine divides the
+summed loss by the global `_weight`, which the aggregation sets (sequences for grpo,
+sequences x max_new_tokens for dr_grpo, completion tokens for dapo), so a step's update
+does not depend on how the batch is split over micro-batches or processes (tested).
+
+On-policy by default (`num_iterations: 1`: one update per rollout; the old log-probs
+are the training forward's own, detached, so the ratio is 1 and no extra forward is
+spent, as TRL does). With `num_iterations: k` a rollout is reused for k consecutive
+optimizer steps, its old log-probs computed once at sampling time; the clip then acts.
+
+`beta: 0` (TRL's default) loads no reference model at all and logs no KL; beta > 0 loads
+a frozen copy of the starting policy (for a LoRA policy: the same weights with the
+adapter disabled). Groups whose rewards are all equal get zero advantage and contribute
+no policy gradient: they are counted (`train/zero_std_groups` per step,
+`train/frac_zero_std_groups`). Dropout is switched off in the policy (TRL's
+`disable_dropout`), so rollout and training forwards compute the same function.
+
+Logs `train/reward` (and `rewards/<function>`), `train/reward_std`, `train/kl` (token mean
+of k3), `losses/clipfrac`, `objective/entropy`, `train/completion_length`,
+`train/ended` (share of completions that produced EOS); evaluation `eval/task_accuracy`
+(greedy exact match), `eval/reward` (mean reward of the greedy completions) and, with a
+reference, `eval/kl` (sequence KL to the reference, summed log-ratio of sampled
+completions). At the end the curves are plotted to `grpo_curves.png` and `grpo_kl.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from align import config as cfg
+from align import evaluate, models, rewards
+from align.data import encode_prompt, load_rows
+from align.errors import AlignError
+from align.losses import (
+    aggregate_token_losses,
+    group_advantages,
+    grpo_token_losses,
+    kl_penalty,
+    masked_sum,
+    zero_std_groups,
+)
+from align.recipe import Recipe
+from align.rollout import Rollout, SamplingConfig, completion_logprobs, rollout
+
+
+@dataclass
+class GRPOArgs:
+    num_generations: int = field(default=8, metadata=cfg.positive("grpo.num_generations"))
+    """G: completions sampled per prompt (a group)."""
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("grpo.max_new_tokens"))
+    """Longest completion (TRL's max_completion_length; dr_grpo's constant normaliser)."""
+    temperature: float = field(default=1.0, metadata=cfg.positive("grpo.temperature"))
+    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "grpo.top_p"))
+    top_k: int = field(default=0, metadata=cfg.non_negative("grpo.top_k"))
+    """0: no top-k filtering."""
+    beta: float = field(default=0.0, metadata=cfg.non_negative("grpo.beta"))
+    """Weight of the k3 KL to the reference. 0 loads no reference model."""
+    kl_ratio_correction: bool = True
+    """Multiply the KL term by the importance ratio (DeepSeek-V3.2's unbiased KL gradient; TRL 1.16's default
+    use_bias_correction_kl). False: DeepSeekMath's plain k3."""
+    clip_eps: float = field(default=0.2, metadata=cfg.positive("grpo.clip_eps"))
+    """Lower clip: the ratio is kept above 1 - clip_eps."""
+    clip_eps_high: float | None = field(default=None, metadata=cfg.positive("grpo.clip_eps_high"))
+    """Upper clip (DAPO's clip-higher, e.g. 0.28); None: clip_eps."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """Token aggregation of the loss (see align.losses.TOKEN_AGGREGATIONS)."""
+    num_iterations: int = field(default=1, metadata=cfg.positive("grpo.num_iterations"))
+    """Optimizer steps per rollout batch (1: on-policy)."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Built-in names (exact_match, format, length) or package.module:function."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (default 1 each)."""
+    missing_eos_penalty: float | None = field(default=None, metadata=cfg.non_negative("grpo.missing_eos_penalty"))
+    """Subtracted from the reward of completions with no EOS."""
+    generation_batch_size: int = field(default=256, metadata=cfg.positive("grpo.generation_batch_size"))
+    """Rows per generate call / scoring forward."""
+    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("grpo.eval_kl_prompts"))
+    """Held-out prompts sampled once each for eval/kl (with a reference only)."""
+    plot: bool = True
+    """Write grpo_curves.png and grpo_kl.png into output_dir at the end."""
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout probability to 0 (TRL's disable_dropout), so sampling and training agree."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def batch_weight(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> float:
+    """A micro-batch's share of the step's loss normaliser under `aggregation` (see TOKEN_AGGREGATIONS)."""
+    return aggregate_token_losses(torch.zeros(mask.shape), mask, aggregation=aggregation,
+                                  max_completion_length=max_new_tokens)[1]
+
+
+class GRPOStage:
+    def __init__(self, recipe: Recipe, accelerator):
+        self.recipe, self.accelerator = recipe, accelerator
+        self.args: GRPOArgs = recipe.stage_args
+        a, t = self.args, recipe.train
+        per_process = t.batch_size * t.grad_accum
+        if per_process % a.num_generations:
+            raise AlignError(f"train.batch_size x train.grad_accum = {per_process} completions per process per "
+                             f"step must be a multiple of grpo.num_generations = {a.num_generations}")
+        self.prompts_per_process = per_process // a.num_generations
+        self.tokenizer = models.load_tokenizer(recipe.model, padding_side="left")
+        if self.tokenizer.eos_token_id is None:
+            raise AlignError("model: the tokenizer has no EOS token; completions could never end")
+        self.rows, self.prompt_ids = self._prompts(recipe.data.train, "data.train")
+        self.eval_rows, self.eval_prompt_ids = [], []
+        if recipe.data.eval is not None:
+            self.eval_rows, self.eval_prompt_ids = self._prompts(recipe.data.eval, "data.eval",
+                                                                 limit=recipe.data.eval_limit)
+        self.reward_names = list(a.reward_funcs)
+        self.reward_fns = [rewards.resolve(n) for n in self.reward_names]
+        self.reward_fn = rewards.weighted_sum(self.reward_fns, a.reward_weights)
+        self.sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                       top_k=a.top_k, batch_size=a.generation_batch_size)
+        self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        disable_dropout(self.model)
+        self.ref_model = None
+        if a.beta > 0 and not models.is_peft(self.model):
+            self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
+            self.ref_model.to(accelerator.device)
+        self._cache: tuple[int, list[dict]] | None = None
+
+    def _prompts(self, spec, key, limit=None):
+        rows = load_rows(spec, key=key)
+        if limit is not None:
+            rows.rows, rows.origins = rows.rows[:limit], rows.origins[:limit]
+        encoded = []
+        for i, row in enumerate(rows.rows):
+            if "prompt" not in row:
+                raise AlignError(f"{key}: {rows.where(i)} has no 'prompt' column (GRPO samples completions for "
+                                 f"prompts; columns: {sorted(row)})")
+            ids = encode_prompt(self.tokenizer, row["prompt"], rows.where(i))
+            if len(ids) > self.recipe.data.max_length:
+                raise AlignError(f"{key}: {rows.where(i)}: the prompt has {len(ids)} tokens, more than "
+                                 f"data.max_length={self.recipe.data.max_length}")
+            encoded.append(ids)
+        return rows.rows, encoded
+
+    # -- rollouts ------------------------------------------------------------------------
+    def _step_prompts(self, generation: int) -> list[int]:
+        """Indices of this process's prompts for rollout batch `generation` (an epoch-wise shuffle)."""
+        n = len(self.rows)
+        global_prompts = self.prompts_per_process * self.accelerator.num_processes
+        per_epoch = max(1, n // global_prompts)
+        epoch, k = divmod(generation, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed * 7919 + epoch)).tolist()
+        start = k * global_prompts + self.accelerator.process_index * self.prompts_per_process
+        return [order[(start + j) % n] for j in range(self.prompts_per_process)]
+
+    def score(self, rows: list[dict], out: Rollout) -> tuple[torch.Tensor, dict]:
+        """Rewards (B,) of a rollout of `rows` (one row per completion) and each function's (B,) scores."""
+        texts = out.texts(self.tokenizer)
+        prompts = [r["prompt"] for r in rows]
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        per_fn = {}
+        for name, fn in zip(self.reward_names, self.reward_fns):
+            values = fn(prompts, texts, **columns)
+            rewards.check_scores(values, len(texts), name)
+            per_fn[name] = torch.tensor(values, dtype=torch.float32)
+        weights = self.args.reward_weights or [1.0] * len(self.reward_fns)
+        total = sum(w * s for w, s in zip(weights, per_fn.values()))
+        return rewards.missing_eos_penalty(total, out.ended, self.args.missing_eos_penalty), per_fn
+
+    def make_rollout(self, generation: int) -> tuple[Rollout, torch.Tensor, dict]:
+        """Rollout batch `generation` of this process: (rollout, advantages (B,), rollout metrics)."""
+        a, G = self.args, self.args.num_generations
+        acc = self.accelerator
+        indices = self._step_prompts(generation)
+        rows = [self.rows[i] for i in indices for _ in range(G)]  # (B,) groups contiguous
+        prompts = [self.prompt_ids[i] for i in indices for _ in range(G)]
+        seed = (self.recipe.seed * 1_000_003 + generation) * 1009 + acc.process_index
+        out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.tokenizer.eos_token_id,
+                      pad_id=self.tokenizer.pad_token_id, accelerator=acc, ref_model=self.ref_model,
+                      policy_logprobs=a.num_iterations > 1, generator_seed=seed)
+        if a.beta > 0 and self.ref_model is None:  # LoRA: the reference is the base model, adapter disabled
+            base = acc.unwrap_model(self.model)
+            with base.disable_adapter():
+                from align.rollout import score_logprobs
+
+                out.ref_logprobs = score_logprobs(base, out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                                  out.completion_mask, temperature=a.temperature,
+                                                  batch_size=a.generation_batch_size)
+        reward, per_fn = self.score(rows, out)
+        # advantages from the rewards of the whole global batch (groups never straddle processes)
+        all_rewards = acc.gather(reward.to(acc.device)).cpu() if acc.num_processes > 1 else reward
+        advantages = group_advantages(all_rewards, G, scale_rewards=a.scale_rewards)
+        B = reward.shape[0]
+        advantages = advantages[acc.process_index * B: (acc.process_index + 1) * B]
+        n_groups = B // G
+        metrics = {
+            "train/reward": (reward.sum().item(), B),
+            "train/reward_std": (reward.view(-1, G).std(-1).sum().item(), n_groups),
+            "train/zero_std_groups": (zero_std_groups(reward, G), 1.0 / acc.num_processes),
+            "train/frac_zero_std_groups": (zero_std_groups(reward, G), n_groups),
+            "train/completion_length": (out.lengths.sum().item(), B),
+            "train/ended": (out.ended.sum().item(), B),
+        }
+        metrics.update({f"rewards/{name}": (s.sum().item(), B) for name, s in per_fn.items()})
+        return out, advantages, metrics
+
+    def split(self, out: Rollout, advantages: torch.Tensor, metrics: dict, size: int) -> list[dict]:
+        """Cut a rollout into micro-batches of `size` rows, each with its `_weight` and `_tokens`."""
+        a = self.args
+        batches = []
+        for s in range(0, advantages.shape[0], size):
+            part = slice(s, s + size)
+            mask = out.completion_mask[part]
+            batch = {"prompt_ids": out.prompt_ids[part], "prompt_mask": out.prompt_mask[part],
+                     "completion_ids": out.completion_ids[part], "completion_mask": mask,
+                     "advantages": advantages[part]}
+            if out.logprobs is not None:
+                batch["old_logprobs"] = out.logprobs[part]
+            if out.ref_logprobs is not None:
+                batch["ref_logprobs"] = out.ref_logprobs[part]
+            batch["_weight"] = batch_weight(mask, a.aggregation, a.max_new_tokens)
+            batch["_tokens"] = int(out.prompt_mask[part].sum() + mask.sum())
+            batches.append(batch)
+        batches[0]["_metrics"] = metrics
+        return batches
+
+    # -- engine interface ---------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        generation = step // self.args.num_iterations
+        if self._cache is None or self._cache[0] != generation:
+            self._cache = (generation, self.split(*self.make_rollout(generation), self.recipe.train.batch_size))
+        batches = [dict(b) for b in self._cache[1]]
+        if step % self.args.num_iterations:
+            batches[0].pop("_metrics", None)  # rollout statistics counted once per rollout
+        return batches
+
+    def loss(self, model, batch):
+        a = self.args
+        mask = batch["completion_mask"]
+        logps, entropy = completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
+                                             batch["completion_ids"], mask, temperature=a.temperature,
+                                             return_entropy=True)  # (B, C)
+        old = batch["old_logprobs"] if "old_logprobs" in batch else logps.detach()
+        losses, clipped, kl = grpo_token_losses(logps, old, batch["advantages"], clip_eps=a.clip_eps,
+                                                clip_eps_high=a.clip_eps_high, beta=a.beta,
+                                                ref_logprobs=batch.get("ref_logprobs"),
+                                                kl_ratio_correction=a.kl_ratio_correction)
+        numerator, _ = aggregate_token_losses(losses, mask, aggregation=a.aggregation,
+                                              max_completion_length=a.max_new_tokens)
+        tokens = float(mask.sum())
+        metrics = dict(batch.get("_metrics", {}))
+        metrics["losses/clipfrac"] = (masked_sum(clipped, mask).item(), tokens)
+        metrics["objective/entropy"] = (entropy.detach().sum().item(), tokens)
+        if kl is not None:
+            metrics["train/kl"] = (masked_sum(kl.detach(), mask).item(), tokens)
+        return numerator, metrics
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def evaluate(self, model) -> dict:
+        ev, acc = self.recipe.eval, self.accelerator
+        if not self.eval_rows or not ev.generate:
+            return {}
+        prompts = [r["prompt"] for r in self.eval_rows]
+        completions = evaluate.greedy_completions(model, self.tokenizer, prompts, max_new_tokens=ev.max_new_tokens,
+                                                  batch_size=ev.batch_size, accelerator=acc)
+        mine = sorted(completions)
+        rows = [self.eval_rows[i] for i in mine]
+        texts = [completions[i] for i in mine]
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        reward = self.reward_fn([r["prompt"] for r in rows], texts, **columns)
+        correct = rewards.exact_match([r["prompt"] for r in rows], texts, **columns)
+        total, right, count = evaluate._reduce_sum(acc, [sum(reward), sum(correct), float(len(rows))])
+        metrics = {"eval/reward": total / max(count, 1.0), "eval/task_accuracy": right / max(count, 1.0)}
+        if self.args.beta > 0 and self.args.eval_kl_prompts:
+            metrics["eval/kl"] = self._eval_kl(model)
+        return metrics
+
+    def _eval_kl(self, model) -> float:
+        """Mean over held-out prompts of the sequence KL estimate sum_t (log pi - log ref) of a sample."""
+        acc = self.accelerator
+        n = min(self.args.eval_kl_prompts, len(self.eval_prompt_ids))
+        mine = list(range(acc.process_index, n, acc.num_processes))
+        out = rollout(model, [self.eval_prompt_ids[i] for i in mine], sampling=self.sampling,
+                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+                      ref_model=self.ref_model, generator_seed=self.recipe.seed + 17 + acc.process_index)
+        if out.ref_logprobs is None:  # LoRA: adapter disabled
+            from align.rollout import score_logprobs
+
+            base = acc.unwrap_model(model)
+            with base.disable_adapter():
+                out.ref_logprobs = score_logprobs(base, out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                                  out.completion_mask, temperature=self.args.temperature)
+        kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), out.completion_mask)
+        total, count = evaluate._reduce_sum(acc, [kl.item(), float(len(mine))])
+        return total / max(count, 1.0)
+
+    def save(self, out_dir, accelerator) -> None:
+        models.save_pretrained(self.model, self.tokenizer, out_dir, accelerator)
+        if self.args.plot and accelerator.is_main_process:
+            plot_run(Path(out_dir), "grpo")
+
+
+def plot_run(out_dir: Path, prefix: str) -> list[Path]:
+    """Proxy reward vs true accuracy (one PNG) and KL (another) against steps, from log.jsonl."""
+    from align.plots import plot_curves
+
+    log = out_dir / "log.jsonl"
+    if not log.is_file():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+    def series(name):
+        pts = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    paths = [plot_curves(out_dir / f"{prefix}_curves.png",
+                         {n: series(n) for n in ("train/reward", "eval/reward", "eval/task_accuracy")},
+                         title=f"{prefix}: reward (proxy) and held-out accuracy (true)", ylabel="value")]
+    kl = {n: series(n) for n in ("train/kl", "eval/kl")}
+    if any(xs for xs, _ in kl.values()):
+        paths.append(plot_curves(out_dir / f"{prefix}_kl.png", kl, title=f"{prefix}: KL to the reference",
+                                 ylabel="KL (nats)"))
+    return paths
