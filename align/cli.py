@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("rl", help="a classic-RL run (recipes/rl/)")
     p.add_argument("recipe")
@@ -67,6 +71,13 @@ def run_command(args) -> int:
         data = {"path": args.data, "split": args.split} if args.split else args.data
         evaluate_reward_model(args.model, data, output=args.output, plot=args.plot, batch_size=args.batch_size,
                               max_length=args.max_length, prompt_truncation=args.prompt_truncation)
+        return 0
+    if args.command == "generate":
+        from align.generate import generate
+
+        generate(args.model, args.prompts, output=args.output, max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 num_samples=args.num_samples, seed=args.seed)
         return 0
     if args.command == "rl":
         from align.rl.runner import run as run_rl

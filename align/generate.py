@@ -1,0 +1,85 @@
+"""`align generate`: batched sampling from any trained policy (a full model or a LoRA adapter folder).
+
+Prompts come from any source the data layer reads, with a `prompt` column (a string or a
+message list) or a `messages` column (the conversation so far; a final assistant turn is
+dropped so the model answers it). Each output row is the input row plus `completion`
+(and `sample` when `--num-samples` > 1). Temperature 0 is greedy decoding. Under
+`accelerate launch` each process samples its share and the main process writes all rows,
+in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from align import models
+from align.data import encode_prompt, load_rows
+from align.errors import AlignError
+from align.io_utils import atomic_write_text
+from align.recipe import ModelConfig
+from align.rollout import SamplingConfig, completion_mask, left_pad, sample
+
+
+def prompt_of(row: dict, where: str):
+    if "prompt" in row and row["prompt"] not in (None, "", []):
+        return row["prompt"]
+    if "messages" in row and isinstance(row["messages"], list) and row["messages"]:
+        messages = row["messages"]
+        return messages[:-1] if messages[-1].get("role") == "assistant" else messages
+    raise AlignError(f"--prompts: {where} has columns {sorted(row)}; expected prompt or messages")
+
+
+def generate(model_path: str, prompts_path: str, *, output: str | None = None, max_new_tokens: int = 64,
+             batch_size: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             num_samples: int = 1, seed: int = 0, trust_remote_code: bool = False) -> list[dict]:
+    """Sample completions for every prompt; returns the output rows (also written to `output` or stdout)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1 or temperature < 0:
+        raise AlignError("generate: --num-samples, --max-new-tokens and --batch-size must be >= 1 and "
+                         "--temperature >= 0")
+    state = PartialState()
+    cfg = ModelConfig(name_or_path=model_path, trust_remote_code=trust_remote_code)
+    tokenizer = models.load_tokenizer(cfg, padding_side="left")
+    model = models.load_model(cfg, tokenizer, trainable=False).to(state.device)
+    rows = load_rows(prompts_path, key="--prompts")
+    jobs = [(i, s) for i in range(len(rows.rows)) for s in range(num_samples)]
+    mine = jobs[state.process_index:: state.num_processes]
+    encoded = [encode_prompt(tokenizer, prompt_of(rows.rows[i], rows.where(i)), rows.where(i)) for i, _ in mine]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, top_p=top_p,
+                              top_k=top_k, batch_size=batch_size)
+    torch.manual_seed(seed + state.process_index)
+    texts = []
+    order = sorted(range(len(mine)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
+    by_job = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        ids, mask = left_pad([encoded[k] for k in chunk], tokenizer.pad_token_id)
+        out = sample(model, ids, mask, sampling=sampling, eos_id=tokenizer.eos_token_id,
+                     pad_id=tokenizer.pad_token_id, do_sample=temperature > 0)
+        keep, _ = completion_mask(out, tokenizer.eos_token_id)
+        for row, k in enumerate(chunk):
+            n = int(keep[row].sum())
+            by_job[mine[k]] = tokenizer.decode(out[row, :n].tolist(), skip_special_tokens=True)
+    texts = [(job, by_job[job]) for job in mine]
+    if state.num_processes > 1:
+        texts = gather_object(texts)
+    results = dict(texts)
+    out_rows = []
+    for i, s in jobs:
+        row = dict(rows.rows[i], completion=results[(i, s)])
+        if num_samples > 1:
+            row["sample"] = s
+        out_rows.append(row)
+    if state.is_main_process:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
+        if output:
+            atomic_write_text(Path(output), text)
+        else:
+            sys.stdout.write(text)
+    return out_rows
