@@ -34,4 +34,5 @@ STAGES: dict[str, StageSpec] = {
     "orpo": StageSpec("align.stages.preference", "PreferenceStage", "ORPOArgs", "orpo"),
     "reward": StageSpec("align.stages.reward", "RewardStage", "RewardArgs", "reward"),
     "grpo": StageSpec("align.stages.grpo", "GRPOStage", "GRPOArgs", "grpo"),
+    "ppo": StageSpec("align.stages.ppo", "PPOStage", "PPOArgs", "ppo"),
 }

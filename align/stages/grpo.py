@@ -297,9 +297,12 @@ class GRPOStage:
         correct = rewards.exact_match([r["prompt"] for r in rows], texts, **columns)
         total, right, count = evaluate._reduce_sum(acc, [sum(reward), sum(correct), float(len(rows))])
         metrics = {"eval/reward": total / max(count, 1.0), "eval/task_accuracy": right / max(count, 1.0)}
-        if self.args.beta > 0 and self.args.eval_kl_prompts:
+        if self._has_reference() and self.args.eval_kl_prompts:
             metrics["eval/kl"] = self._eval_kl(model)
         return metrics
+
+    def _has_reference(self) -> bool:
+        return self.args.beta > 0
 
     def _eval_kl(self, model) -> float:
         """Mean over held-out prompts of the sequence KL estimate sum_t (log pi - log ref) of a sample."""

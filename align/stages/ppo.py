@@ -1,0 +1,322 @@
+"""PPO with a KL-penalised reward-model reward (RLHF as InstructGPT trains it).
+
+Ziegler et al. 2019 ("Fine-tuning language models from human preferences") and Ouyang
+et al. 2022 (InstructGPT), with the details of Huang et al. 2024 ("The N+ implementation
+details of RLHF with PPO"):
+
+1. **Rollout** (`align.rollout`): one sampled completion per prompt; its tokens' log-probs
+   under the policy (old) and the frozen reference (the starting policy); the value of
+   every completion position; the reward model's score of prompt + completion read at
+   the last real token (`align.rewards.RewardModel`), minus `missing_eos_penalty` when
+   the completion never produced EOS.
+2. **Per-token reward**: r_t = -beta * KL_t at every completion token (KL_t by the
+   `kl_estimator` k1 / k2 / k3 of `align.losses.kl_penalty`, on old vs reference
+   log-probs), plus the score at the last real token.
+3. **Advantages**: `align.losses.gae_advantages` (gamma, lam) over the completion tokens,
+   the episode ending at the last real token; returns = advantages + values; then
+   advantage whitening over the rollout batch as a separate step (`whiten`).
+4. **Updates**: `ppo_epochs` passes over the rollout batch in `num_mini_batches`
+   shuffled minibatches, one optimizer step each; the loss per token is
+   `ppo_clip_loss` + vf_coef * `clipped_value_loss` — the functions the classic-RL PPO
+   (`align.rl.ppo`) uses — averaged over every completion token of the minibatch
+   (`_weight` = tokens, so the engine's global normalisation keeps it split invariant).
+5. **beta**: fixed, or the adaptive controller of Ziegler et al. 2019 (sec. 2.2) steering
+   the mean sequence KL of each rollout toward `target_kl`:
+   beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * rollout_size / horizon).
+
+The value model is its OWN backbone with a scalar head, initialised from the reward model
+(InstructGPT's choice: separate policy and value networks; a shared backbone would let the
+value loss pull on the policy's features and needs a loss-weight balance). Policy and
+value live in one `PolicyAndValue` module so the engine prepares, optimises (one AdamW,
+one lr, joint gradient clipping) and checkpoints them together; its forward returns both,
+so DDP sees one forward per backward. The policy is saved in Hugging Face format to
+output_dir, the value model to output_dir/value.
+
+Logs `train/reward` (reward-model score), `train/kl` (mean sequence KL, k1 sum),
+`train/non_score_reward`, `train/task_accuracy` (exact match of the samples, the true
+objective the proxy stands for), `train/completion_length`, `objective/entropy`,
+`objective/kl_coef`, `losses/approx_kl`, `losses/clipfrac`, `losses/policy_loss`,
+`losses/value_loss`, `val/clipfrac`, `val/explained_variance`; evaluation
+`eval/task_accuracy`, `eval/reward` (score of greedy completions), `eval/kl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from align import config as cfg
+from align import evaluate, models, rewards
+from align.errors import AlignError
+from align.evaluate_rm import score_head
+from align.losses import (
+    approx_kl,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_sum,
+    ppo_clip_loss,
+    token_logprobs,
+    whiten,
+)
+from align.recipe import ModelConfig, Recipe
+from align.rollout import SamplingConfig, position_ids_of, rollout
+from align.stages.grpo import GRPOStage, disable_dropout, plot_run
+
+
+@dataclass
+class PPOArgs:
+    reward_model: str = "runs/tiny/reward"
+    """Folder (or hub id) of the reward model (reward stage output; same tokenizer as the policy)."""
+    reward_model_recipe: str | None = None
+    """A recipe that trains `reward_model` when that folder has no model yet."""
+    value_model: str | None = None
+    """Initialisation of the value model; None: the reward model (InstructGPT)."""
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("ppo.max_new_tokens"))
+    temperature: float = field(default=1.0, metadata=cfg.positive("ppo.temperature"))
+    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "ppo.top_p"))
+    top_k: int = field(default=0, metadata=cfg.non_negative("ppo.top_k"))
+    kl_coef: float = field(default=0.05, metadata=cfg.non_negative("ppo.kl_coef"))
+    """beta (initial beta with the adaptive controller)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL in the reward (k1 is InstructGPT's log-ratio)."""
+    target_kl: float | None = field(default=None, metadata=cfg.positive("ppo.target_kl"))
+    """Adaptive beta toward this mean sequence KL (Ziegler et al. 2019); None: fixed beta."""
+    kl_horizon: int = field(default=10000, metadata=cfg.positive("ppo.kl_horizon"))
+    gamma: float = field(default=1.0, metadata=cfg.in_range(0.0, 1.0, "ppo.gamma"))
+    lam: float = field(default=0.95, metadata=cfg.in_range(0.0, 1.0, "ppo.lam"))
+    clip_eps: float = field(default=0.2, metadata=cfg.positive("ppo.clip_eps"))
+    clip_eps_value: float | None = field(default=0.2, metadata=cfg.positive("ppo.clip_eps_value"))
+    vf_coef: float = field(default=0.1, metadata=cfg.non_negative("ppo.vf_coef"))
+    whiten_advantages: bool = True
+    ppo_epochs: int = field(default=4, metadata=cfg.positive("ppo.ppo_epochs"))
+    num_mini_batches: int = field(default=1, metadata=cfg.positive("ppo.num_mini_batches"))
+    """Minibatches (optimizer steps) per epoch; a rollout batch is num_mini_batches x batch_size x grad_accum
+    prompts per process."""
+    missing_eos_penalty: float | None = field(default=1.0, metadata=cfg.non_negative("ppo.missing_eos_penalty"))
+    generation_batch_size: int = field(default=256, metadata=cfg.positive("ppo.generation_batch_size"))
+    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("ppo.eval_kl_prompts"))
+    plot: bool = True
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The policy (causal LM) and the value model (scalar head per position), trained together."""
+
+    def __init__(self, policy, value):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        """-> policy logits (B, T, V), values (B, T)."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+        captured = []
+        handle = score_head(self.value).register_forward_hook(lambda m, a, out: captured.append(out))
+        try:
+            self.value(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        finally:
+            handle.remove()
+        return logits, captured[-1][..., 0].float()
+
+
+def forward_completion(model, prompt_ids, prompt_mask, completion_ids, mask, temperature):
+    """(log-probs (B, C), values (B, C), logits (B, C, V)) of the completion positions."""
+    P = prompt_ids.shape[1]
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
+    logits, values = model(ids, attn, position_ids_of(attn))
+    logits = logits[:, P - 1: -1].float() / temperature  # position P-1+t predicts completion token t
+    values = values[:, P - 1: -1]  # value of the state before completion token t
+    return token_logprobs(logits, completion_ids.masked_fill(mask == 0, -100)), values, logits
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019's proportional controller of beta (fixed when target is None)."""
+
+    def __init__(self, beta: float, target: float | None, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n / self.horizon
+
+
+class PPOStage(GRPOStage):
+    """Reuses GRPOStage's prompt loading, prompt scheduling and evaluation; its own rollout and loss."""
+
+    def __init__(self, recipe: Recipe, accelerator):
+        from align.engine import ensure_model
+
+        self.recipe, self.accelerator = recipe, accelerator
+        self.args: PPOArgs = recipe.stage_args
+        a, t = self.args, recipe.train
+        self.per_step = t.batch_size * t.grad_accum  # prompts per optimizer step per process
+        self.prompts_per_process = self.per_step * a.num_mini_batches  # one rollout batch
+        self.tokenizer = models.load_tokenizer(recipe.model, padding_side="left")
+        if self.tokenizer.eos_token_id is None:
+            raise AlignError("model: the tokenizer has no EOS token; completions could never end")
+        self.rows, self.prompt_ids = self._prompts(recipe.data.train, "data.train")
+        self.eval_rows, self.eval_prompt_ids = [], []
+        if recipe.data.eval is not None:
+            self.eval_rows, self.eval_prompt_ids = self._prompts(recipe.data.eval, "data.eval",
+                                                                 limit=recipe.data.eval_limit)
+        self.sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                       top_k=a.top_k, batch_size=a.generation_batch_size)
+        rm_cfg = ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe,
+                             dtype=recipe.model.dtype)
+        ensure_model(rm_cfg)
+        self.reward_model = rewards.RewardModel(
+            models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
+            batch_size=a.generation_batch_size)
+        policy = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype)
+        value = models.load_model(value_cfg, self.tokenizer, head="score", seed=recipe.seed)
+        disable_dropout(policy)
+        disable_dropout(value)
+        self.model = PolicyAndValue(policy, value)
+        self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
+        self.ref_model.to(accelerator.device)
+        self.kl_ctl = AdaptiveKL(a.kl_coef, a.target_kl, a.kl_horizon)
+        self.reward_names = ["reward_model"]
+        self.reward_fn = self._score_texts
+        self._cache = None
+
+    # -- rollout ---------------------------------------------------------------------------
+    def _score_texts(self, prompts, completions, **_):
+        """Reward-model score of text completions (for eval/reward on greedy completions)."""
+        from align.data import encode_prompt
+        from align.rollout import left_pad
+
+        ids = [encode_prompt(self.tokenizer, p) + self.tokenizer(c, add_special_tokens=False)["input_ids"]
+               + [self.tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
+        input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id)
+        return self.reward_model.score(input_ids, mask).tolist()
+
+    def _policy(self):
+        return self.accelerator.unwrap_model(self.model).policy
+
+    def make_rollout(self, generation: int) -> tuple[dict, dict]:
+        a, acc = self.args, self.accelerator
+        indices = self._step_prompts(generation)
+        rows = [self.rows[i] for i in indices]
+        seed = (self.recipe.seed * 1_000_003 + generation) * 1009 + acc.process_index
+        out = rollout(self._policy(), [self.prompt_ids[i] for i in indices], sampling=self.sampling,
+                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+                      ref_model=self.ref_model, policy_logprobs=False, generator_seed=seed)
+        mask = out.completion_mask
+        model = self.model
+        with torch.no_grad():
+            parts = []
+            for s in range(0, mask.shape[0], a.generation_batch_size):
+                sl = [t[s: s + a.generation_batch_size].to(acc.device)
+                      for t in (out.prompt_ids, out.prompt_mask, out.completion_ids, mask)]
+                lp, v, _ = forward_completion(model, *sl, a.temperature)
+                parts.append((lp.cpu(), v.cpu()))
+        out.logprobs = torch.cat([p[0] for p in parts])
+        values = torch.cat([p[1] for p in parts]) * mask  # (B, C)
+        score = rewards.missing_eos_penalty(self.reward_model.score_rollout(out), out.ended, a.missing_eos_penalty)
+        kl = kl_penalty(out.logprobs, out.ref_logprobs, estimator=a.kl_estimator) * mask  # (B, C)
+        last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of the last real completion token
+        token_rewards = -self.kl_ctl.beta * kl
+        token_rewards[torch.arange(len(last)), last] += score
+        dones = torch.zeros_like(token_rewards)
+        dones[torch.arange(len(last)), last] = 1.0
+        advantages, returns = gae_advantages(token_rewards, values, gamma=a.gamma, lam=a.lam, dones=dones)
+        if a.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        advantages, returns = advantages * mask, returns * mask
+        seq_kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), mask, dim=-1)  # (B,)
+        texts = out.texts(self.tokenizer)
+        correct = rewards.exact_match([r["prompt"] for r in rows], texts,
+                                      **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+        B = len(rows)
+        kl_global = evaluate._reduce_sum(acc, [seq_kl.sum().item(), float(B)])
+        beta_used = self.kl_ctl.beta
+        self.kl_ctl.update(kl_global[0] / kl_global[1], int(kl_global[1]))
+        metrics = {
+            "train/reward": (score.sum().item(), B),
+            "train/kl": (seq_kl.sum().item(), B),
+            "train/non_score_reward": ((token_rewards.sum() - score.sum()).item(), B),
+            "train/task_accuracy": (sum(correct), B),
+            "train/completion_length": (mask.sum().item(), B),
+            "train/ended": (out.ended.sum().item(), B),
+            "objective/kl_coef": (beta_used, 1),
+            "val/explained_variance": (explained_variance(values, returns, mask), 1),
+        }
+        data = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
+                "completion_mask": mask, "old_logprobs": out.logprobs, "old_values": values,
+                "advantages": advantages, "returns": returns}
+        return data, metrics
+
+    # -- engine interface -------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict]:
+        a, t = self.args, self.recipe.train
+        per_rollout = a.ppo_epochs * a.num_mini_batches
+        generation, k = divmod(step, per_rollout)
+        if self._cache is None or self._cache[0] != generation:
+            self._cache = (generation, *self.make_rollout(generation))
+        _, data, metrics = self._cache
+        epoch, minibatch = divmod(k, a.num_mini_batches)
+        order = torch.randperm(self.prompts_per_process,
+                               generator=torch.Generator().manual_seed(generation * 131 + epoch))
+        rows = order[minibatch * self.per_step: (minibatch + 1) * self.per_step]
+        batches = []
+        for s in range(0, len(rows), t.batch_size):
+            idx = rows[s: s + t.batch_size]
+            batch = {k2: v[idx] for k2, v in data.items()}
+            batch["_weight"] = float(batch["completion_mask"].sum())
+            batch["_tokens"] = int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+            batches.append(batch)
+        if k == 0:
+            batches[0]["_metrics"] = metrics
+        return batches
+
+    def loss(self, model, batch):
+        a = self.args
+        mask = batch["completion_mask"]
+        logps, values, logits = forward_completion(model, batch["prompt_ids"], batch["prompt_mask"],
+                                                   batch["completion_ids"], mask, a.temperature)
+        pg, clipped = ppo_clip_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=a.clip_eps)
+        vl = clipped_value_loss(values, batch["old_values"], batch["returns"], clip_eps=a.clip_eps_value)
+        loss_sum = masked_sum(pg + a.vf_coef * vl, mask)
+        tokens = float(mask.sum())
+        with torch.no_grad():
+            v_clipped = (values - batch["old_values"]).abs() > (a.clip_eps_value or float("inf"))
+            metrics = dict(batch.get("_metrics", {}))
+            metrics.update({
+                "losses/policy_loss": (masked_sum(pg, mask).item(), tokens),
+                "losses/value_loss": (masked_sum(vl, mask).item(), tokens),
+                "losses/clipfrac": (masked_sum(clipped, mask).item(), tokens),
+                "losses/approx_kl": (masked_sum(approx_kl(logps, batch["old_logprobs"]), mask).item(), tokens),
+                "val/clipfrac": (masked_sum(v_clipped.float(), mask).item(), tokens),
+                "objective/entropy": (masked_sum(entropy_from_logits(logits), mask).item(), tokens),
+                "val/mean": (masked_mean(values, mask).item() * tokens, tokens),
+            })
+        return loss_sum, metrics
+
+    def evaluate(self, model) -> dict:
+        policy = self.accelerator.unwrap_model(model).policy
+        return super().evaluate(policy)
+
+    def _has_reference(self) -> bool:
+        return True
+
+    def save(self, out_dir, accelerator) -> None:
+        from pathlib import Path
+
+        # full parameters on every process (DDP); ZeRO-3 would need a gathered state dict (not done yet)
+        unwrapped = accelerator.unwrap_model(self.model)
+        if accelerator.is_main_process:
+            models.save_pretrained(unwrapped.policy, self.tokenizer, out_dir)
+            unwrapped.value.save_pretrained(Path(out_dir) / "value", safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if self.args.plot and accelerator.is_main_process:
+            plot_run(Path(out_dir), "ppo")
+
