@@ -284,3 +284,23 @@ def test_hh_rlhf_recipe_trains_on_real_pairs_and_eval_rm_scores_the_rest(tmp_pat
                                     quiet=True)
     assert summary["n"] + summary["dropped_identical"] + summary["dropped_empty"] == 512
     assert summary["accuracy"] == pytest.approx(metrics["eval/pair_accuracy"], abs=1e-6)
+
+
+def test_lora_reward_model_saves_an_adapter_that_eval_rm_scores_like_the_run(tmp_path):
+    from align import models
+    from align.evaluate_rm import evaluate_reward_model
+    from align.recipe import ModelConfig
+
+    base = tmp_path / "base"
+    tok = models.load_tokenizer(ModelConfig(name_or_path="builtin:tiny"))
+    models.save_pretrained(models.load_model(ModelConfig(name_or_path="builtin:tiny"), tok), tok, base)
+    paths = _write_max_digit_task(tmp_path)
+    out = tmp_path / "lora"
+    recipe = _reward_recipe(out, paths["train"], paths["eval"])
+    recipe["model"] = {"name_or_path": str(base), "lora": {"enabled": True, "r": 4}}
+    recipe["train"].update(max_steps=4)
+    metrics = engine.run(load_recipe(None, data=recipe))
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    summary = evaluate_reward_model(str(out), str(paths["eval"]), max_length=16, quiet=True)
+    assert summary["accuracy"] == pytest.approx(metrics["eval/pair_accuracy"], abs=1e-6)
+    assert summary["mean_margin"] == pytest.approx(metrics["eval/rewards/margins"], abs=1e-4)
