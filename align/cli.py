@@ -72,6 +72,11 @@ def run_command(args) -> int:
         evaluate_reward_model(args.model, data, output=args.output, plot=args.plot, batch_size=args.batch_size,
                               max_length=args.max_length, prompt_truncation=args.prompt_truncation)
         return 0
+    if args.command == "pipeline":
+        from align.pipeline import run_pipeline
+
+        run_pipeline(args.recipe, args.overrides)
+        return 0
     if args.command == "generate":
         from align.generate import generate
 

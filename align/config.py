@@ -167,12 +167,12 @@ def _coerce(tp, value, path: str):
             hint = f"; did you mean {close[0]}?" if close else ""
             raise AlignError(f"{path}: got {value!r}, expected one of {', '.join(map(str, choices))}{hint}")
         return value
-    if origin is list:
+    if origin is list or tp is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):
             raise AlignError(f"{path}: got {_describe(value)}, expected a list")
         return [_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise AlignError(f"{path}: got {_describe(value)}, expected a mapping")
         return dict(value)

@@ -1,0 +1,298 @@
+"""`align pipeline`: several stages from one recipe, in order, resumable, with a report.
+
+    output_dir: runs/tiny/pipeline
+    steps:
+      - name: sft
+        recipe: recipes/tiny/sft.yaml           # a stage recipe (path) ...
+      - name: reward
+        recipe: recipes/tiny/reward.yaml
+        set: {model.name_or_path: "${steps.sft.output_dir}"}
+      - name: rm-eval
+        eval_rm: {model: "${steps.reward.output_dir}", data: data/arith/prefs_eval.jsonl}
+      - name: dpo
+        recipe: {stage: dpo, ...}               # ... or an inline one
+
+Each step writes into `output_dir/<name>/` (its recipe's own output_dir is replaced).
+`${steps.NAME.output_dir}` names an earlier step's folder. A finished step is skipped
+on rerun (a training step is finished when its `metrics.json` says it reached
+`train.max_steps`; an eval-rm step when its JSON exists), and a half-done training step
+resumes from its newest checkpoint, so rerunning the command resumes the whole pipeline.
+A failing step stops the pipeline with a message naming it; earlier steps' results stay.
+
+Command-line overrides: `output_dir=DIR`, `NAME.key.path=value` for one step, and
+`all.key.path=value` for every training step (e.g. `all.train.progress_bar=false`).
+
+At the end `output_dir/report.md` (and the same table on the terminal) has one row per
+step: task accuracy before -> after on held-out prompts, reward-model / pair accuracy,
+mean reward, KL to the reference, wall time; plus training curves as PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align import config as cfg
+from align.errors import AlignError
+from align.io_utils import atomic_write_json, atomic_write_text, read_jsonl_log
+
+REFERENCE = re.compile(r"\$\{steps\.([A-Za-z0-9_-]+)\.output_dir\}")
+
+
+@dataclass
+class StepConfig:
+    name: str = ""
+    recipe: Any = None
+    """A stage recipe: a path to a YAML file, or the recipe inline."""
+    set: dict = field(default_factory=dict)
+    """Overrides of the step's recipe, {key.path: value}."""
+    eval_rm: dict | None = None
+    """Instead of a recipe: `align eval-rm` arguments {model, data, batch_size, max_length}."""
+
+    def validate(self):
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            raise AlignError(f"step name {self.name!r}: expected letters, digits, - or _")
+        if (self.recipe is None) == (self.eval_rm is None):
+            raise AlignError(f"step {self.name}: give exactly one of recipe or eval_rm")
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = ""
+    steps: list[StepConfig] = field(default_factory=list)
+
+    def validate(self):
+        if not self.output_dir:
+            raise AlignError("output_dir: required")
+        if not self.steps:
+            raise AlignError("steps: a pipeline needs at least one step")
+        names = [s.name for s in self.steps]
+        for name in names:
+            if names.count(name) > 1:
+                raise AlignError(f"steps: the name {name!r} is used twice")
+
+
+def _substitute(value, outputs: dict[str, str], step: str):
+    """Replace ${steps.X.output_dir} in strings (recursively); X must be an earlier step."""
+    if isinstance(value, str):
+        def repl(match):
+            name = match.group(1)
+            if name not in outputs:
+                raise AlignError(f"step {step}: ${{steps.{name}.output_dir}} names no earlier step "
+                                 f"(earlier: {', '.join(outputs) or 'none'})")
+            return outputs[name]
+        return REFERENCE.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, outputs, step) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, outputs, step) for v in value]
+    return value
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None):
+    """Validate the pipeline and every step's recipe before anything runs.
+
+    Returns (config, [(step, resolved recipe or eval-rm args)]).
+    """
+    from align.recipe import load_recipe
+
+    raw = cfg.read_yaml(path)
+    top, per_step, everywhere = [], {}, []
+    for item in overrides or []:
+        key = item.split("=", 1)[0]
+        head = key.split(".", 1)[0]
+        if "." not in key:
+            top.append(item)
+        elif head == "all":
+            everywhere.append(item.split(".", 1)[1])
+        else:
+            per_step.setdefault(head, []).append(item.split(".", 1)[1])
+    pipeline = cfg.build(PipelineConfig, cfg.apply_overrides(raw, top))
+    names = [s.name for s in pipeline.steps]
+    for head in per_step:
+        if head not in names:
+            close = cfg.difflib.get_close_matches(head, names, n=1)
+            raise AlignError(f"override {head}.…: no step named {head!r}"
+                             + (f"; did you mean {close[0]}?" if close else f" (steps: {', '.join(names)})"))
+    out = Path(pipeline.output_dir)
+    outputs, plan = {}, []
+    for step in pipeline.steps:
+        step_out = str(out / step.name)
+        if step.eval_rm is not None:
+            args = _substitute(dict(step.eval_rm), outputs, step.name)
+            if "model" not in args or "data" not in args:
+                raise AlignError(f"step {step.name}: eval_rm needs model and data")
+            plan.append((step, args))
+        else:
+            sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                    for k, v in _substitute(step.set, outputs, step.name).items()]
+            extra = everywhere + sets + per_step.get(step.name, []) + [f"output_dir={step_out}"]
+            recipe_path = step.recipe if isinstance(step.recipe, str) else None
+            data = None if recipe_path else _substitute(step.recipe, outputs, step.name)
+            try:
+                recipe = load_recipe(recipe_path, extra, data=data)
+            except AlignError as err:
+                raise AlignError(f"step {step.name}: {err}") from None
+            plan.append((step, recipe))
+        outputs[step.name] = step_out
+    return pipeline, plan
+
+
+def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[dict]:
+    from align.engine import run
+    from align.evaluate_rm import evaluate_reward_model
+
+    pipeline, plan = load_pipeline(path, overrides)
+    out = Path(pipeline.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "pipeline_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    for i, (step, job) in enumerate(plan, 1):
+        print(f"\n=== pipeline step {i}/{len(plan)}: {step.name} ===", flush=True)
+        started = time.perf_counter()
+        try:
+            if step.eval_rm is not None:
+                target = out / step.name / "eval_rm.json"
+                if target.is_file():
+                    print(f"{target} exists: step done")
+                else:
+                    args = dict(job)
+                    evaluate_reward_model(args.pop("model"), args.pop("data"), output=str(target),
+                                          plot=str(out / step.name / "margins.png"), **args)
+            else:
+                run(job)
+                write_samples(job, out / step.name)
+        except AlignError as err:
+            raise AlignError(f"pipeline step {step.name} failed: {err} (earlier steps' results are kept; rerun to "
+                             f"resume)") from None
+        seconds = time.perf_counter() - started
+        if seconds > 5 or step.name not in state:  # a skipped step keeps the time it took when it ran
+            state[step.name] = {"seconds": round(seconds, 1)}
+            atomic_write_json(state_path, state)
+    rows = collect_rows(pipeline, state)
+    table = format_table(rows)
+    print("\n" + table)
+    write_report(pipeline, rows, table)
+    return rows
+
+
+GENERATIVE = {"sft", "dpo", "orpo", "simpo", "ppo", "grpo"}
+
+
+def write_samples(recipe, folder: Path, n: int = 5) -> None:
+    """A few greedy completions of held-out prompts by the step's model, for the report (`align generate`)."""
+    from align.data import load_rows
+    from align.generate import generate
+
+    target = folder / "samples.jsonl"
+    if recipe.stage not in GENERATIVE or recipe.data.eval is None or target.is_file():
+        return
+    rows = [r for r in load_rows(recipe.data.eval, key="data.eval").rows if "prompt" in r][:n]
+    if not rows:
+        return
+    prompts = folder / "sample_prompts.jsonl"
+    atomic_write_text(prompts, "".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    generate(str(folder), str(prompts), output=str(target), max_new_tokens=recipe.eval.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+COLUMNS = [
+    ("task accuracy", "eval/task_accuracy"),
+    ("pair / RM accuracy", "eval/pair_accuracy"),
+    ("mean reward", "eval/reward"),
+    ("KL to reference", "eval/kl"),
+]
+
+
+def collect_rows(pipeline: PipelineConfig, state: dict) -> list[dict]:
+    out = Path(pipeline.output_dir)
+    rows = []
+    for step in pipeline.steps:
+        folder = out / step.name
+        row = {"step": step.name, "seconds": state.get(step.name, {}).get("seconds")}
+        if step.eval_rm is not None:
+            summary = json.loads((folder / "eval_rm.json").read_text()) if (folder / "eval_rm.json").is_file() else {}
+            row["kind"] = "eval-rm"
+            row["eval/pair_accuracy"] = summary.get("accuracy")
+        else:
+            metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+            config = folder / "config.yaml"
+            row["kind"] = _stage_of(config)
+            for _, key in COLUMNS:
+                row[key] = metrics.get(key)
+                row[key + "_start"] = metrics.get(key + "_start")
+        rows.append(row)
+    return rows
+
+
+def _stage_of(config: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text()).get("stage", "?") if config.is_file() else "?"
+
+
+def _cell(row: dict, key: str) -> str:
+    after, before = row.get(key), row.get(key + "_start")
+    if after is None:
+        return "—"
+    if before is None or before == after:
+        return f"{after:.3f}"
+    return f"{before:.3f} → {after:.3f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["step", "stage"] + [name for name, _ in COLUMNS] + ["wall time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        seconds = row.get("seconds")
+        cells = [row["step"], row.get("kind", "?")] + [_cell(row, key) for _, key in COLUMNS]
+        cells.append(f"{seconds:.0f} s" if seconds is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CURVES = {
+    "loss": ["train/loss", "eval/loss"],
+    "online": ["train/reward", "train/kl", "eval/task_accuracy", "eval/reward", "eval/kl"],
+    "preference": ["rewards/chosen", "rewards/rejected", "rewards/margins"],
+}
+
+
+def write_report(pipeline: PipelineConfig, rows: list[dict], table: str) -> Path:
+    from align.plots import plot_curves
+
+    out = Path(pipeline.output_dir)
+    parts = ["# Pipeline report", "", f"Output folder: `{out}`. Values are `before → after` the step, on held-out "
+             "data.", "", table, ""]
+    for step in pipeline.steps:
+        log = read_jsonl_log(out / step.name / "log.jsonl")
+        if not log:
+            if (out / step.name / "margins.png").is_file():
+                parts += [f"## {step.name}", "", f"![margins]({step.name}/margins.png)", ""]
+            continue
+        images = []
+        for kind, keys in CURVES.items():
+            series = {k: ([r["step"] for r in log if k in r and r[k] is not None],
+                          [r[k] for r in log if k in r and r[k] is not None]) for k in keys}
+            series = {k: v for k, v in series.items() if v[0]}
+            if not series:
+                continue
+            png = plot_curves(out / f"{step.name}_{kind}.png", series, title=f"{step.name}: {kind}")
+            images.append(png.name)
+        parts += [f"## {step.name}", ""] + [f"![{name}]({name})" for name in images] + [""]
+        samples = out / step.name / "samples.jsonl"
+        if samples.is_file():
+            parts += ["Example completions:", "", "| prompt | completion |", "|---|---|"]
+            for line in samples.read_text().splitlines()[:5]:
+                r = json.loads(line)
+                parts.append(f"| `{r.get('prompt')}` | `{r.get('completion')}` |")
+            parts.append("")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path

@@ -1,0 +1,83 @@
+"""`align pipeline`: steps chained by ${steps.X.output_dir}, resumable, failing loudly, with a report."""
+
+import json
+
+import pytest
+import yaml
+
+from align.cli import main
+from align.errors import AlignError
+from align.pipeline import load_pipeline, run_pipeline
+
+from helpers import REPO
+
+
+
+def _pipeline(tmp_path, steps):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "steps": steps}))
+    return path
+
+
+def _steps(sft_steps=6):
+    data = str(REPO / "data/arith")
+    return [
+        {"name": "sft", "recipe": str(REPO / "recipes/tiny/sft.yaml"),
+         "set": {"train.max_steps": sft_steps, "train.batch_size": 16, "data.eval_limit": 32}},
+        {"name": "reward", "recipe": str(REPO / "recipes/tiny/reward.yaml"),
+         "set": {"model.name_or_path": "${steps.sft.output_dir}", "train.max_steps": 3, "train.batch_size": 8,
+                 "data.eval_limit": 32}},
+        {"name": "rm-eval", "eval_rm": {"model": "${steps.reward.output_dir}", "data": {"path": f"{data}/prefs_eval.jsonl", "take": 64}}},
+        {"name": "dpo", "recipe": str(REPO / "recipes/tiny/dpo.yaml"),
+         "set": {"model.name_or_path": "${steps.sft.output_dir}", "train.max_steps": 3, "train.batch_size": 8,
+                 "data.eval_limit": 32}},
+    ]
+
+
+def test_pipeline_runs_in_order_resumes_and_reports(tmp_path, capsys):
+    path = _pipeline(tmp_path, _steps())
+    overrides = ["all.train.progress_bar=false", "all.train.log_steps=1", "all.train.save_steps=2"]
+    rows = run_pipeline(path, overrides)
+    run = tmp_path / "run"
+    assert [r["step"] for r in rows] == ["sft", "reward", "rm-eval", "dpo"]
+    # each step started from the one it names
+    assert yaml.safe_load((run / "reward/config.yaml").read_text())["model"]["name_or_path"] == str(run / "sft")
+    assert json.loads((run / "rm-eval/eval_rm.json").read_text())["n"] == 64
+    assert rows[0]["eval/task_accuracy"] is not None and rows[2]["eval/pair_accuracy"] is not None
+    report = (run / "report.md").read_text()
+    assert "| sft | sft |" in report and "| rm-eval | eval-rm |" in report
+    assert (run / "sft_loss.png").is_file() and (run / "sft/samples.jsonl").is_file()
+    assert "| step | stage | task accuracy" in capsys.readouterr().out
+    # rerun: every step is finished, nothing retrains
+    stamp = (run / "dpo/model.safetensors").stat().st_mtime_ns
+    run_pipeline(path, overrides)
+    assert (run / "dpo/model.safetensors").stat().st_mtime_ns == stamp
+    # a longer SFT resumes that step from its checkpoint; later steps are already done
+    run_pipeline(path, overrides + ["sft.train.max_steps=8"])
+    assert json.loads((run / "sft/metrics.json").read_text())["train/steps"] == 8
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_failing_step_names_itself_and_keeps_earlier_results(tmp_path, capsys):
+    steps = _steps(sft_steps=2)[:1] + [{"name": "broken", "recipe": {"stage": "sft", "output_dir": "x",
+                                                                     "data": {"train": str(tmp_path / "none.jsonl")}}}]
+    path = _pipeline(tmp_path, steps)
+    assert main(["pipeline", str(path), "all.train.progress_bar=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: pipeline step broken failed:") and "none.jsonl" in err
+    assert (tmp_path / "run/sft/model.safetensors").is_file()
+
+
+def test_bad_pipelines_fail_before_running(tmp_path):
+    bad_ref = [{"name": "a", "recipe": str(REPO / "recipes/tiny/sft.yaml"),
+                "set": {"model.name_or_path": "${steps.later.output_dir}"}}]
+    with pytest.raises(AlignError, match="names no earlier step"):
+        load_pipeline(_pipeline(tmp_path, bad_ref))
+    with pytest.raises(AlignError, match="step a: unknown key train.lrr"):
+        load_pipeline(_pipeline(tmp_path, [{"name": "a", "recipe": str(REPO / "recipes/tiny/sft.yaml"),
+                                            "set": {"train.lrr": 1}}]))
+    with pytest.raises(AlignError, match="did you mean sft"):
+        load_pipeline(_pipeline(tmp_path, _steps()[:1]), ["sfx.train.max_steps=3"])
+    with pytest.raises(AlignError, match="used twice"):
+        load_pipeline(_pipeline(tmp_path, _steps()[:1] * 2))
+    assert not (tmp_path / "run").exists()
