@@ -56,8 +56,9 @@ def test_same_global_batch_trains_the_same_whole_accumulated_or_on_two_processes
     assert max_relative_difference(w_whole, w_accum) < 1e-4
     assert max_relative_difference(w_whole, w_ddp) < 1e-4
     # the logged step losses agree too
-    loss = lambda d: [r["train/loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())
-                      if "train/loss" in r]
+    def loss(d):
+        return [r["train/loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())
+                          if "train/loss" in r]
     for other in ("accum", "ddp"):
         assert loss(tmp_path / "whole") == pytest.approx(loss(tmp_path / other), rel=1e-5)
 
@@ -120,7 +121,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "align", "train", str(path), f"train.max_steps={step + 2}"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"resuming from" in proc.stdout + proc.stderr
+    assert "resuming from" in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "run/metrics.json").read_text())["train/steps"] == step + 2
 
 

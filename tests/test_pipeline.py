@@ -12,7 +12,6 @@ from align.pipeline import load_pipeline, run_pipeline
 from helpers import REPO
 
 
-
 def _pipeline(tmp_path, steps):
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "steps": steps}))
