@@ -135,6 +135,26 @@ def forward_completion(model, prompt_ids, prompt_mask, completion_ids, mask, tem
     return token_logprobs(logits, completion_ids.masked_fill(mask == 0, -100)), values, logits
 
 
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                         beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards -beta * kl_t, plus the score at the last real token; and the episode ends there.
+
+    scores (B,), kl (B, C), mask (B, C) -> rewards (B, C) (0 after the last token), dones (B, C).
+
+    >>> r, d = kl_penalized_rewards(torch.tensor([1.0]), torch.tensor([[0.5, 1.0, 9.0]]),
+    ...                             torch.tensor([[1, 1, 0]]), beta=0.1)
+    >>> r.tolist(), d.tolist()
+    ([[-0.05000000074505806, 0.8999999761581421, 0.0]], [[0.0, 1.0, 0.0]])
+    """
+    last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of the last real completion token
+    rows = torch.arange(scores.shape[0])
+    rewards = torch.where(mask.bool(), -beta * kl, torch.zeros_like(kl))
+    rewards[rows, last] += scores
+    dones = torch.zeros_like(rewards)
+    dones[rows, last] = 1.0
+    return rewards, dones
+
+
 class AdaptiveKL:
     """Ziegler et al. 2019's proportional controller of beta (fixed when target is None)."""
 
@@ -223,11 +243,7 @@ class PPOStage(GRPOStage):
         values = torch.cat([p[1] for p in parts]) * mask  # (B, C)
         score = rewards.missing_eos_penalty(self.reward_model.score_rollout(out), out.ended, a.missing_eos_penalty)
         kl = kl_penalty(out.logprobs, out.ref_logprobs, estimator=a.kl_estimator) * mask  # (B, C)
-        last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of the last real completion token
-        token_rewards = -self.kl_ctl.beta * kl
-        token_rewards[torch.arange(len(last)), last] += score
-        dones = torch.zeros_like(token_rewards)
-        dones[torch.arange(len(last)), last] = 1.0
+        token_rewards, dones = kl_penalized_rewards(score, kl, mask, self.kl_ctl.beta)
         advantages, returns = gae_advantages(token_rewards, values, gamma=a.gamma, lam=a.lam, dones=dones)
         if a.whiten_advantages:
             advantages = whiten(advantages, mask)
