@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from helpers import REPO
 
 from align.engine import run
 from align.errors import AlignError
 from align.recipe import load_recipe
+
+from helpers import REPO
 
 
 def digit_share(prompts, completions, **_) -> list[float]:
@@ -91,3 +92,14 @@ def test_short_run_moves_reward_up(tmp_path):
     for r in train:
         assert 0 <= r["train/zero_std_groups"] <= 4 and r["train/kl"] >= 0
     assert "eval/task_accuracy_start" in metrics and "eval/kl" in metrics
+
+
+@pytest.mark.slow
+def test_tiny_grpo_recipe_meets_its_target(tmp_path):
+    """recipes/tiny/grpo.yaml: held-out task accuracy at least 10 points above its SFT start."""
+    recipe = load_recipe(REPO / "recipes/tiny/grpo.yaml", [f"output_dir={tmp_path / 'grpo'}",
+                                                           "train.progress_bar=false"])
+    metrics = run(recipe)
+    assert metrics["eval/task_accuracy"] >= metrics["eval/task_accuracy_start"] + 0.10, metrics
+    assert metrics["eval/kl"] < 1.0, metrics
+    assert (tmp_path / "grpo" / "grpo_curves.png").is_file() and (tmp_path / "grpo" / "grpo_kl.png").is_file()
