@@ -294,6 +294,8 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
     model = stage.model
     optimizer = make_optimizer(model, tcfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # train mode: from_pretrained returns eval mode, where dropout and gradient checkpointing are silently off
+    model.train()
     stage.model = model
 
     # -- resume ------------------------------------------------------------

@@ -39,7 +39,9 @@ class SFTStage:
             examples, [len(e["input_ids"]) for e in examples], batch_size=recipe.train.batch_size,
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
-            collate_fn=lambda exs: collate(exs, self.pad_id, padding_free=data.padding_free or data.packing),
+            # packed rows stay (B, max_length) rows: one concatenated row would make CPU sdpa build a dense
+            # (sum T)^2 block mask (2.5x slower, 1.7x the memory at 8 x 512); padding_free asks for that row
+            collate_fn=lambda exs: collate(exs, self.pad_id, padding_free=data.padding_free),
             weight_fn=lambda e: sum(1 for label in e["labels"][1:] if label != IGNORE),
         )
         self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
