@@ -80,3 +80,10 @@ def test_bad_pipelines_fail_before_running(tmp_path):
     with pytest.raises(AlignError, match="used twice"):
         load_pipeline(_pipeline(tmp_path, _steps()[:1] * 2))
     assert not (tmp_path / "run").exists()
+
+
+def test_shipped_pipeline_validates():
+    pipeline, plan = load_pipeline(REPO / "recipes/tiny/pipeline.yaml")
+    assert [s.name for s, _ in plan] == ["sft", "reward", "rm-eval", "dpo", "ppo", "grpo"]
+    sft_dir = str(REPO / "runs/tiny/pipeline/sft") if pipeline.output_dir.startswith("/") else "runs/tiny/pipeline/sft"
+    assert all(job.model.name_or_path == sft_dir for s, job in plan if s.name in ("reward", "dpo", "ppo", "grpo"))
