@@ -329,7 +329,7 @@ class GRPOStage:
             plot_run(Path(out_dir), "grpo")
 
 
-def plot_run(out_dir: Path, prefix: str) -> list[Path]:
+def plot_run(out_dir: Path, prefix: str, train_kl: str = "token mean of k3") -> list[Path]:
     """Proxy reward vs true accuracy (one PNG) and KL (another) against steps, from log.jsonl."""
     from align.plots import plot_curves
 
@@ -345,7 +345,7 @@ def plot_run(out_dir: Path, prefix: str) -> list[Path]:
     paths = [plot_curves(out_dir / f"{prefix}_curves.png",
                          {n: series(n) for n in ("train/reward", "eval/reward", "eval/task_accuracy")},
                          title=f"{prefix}: reward (proxy) and held-out accuracy (true)", ylabel="value")]
-    kl = {n: series(n) for n in ("train/kl", "eval/kl")}
+    kl = {f"train/kl ({train_kl})": series("train/kl"), "eval/kl (per sequence, sum of k1)": series("eval/kl")}
     if any(xs for xs, _ in kl.values()):
         paths.append(plot_curves(out_dir / f"{prefix}_kl.png", kl, title=f"{prefix}: KL to the reference",
                                  ylabel="KL (nats)"))

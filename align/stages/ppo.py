@@ -334,5 +334,5 @@ class PPOStage(GRPOStage):
             unwrapped.value.save_pretrained(Path(out_dir) / "value", safe_serialization=True)
         accelerator.wait_for_everyone()
         if self.args.plot and accelerator.is_main_process:
-            plot_run(Path(out_dir), "ppo")
+            plot_run(Path(out_dir), "ppo", train_kl="per sequence, sum of k1")
 
