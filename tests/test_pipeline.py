@@ -22,14 +22,15 @@ def _steps(sft_steps=6):
     data = str(REPO / "data/arith")
     return [
         {"name": "sft", "recipe": str(REPO / "recipes/tiny/sft.yaml"),
-         "set": {"train.max_steps": sft_steps, "train.batch_size": 16, "data.eval_limit": 32}},
+         "set": {"train.max_steps": sft_steps, "train.batch_size": 16, "data.eval_limit": 32,
+                 "data.train": {"path": f"{data}/sft_train.jsonl", "take": 256}}},
         {"name": "reward", "recipe": str(REPO / "recipes/tiny/reward.yaml"),
          "set": {"model.name_or_path": "${steps.sft.output_dir}", "train.max_steps": 3, "train.batch_size": 8,
-                 "data.eval_limit": 32}},
+                 "data.train": {"path": f"{data}/prefs_train.jsonl", "take": 64}, "data.eval_limit": 32}},
         {"name": "rm-eval", "eval_rm": {"model": "${steps.reward.output_dir}", "data": {"path": f"{data}/prefs_eval.jsonl", "take": 64}}},
         {"name": "dpo", "recipe": str(REPO / "recipes/tiny/dpo.yaml"),
          "set": {"model.name_or_path": "${steps.sft.output_dir}", "train.max_steps": 3, "train.batch_size": 8,
-                 "data.eval_limit": 32}},
+                 "data.train": {"path": f"{data}/prefs_train.jsonl", "take": 64}, "data.eval_limit": 32}},
     ]
 
 

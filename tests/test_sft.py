@@ -14,10 +14,10 @@ from helpers import REPO, tiny_sft_recipe
 def test_short_sft_learns_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "sft"
     recipe = tiny_sft_recipe(out, **{
-        "train.max_steps": 150, "train.batch_size": 64, "train.lr": 3e-3, "train.lr_scheduler": "cosine",
+        "train.max_steps": 80, "train.batch_size": 32, "train.lr": 3e-3, "train.lr_scheduler": "cosine",
         "train.warmup_steps": 10, "train.log_steps": 10,
         "data.train": str(REPO / "data/arith/sft_train.jsonl"),
-        "data.eval": str(REPO / "data/arith/sft_eval.jsonl"), "data.eval_limit": 200,
+        "data.eval": str(REPO / "data/arith/sft_eval.jsonl"), "data.eval_limit": 100,
         "eval.generate": True, "eval.max_new_tokens": 4,
     })
     metrics = engine.run(load_recipe(None, data=recipe))
@@ -26,7 +26,7 @@ def test_short_sft_learns_and_saves_a_loadable_model(tmp_path):
     assert metrics["eval/loss"] < 0.5 * metrics["eval/loss_start"]
     assert "eval/task_accuracy" in metrics and "eval/task_accuracy_start" in metrics
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["train/steps"] == 150 and saved["eval/loss"] == pytest.approx(metrics["eval/loss"])
+    assert saved["train/steps"] == 80 and saved["eval/loss"] == pytest.approx(metrics["eval/loss"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in log if "train/loss" in r]
     assert losses[-1] < 0.5 * losses[0]
