@@ -89,3 +89,14 @@ def test_short_run_raises_the_reward_model_score(tmp_path, sharp_reward_model):
                  "val/explained_variance", "train/kl", "train/completion_length"):
         assert any(name in r for r in log), name
     assert (tmp_path / "value" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_ppo_recipe_meets_its_target(tmp_path):
+    """recipes/tiny/ppo.yaml: reward-model score and task accuracy up, held-out KL below the recipe's target."""
+    recipe = load_recipe(REPO / "recipes/tiny/ppo.yaml", [f"output_dir={tmp_path / 'ppo'}", "train.progress_bar=false"])
+    metrics = run(recipe)
+    assert metrics["eval/reward"] > metrics["eval/reward_start"], metrics
+    assert metrics["eval/task_accuracy"] > metrics["eval/task_accuracy_start"], metrics
+    assert metrics["eval/kl"] < 2 * recipe.stage_args.target_kl, metrics
+    assert (tmp_path / "ppo" / "ppo_curves.png").is_file()
