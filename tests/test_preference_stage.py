@@ -116,3 +116,26 @@ def test_bad_preference_rows(tmp_path, capsys):
                                 "eval.generate=false"])
     run(recipe)
     assert "1 dropped as identical after truncation" in capsys.readouterr().out
+
+
+def test_pair_logps_without_mask_equals_masked_forward():
+    """Right-padded rows are scored without the attention mask: the real tokens' log-probs are unchanged."""
+    import torch
+
+    from align import builtin, models
+    from align.losses import sequence_logps
+    from align.preference_data import collate_pairs
+    from align.recipe import ModelConfig
+    from align.stages.preference import pair_logps
+
+    tokenizer = builtin.load_tokenizer()
+    model = models.load_model(ModelConfig(name_or_path="builtin:tiny"), tokenizer, seed=0)
+    examples = [{"prompt_ids": [1] + [10 + i % 50 for i in range(n)], "chosen_ids": [20, 21, 2],
+                 "rejected_ids": [22] * k + [2]} for n, k in [(12, 1), (30, 9), (5, 3)]]
+    batch = collate_pairs(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        lp = pair_logps(model, batch)
+        masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    sums, counts = sequence_logps(masked, batch["labels"])
+    torch.testing.assert_close(torch.cat([lp["chosen"], lp["rejected"]]), sums, atol=1e-5, rtol=1e-5)
+    assert torch.cat([lp["chosen_n"], lp["rejected_n"]]).tolist() == counts.tolist()

@@ -68,8 +68,9 @@ class DPOArgs:
     """The reference: a local folder or hub id with the same tokenizer. None: the starting policy."""
     precompute_ref_logps: bool = True
     """Score the reference once before training. False (LoRA only): every step, adapter disabled."""
-    ref_batch_size: int = field(default=64, metadata=cfg.positive("dpo.ref_batch_size"))
-    """Pairs per forward while precomputing the reference log-probs."""
+    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("dpo.ref_batch_size"))
+    """Pairs per forward while precomputing the reference log-probs (None: train.batch_size, so the
+    precompute never needs more memory than a training step)."""
 
 
 @dataclass
@@ -134,7 +135,12 @@ def pair_logps(model, batch: dict, *, nll_on_prompt: bool = False) -> dict[str, 
     token counts; chosen_nll: token-mean NLL of the chosen completion (or of prompt +
     completion with `nll_on_prompt`, every token but the first).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+    mask = batch["attention_mask"]
+    # Right padding under causal attention: every pad comes after the real tokens of its row, so
+    # no real token can attend to one and the mask changes no real logit. Without it SDPA runs its
+    # causal kernel instead of materialising a (2B, 1, T, T) mask: same logits, less memory.
+    right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all())
+    logits = model(input_ids=batch["input_ids"], attention_mask=None if right_padded else mask).logits  # (2B, T, V)
     targets = batch["labels"][:, 1:]  # (2B, T-1) completion tokens, -100 elsewhere
     completion = targets != -100
     if nll_on_prompt:
@@ -257,7 +263,8 @@ class PreferenceStage:
         for examples in (self.examples, self.eval_examples):
             if not examples:
                 continue
-            scores = score_pairs(reference, examples, self.pad_id, batch_size=args.ref_batch_size,
+            scores = score_pairs(reference, examples, self.pad_id,
+                                 batch_size=args.ref_batch_size or self.recipe.train.batch_size,
                                  accelerator=self.accelerator)
             for e, (c, r) in zip(examples, scores.tolist()):
                 e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
