@@ -106,7 +106,7 @@ def child(system: str, work: Path, batch: int, max_length: int, beta: float) -> 
         from align.stages import preference  # noqa: F401
 
         recipe = load_recipe(None, [
-            "stage=dpo", f"output_dir={work / 'out-align'}", f"model.name_or_path={work / 'model'}",
+            "stage=dpo", f"output_dir={work / f'out-align-{os.getpid()}'}", f"model.name_or_path={work / 'model'}",
             f"data.train={work / 'pairs.jsonl'}", f"data.max_length={max_length}", f"train.batch_size={batch}",
             f"train.max_steps={steps}", f"train.lr={LR}", "train.save_steps=100000", "train.log_steps=100000",
             "train.progress_bar=false", "train.mixed_precision=\"no\"", "train.warmup_steps=0", f"dpo.beta={beta}",
