@@ -67,6 +67,16 @@ def test_loss_is_invariant_to_micro_batch_splits(tmp_path, aggregation):
         torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
 
 
+def test_num_iterations_reuses_a_rollout_with_its_old_logprobs(tmp_path):
+    stage = build(tmp_path, num_iterations=2)
+    first, second, third = stage.micro_batches(0), stage.micro_batches(1), stage.micro_batches(2)
+    assert torch.equal(first[0]["completion_ids"], second[0]["completion_ids"])
+    assert not torch.equal(first[0]["completion_ids"], third[0]["completion_ids"])  # a new rollout
+    assert "old_logprobs" in first[0] and "_metrics" in first[0] and "_metrics" not in second[0]
+    loss, metrics = stage.loss(stage.model, first[0])  # at the sampling policy the ratio is 1: nothing clipped
+    assert metrics["losses/clipfrac"][0] == 0.0
+
+
 def test_reference_loaded_only_with_beta(tmp_path):
     assert build(tmp_path).ref_model is None
     assert build(tmp_path, beta=0.04).ref_model is not None
