@@ -343,7 +343,8 @@ def plot_run(out_dir: Path, prefix: str, train_kl: str = "token mean of k3") -> 
         return [p[0] for p in pts], [p[1] for p in pts]
 
     paths = [plot_curves(out_dir / f"{prefix}_curves.png",
-                         {n: series(n) for n in ("train/reward", "eval/reward", "eval/task_accuracy")},
+                         {n: series(n) for n in ("train/reward", "eval/reward", "train/task_accuracy",
+                                                 "eval/task_accuracy")},
                          title=f"{prefix}: reward (proxy) and held-out accuracy (true)", ylabel="value")]
     kl = {f"train/kl ({train_kl})": series("train/kl"), "eval/kl (per sequence, sum of k1)": series("eval/kl")}
     if any(xs for xs, _ in kl.values()):
