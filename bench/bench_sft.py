@@ -32,6 +32,7 @@ seen is discarded and retried (see `bench/common.py`).
     - `align`: align's defaults (padded micro-batches, no packing);
     - `align-packing`: `data.packing=true` (NOT align's default);
     - `align-packing-ckpt`: + `model.gradient_checkpointing=true` (TRL's memory-saving default);
+    - `align-packing-ckpt-bf16`: + `train.mixed_precision=bf16` (TRL's other one): like for like with `trl`;
     - `align-padding-free` (opt-in): `data.padding_free=true`;
     - `trl`: `SFTConfig` defaults (bf16 autocast, gradient checkpointing, padded
       batches) + `use_cpu=True` (required on CPU);
@@ -63,10 +64,13 @@ from common import (HH, child_env, clean_rounds, emit, interleaved, machine_load
                     print_table, reset_peak_rss, run_child, setup_child)
 
 A_SYSTEMS = ["plain", "align", "trl", "trl-defaults"]
-B_SYSTEMS = ["align", "align-packing", "align-packing-ckpt", "align-padding-free", "trl", "trl-fp32", "trl-packing"]
+B_SYSTEMS = ["align", "align-packing", "align-packing-ckpt", "align-packing-ckpt-bf16", "align-padding-free", "trl",
+             "trl-fp32", "trl-packing"]
 # system -> recipe overrides on top of align's defaults (part b)
 ALIGN_B = {"align": [], "align-packing": ["data.packing=true"],
            "align-packing-ckpt": ["data.packing=true", "model.gradient_checkpointing=true"],
+           "align-packing-ckpt-bf16": ["data.packing=true", "model.gradient_checkpointing=true",
+                                       "train.mixed_precision=bf16"],
            "align-padding-free": ["data.padding_free=true"]}
 # system -> SFTConfig settings on top of TRL's defaults (use_cpu is added on a CPU-only machine)
 TRL_SETTINGS = {
@@ -118,6 +122,7 @@ def prepare(work: Path, args) -> dict:
             "b_steps": {"align": math.ceil(len(examples) / args.batch),
                         "align-packing": math.ceil(len(packed) / args.batch),
                         "align-packing-ckpt": math.ceil(len(packed) / args.batch),
+                        "align-packing-ckpt-bf16": math.ceil(len(packed) / args.batch),
                         "align-padding-free": math.ceil(len(examples) / args.batch)}}
 
 
@@ -288,7 +293,7 @@ def main() -> None:
     parser.add_argument("--a-systems", default="plain,align,trl")
     parser.add_argument("--b-rows", type=int, default=96, help="(b) dialogues in the pass")
     parser.add_argument("--max-length", type=int, default=512, help="(b) truncation length (tokens)")
-    parser.add_argument("--b-systems", default="align,align-packing,align-packing-ckpt,trl,trl-fp32")
+    parser.add_argument("--b-systems", default="align,align-packing,align-packing-ckpt-bf16,trl,trl-fp32")
     parser.add_argument("--throttle", type=float, default=0.6, help="discard rounds with a probe below this x best")
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
