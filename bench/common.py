@@ -207,7 +207,9 @@ def print_table(rounds: list[dict[str, dict]], key: str, baseline: str, *, unit:
     use = clean_rounds(rounds)
     systems = list(dict.fromkeys(s for r in use for s in r))
     if title:
-        print(f"\n{title}  ({len(use)} of {len(rounds)} rounds clean)")
+        n_clean = sum(all(x.get("clean", True) for x in r.values()) for r in rounds)
+        note = "" if n_clean else "; none clean, so all are used: treat the figures as noisy"
+        print(f"\n{title}  ({n_clean} of {len(rounds)} rounds clean{note})")
     head = f"{'system':22s} {'median ' + unit:>12s} {'best ' + unit:>10s}   {'x ' + baseline + ' (paired)':>26s}"
     if memory:
         head += f" {'peak MB':>9s} {'added MB':>9s}"
