@@ -132,6 +132,18 @@ def test_packing_keeps_samples_whole_and_restarts_positions():
     assert batch["labels"][1].tolist() == [IGNORE, 8, 9, 10, IGNORE]
 
 
+def test_packing_is_best_fit_decreasing_and_loses_no_sample():
+    lengths = [7, 2, 5, 3, 6, 1, 4]
+    examples = [{"input_ids": [1] + [10 + i] * (n - 1), "labels": [IGNORE] + [10 + i] * (n - 1)}
+                for i, n in enumerate(lengths)]
+    rows = pack(examples, max_length=8)
+    # best fit: 7+1, 6+2, 5+3, 4 -> four rows (next-fit in file order would need five)
+    assert sorted(len(r["input_ids"]) for r in rows) == [4, 8, 8, 8]
+    packed_tokens = sorted(t for r in rows for t in r["input_ids"])
+    assert packed_tokens == sorted(t for e in examples for t in e["input_ids"])
+    assert all(r["position_ids"].count(0) == sum(1 for t in r["input_ids"] if t == 1) for r in rows)
+
+
 def test_padding_free_collation_is_one_row():
     examples = [{"input_ids": [1, 5, 6], "labels": [IGNORE, 5, 6]}, {"input_ids": [1, 7], "labels": [IGNORE, 7]}]
     batch = collate(examples, pad_id=0, padding_free=True)

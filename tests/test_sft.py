@@ -67,6 +67,24 @@ def test_lora_sft_saves_an_adapter_that_reloads(tmp_path):
         assert not torch.allclose(base(x).logits, tuned(x).logits)  # the adapter changed the model
         with tuned.disable_adapter():  # and without it the base model is untouched
             torch.testing.assert_close(tuned(x).logits, base(x).logits)
+    # the engine trains in train mode: LoRA dropout and checkpointing are on although
+    # from_pretrained returns models in eval mode
+    seen = []
+    from align.stages.sft import SFTStage
+
+    original = SFTStage.loss
+
+    def spy(self, model, batch):
+        seen.append(model.training)
+        return original(self, model, batch)
+
+    SFTStage.loss = spy
+    try:
+        engine.run(load_recipe(None, data=tiny_sft_recipe(tmp_path / "mode", **{"model.name_or_path": str(base_dir),
+                                                                              "train.max_steps": 1})))
+    finally:
+        SFTStage.loss = original
+    assert seen == [True]
     # the loader takes the adapter folder as a model too (trains on from it)
     more = tiny_sft_recipe(tmp_path / "lora2", **{"model.name_or_path": str(out)})
     engine.run(load_recipe(None, data=more))
