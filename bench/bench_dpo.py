@@ -35,28 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import probe, rss_mb  # shared protocol helpers (bench/common.py)
+
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 SYSTEMS = ["align", "trl", "trl-precompute"]
 LR = 1e-6
 
 
-def probe(seconds: float = 0.4) -> float:
-    """GFLOP/s of a 512x512 float32 matmul loop (a throttling detector)."""
-    import torch
-
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ---------------------------------------------------------------------------

@@ -42,6 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import probe, rss_mb  # shared protocol helpers (bench/common.py)
+from common import reset_peak_rss as reset_peak
+
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 # name -> (tool, settings on top of the tool's defaults)
 SYSTEMS = {
@@ -53,32 +56,10 @@ SYSTEMS = {
 MAX_LENGTH = 1024  # TRL's default max_length; align's default data.max_length
 
 
-def probe(seconds: float = 0.4) -> float:
-    """GFLOP/s of a 512x512 float32 matmul loop (a throttling detector)."""
-    import torch
-
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * 512**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
-def reset_peak() -> float:
-    """Reset the peak resident set (Linux) and return the current one, in MB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return rss_mb("VmRSS")
 
 
 # ---------------------------------------------------------------------------
