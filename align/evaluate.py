@@ -91,6 +91,15 @@ def task_accuracy(model, tokenizer, prompts: list, references: list[str], *, max
     return correct / max(total, 1.0)
 
 
+def task_metrics(model, tokenizer, prompts: list, references: list, eval_cfg, accelerator=None) -> dict:
+    """{"eval/task_accuracy": …} for the generative stages, or {} when there is nothing to generate."""
+    if not prompts or not eval_cfg.generate:
+        return {}
+    return {"eval/task_accuracy": task_accuracy(model, tokenizer, prompts, references,
+                                                max_new_tokens=eval_cfg.max_new_tokens,
+                                                batch_size=eval_cfg.batch_size, accelerator=accelerator)}
+
+
 def _text(reference) -> str:
     """A reference completion as text: a string, or the content of a message list."""
     if isinstance(reference, list):

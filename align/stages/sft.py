@@ -94,10 +94,8 @@ class SFTStage:
         if self.eval_examples:
             metrics["eval/loss"] = evaluate.eval_loss(model, self.eval_examples, self.pad_id,
                                                       batch_size=ev.batch_size, accelerator=self.accelerator)
-        if self.eval_prompts and ev.generate:
-            metrics["eval/task_accuracy"] = evaluate.task_accuracy(
-                model, self.tokenizer, self.eval_prompts, self.eval_references, max_new_tokens=ev.max_new_tokens,
-                batch_size=ev.batch_size, accelerator=self.accelerator)
+        metrics.update(evaluate.task_metrics(model, self.tokenizer, self.eval_prompts, self.eval_references, ev,
+                                             self.accelerator))
         return metrics
 
     def save(self, out_dir, accelerator) -> None:
