@@ -257,9 +257,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-CURVES = {
+CURVES = {  # file suffix -> the metrics drawn on one picture
     "loss": ["train/loss", "eval/loss"],
-    "online": ["train/reward", "train/kl", "eval/task_accuracy", "eval/reward", "eval/kl"],
+    # for PPO/GRPO the reward-hacking picture: proxy reward vs true accuracy vs KL on one page
+    "reward_accuracy_kl": ["train/reward", "train/kl", "eval/task_accuracy", "eval/reward", "eval/kl"],
     "preference": ["rewards/chosen", "rewards/rejected", "rewards/margins"],
 }
 
@@ -283,7 +284,7 @@ def write_report(pipeline: PipelineConfig, rows: list[dict], table: str) -> Path
             series = {k: v for k, v in series.items() if v[0]}
             if not series:
                 continue
-            png = plot_curves(out / f"{step.name}_{kind}.png", series, title=f"{step.name}: {kind}")
+            png = plot_curves(out / f"{step.name}_{kind}.png", series, title=f"{step.name}: {kind.replace('_', ', ')}")
             images.append(png.name)
         parts += [f"## {step.name}", ""] + [f"![{name}]({name})" for name in images] + [""]
         samples = out / step.name / "samples.jsonl"
