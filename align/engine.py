@@ -78,6 +78,21 @@ def check_trackers(trackers: list[str]) -> None:
             raise AlignError(f"train.report_to: {name} is not installed; pip install {TRACKER_PACKAGES[name]}")
 
 
+def distributed_state():
+    """Accelerate's process state, set up as `make_accelerator` sets it up (CPU mode, gloo).
+
+    For code that needs ranks without an Accelerator (generate, the pipeline driver). A
+    plain `PartialState()` under `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu`
+    would see one process and leave the Accelerator made later undistributed.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kwargs = {"backend": "gloo"} if distributed and not torch.cuda.is_available() else {}
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **kwargs)
+
+
 def requested_processes() -> int | None:
     """The --num_processes of the `accelerate launch` that started us, when visible (Linux)."""
     try:

@@ -18,6 +18,7 @@ import torch
 
 from align import models
 from align.data import encode_prompt, load_rows
+from align.engine import distributed_state
 from align.errors import AlignError
 from align.io_utils import atomic_write_text
 from align.recipe import ModelConfig
@@ -37,13 +38,12 @@ def generate(model_path: str, prompts_path: str, *, output: str | None = None, m
              batch_size: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, seed: int = 0, trust_remote_code: bool = False) -> list[dict]:
     """Sample completions for every prompt; returns the output rows (also written to `output` or stdout)."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1 or temperature < 0:
         raise AlignError("generate: --num-samples, --max-new-tokens and --batch-size must be >= 1 and "
                          "--temperature >= 0")
-    state = PartialState()
+    state = distributed_state()
     cfg = ModelConfig(name_or_path=model_path, trust_remote_code=trust_remote_code)
     tokenizer = models.load_tokenizer(cfg, padding_side="left")
     model = models.load_model(cfg, tokenizer, trainable=False).to(state.device)

@@ -143,16 +143,19 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None):
 
 
 def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[dict]:
-    from align.engine import run
+    from align.engine import distributed_state, run
     from align.evaluate_rm import evaluate_reward_model
 
     pipeline, plan = load_pipeline(path, overrides)
+    state_of_run = distributed_state()  # under `accelerate launch` every process runs each step together
+    main = state_of_run.is_main_process
     out = Path(pipeline.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "pipeline_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     for i, (step, job) in enumerate(plan, 1):
-        print(f"\n=== pipeline step {i}/{len(plan)}: {step.name} ===", flush=True)
+        if main:
+            print(f"\n=== pipeline step {i}/{len(plan)}: {step.name} ===", flush=True)
         started = time.perf_counter()
         try:
             if step.eval_rm is not None:
@@ -170,13 +173,16 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[d
             raise AlignError(f"pipeline step {step.name} failed: {err} (earlier steps' results are kept; rerun to "
                              f"resume)") from None
         seconds = time.perf_counter() - started
-        if seconds > 5 or step.name not in state:  # a skipped step keeps the time it took when it ran
+        if main and (seconds > 5 or step.name not in state):  # a skipped step keeps the time it took when it ran
             state[step.name] = {"seconds": round(seconds, 1)}
             atomic_write_json(state_path, state)
+        state_of_run.wait_for_everyone()
     rows = collect_rows(pipeline, state)
     table = format_table(rows)
-    print("\n" + table)
-    write_report(pipeline, rows, table)
+    if main:
+        print("\n" + table)
+        write_report(pipeline, rows, table)
+    state_of_run.wait_for_everyone()
     return rows
 
 

@@ -88,3 +88,35 @@ def test_shipped_pipeline_validates():
     assert [s.name for s, _ in plan] == ["sft", "reward", "rm-eval", "dpo", "ppo", "grpo"]
     sft_dir = str(REPO / "runs/tiny/pipeline/sft") if pipeline.output_dir.startswith("/") else "runs/tiny/pipeline/sft"
     assert all(job.model.name_or_path == sft_dir for s, job in plan if s.name in ("reward", "dpo", "ppo", "grpo"))
+
+
+def test_pipeline_under_two_cpu_processes(tmp_path):
+    """`accelerate launch` runs every step on both processes; one table, one report, no duplicated pairs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data = str(REPO / "data/arith")
+    steps = [
+        {"name": "sft", "recipe": str(REPO / "recipes/tiny/sft.yaml"),
+         "set": {"train.max_steps": 2, "train.batch_size": 8, "data.eval_limit": 16,
+                 "data.train": {"path": f"{data}/sft_train.jsonl", "take": 64}}},
+        {"name": "rm-eval-of-nothing", "eval_rm": {"model": "${steps.sft.output_dir}",
+                                                   "data": {"path": f"{data}/prefs_eval.jsonl", "take": 33}}},
+    ]
+    path = _pipeline(tmp_path, steps)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "align", "pipeline", str(path), "all.train.progress_bar=false"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| step | stage |") == 1  # the table is printed once
+    run = tmp_path / "run"
+    assert json.loads((run / "rm-eval-of-nothing/eval_rm.json").read_text())["n"] == 33  # odd n: no padding
+    assert len((run / "sft/samples.jsonl").read_text().splitlines()) == 5
+    assert (run / "report.md").is_file()
