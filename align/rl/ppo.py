@@ -174,7 +174,7 @@ def train(cfg: PPOConfig) -> dict:
 
     envs = make_vector_env(cfg.env, cfg.num_envs, cfg.seed)
     model = ActorCritic(n_obs, n_actions, cfg.hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5, foreach=True)
     evaluator = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed)
     log = RunLog(cfg)
 
