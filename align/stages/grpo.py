@@ -119,6 +119,12 @@ def batch_weight(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> f
                                   max_completion_length=max_new_tokens)[1]
 
 
+def sampling_config(a) -> SamplingConfig:
+    """The sampling settings of an online stage's section (GRPO's and PPO's share the names)."""
+    return SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          batch_size=a.generation_batch_size)
+
+
 class GRPOStage:
     def __init__(self, recipe: Recipe, accelerator):
         self.recipe, self.accelerator = recipe, accelerator
@@ -129,6 +135,21 @@ class GRPOStage:
             raise AlignError(f"train.batch_size x train.grad_accum = {per_process} completions per process per "
                              f"step must be a multiple of grpo.num_generations = {a.num_generations}")
         self.prompts_per_process = per_process // a.num_generations
+        self._load_prompts(recipe)
+        self.reward_names = list(a.reward_funcs)
+        self.reward_fns = [rewards.resolve(n) for n in self.reward_names]
+        self.reward_fn = rewards.weighted_sum(self.reward_fns, a.reward_weights)
+        self.sampling = sampling_config(a)
+        self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        disable_dropout(self.model)
+        self.ref_model = None
+        if a.beta > 0 and not models.is_peft(self.model):
+            self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
+            self.ref_model.to(accelerator.device)
+        self._cache: tuple[int, list[dict]] | None = None
+
+    def _load_prompts(self, recipe: Recipe) -> None:
+        """Left-padding tokenizer (EOS required), training prompts and held-out prompts (shared with PPO)."""
         self.tokenizer = models.load_tokenizer(recipe.model, padding_side="left")
         if self.tokenizer.eos_token_id is None:
             raise AlignError("model: the tokenizer has no EOS token; completions could never end")
@@ -137,18 +158,6 @@ class GRPOStage:
         if recipe.data.eval is not None:
             self.eval_rows, self.eval_prompt_ids = self._prompts(recipe.data.eval, "data.eval",
                                                                  limit=recipe.data.eval_limit)
-        self.reward_names = list(a.reward_funcs)
-        self.reward_fns = [rewards.resolve(n) for n in self.reward_names]
-        self.reward_fn = rewards.weighted_sum(self.reward_fns, a.reward_weights)
-        self.sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                       top_k=a.top_k, batch_size=a.generation_batch_size)
-        self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
-        disable_dropout(self.model)
-        self.ref_model = None
-        if a.beta > 0 and not models.is_peft(self.model):
-            self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
-            self.ref_model.to(accelerator.device)
-        self._cache: tuple[int, list[dict]] | None = None
 
     def _prompts(self, spec, key, limit=None):
         rows = load_rows(spec, key=key)

@@ -49,7 +49,6 @@ import torch
 
 from align import config as cfg
 from align import evaluate, models, rewards
-from align.errors import AlignError
 from align.evaluate_rm import score_head
 from align.losses import (
     approx_kl,
@@ -65,8 +64,8 @@ from align.losses import (
     whiten,
 )
 from align.recipe import ModelConfig, Recipe
-from align.rollout import SamplingConfig, position_ids_of, rollout
-from align.stages.grpo import GRPOStage, disable_dropout, plot_run
+from align.rollout import position_ids_of, rollout
+from align.stages.grpo import GRPOStage, disable_dropout, plot_run, sampling_config
 
 
 @dataclass
@@ -179,16 +178,8 @@ class PPOStage(GRPOStage):
         a, t = self.args, recipe.train
         self.per_step = t.batch_size * t.grad_accum  # prompts per optimizer step per process
         self.prompts_per_process = self.per_step * a.num_mini_batches  # one rollout batch
-        self.tokenizer = models.load_tokenizer(recipe.model, padding_side="left")
-        if self.tokenizer.eos_token_id is None:
-            raise AlignError("model: the tokenizer has no EOS token; completions could never end")
-        self.rows, self.prompt_ids = self._prompts(recipe.data.train, "data.train")
-        self.eval_rows, self.eval_prompt_ids = [], []
-        if recipe.data.eval is not None:
-            self.eval_rows, self.eval_prompt_ids = self._prompts(recipe.data.eval, "data.eval",
-                                                                 limit=recipe.data.eval_limit)
-        self.sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                       top_k=a.top_k, batch_size=a.generation_batch_size)
+        self._load_prompts(recipe)
+        self.sampling = sampling_config(a)
         rm_cfg = ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe,
                              dtype=recipe.model.dtype)
         ensure_model(rm_cfg)
