@@ -29,13 +29,11 @@ import argparse
 import gzip
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import probe, rss_mb  # shared protocol helpers (bench/common.py)
+from common import emit, probe_clean, rotating_reps, rss_mb  # shared protocol helpers (bench/common.py)
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 SYSTEMS = ["align", "trl", "trl-precompute"]
@@ -141,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         result = child(args.child, Path(args.work), args.batch, args.max_length, args.beta)
-        print("RESULT " + json.dumps(result))
+        emit(result)
         return
 
     systems = args.systems.split(",")
@@ -152,31 +150,14 @@ def main() -> None:
         n = prepare(work, args.pairs, args.max_length)
         print(f"{n} HH-RLHF pairs (<= {args.max_length} tokens each side), batch {args.batch}, beta {args.beta}, "
               f"builtin:small, fp32, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
-        results = {s: [] for s in systems}
-        for rep in range(args.reps):
-            order = systems[rep % len(systems):] + systems[: rep % len(systems)]
-            for system in order:
-                before = probe()
-                env["HF_DATASETS_CACHE"] = str(work / f"hf-cache-{rep}-{system}")
-                proc = subprocess.run([sys.executable, __file__, "--child", system, "--work", str(work),
-                                       "--batch", str(args.batch), "--max-length", str(args.max_length),
-                                       "--beta", str(args.beta)], env=env, capture_output=True, text=True)
-                after = probe()
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode != 0 or not line:
-                    print(f"{system} failed:\n{proc.stderr[-3000:]}")
-                    continue
-                result = json.loads(line[0][7:])
-                result.update(probe_before=before, probe_after=after)
-                results[system].append(result)
-                print(f"rep {rep} {system:15s} {result['seconds']:7.2f} s  peak {result['peak_mb']:7.1f} MB "
-                      f"(process peak {result['peak_rss_mb']:.0f} MB)  probe {before:.0f}/{after:.0f} GFLOP/s",
-                      flush=True)
-        best = max(r[k] for rs in results.values() for r in rs for k in ("probe_before", "probe_after"))
+        def argv_of(rep, system):
+            env["HF_DATASETS_CACHE"] = str(work / f"hf-cache-{rep}-{system}")
+            return [__file__, "--child", system, "--work", str(work), "--batch", str(args.batch),
+                    "--max-length", str(args.max_length), "--beta", str(args.beta)]
 
-        def clean(r):
-            lo, hi = sorted((r["probe_before"], r["probe_after"]))
-            return lo >= 0.5 * best and hi <= 1.25 * lo
+        results = rotating_reps(systems, args.reps, argv_of, env, lambda system, r: (
+            f"{r['seconds']:7.2f} s  peak {r['peak_mb']:7.1f} MB (process peak {r['peak_rss_mb']:.0f} MB)"))
+        clean = probe_clean(results)
 
         print("\nsystem            epoch s (best clean)   peak MB   kept/runs")
         summary = {}

@@ -36,13 +36,11 @@ import argparse
 import gzip
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import probe, rss_mb  # shared protocol helpers (bench/common.py)
+from common import emit, probe_clean, rotating_reps, rss_mb  # shared protocol helpers (bench/common.py)
 from common import reset_peak_rss as reset_peak
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -168,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         result = child(args.child, Path(args.work), args.steps)
-        print("RESULT " + json.dumps(result))
+        emit(result)
         return
 
     systems = args.systems.split(",")
@@ -181,32 +179,13 @@ def main() -> None:
         print(f"{n} HH-RLHF pairs (both sides <= {MAX_LENGTH} tokens; {mean_tokens:.0f} tokens per pair on average), "
               f"builtin:small reward model, each tool's defaults, one epoch of {steps} steps of 8 pairs, "
               f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
-        results = {s: [] for s in systems}
-        for rep in range(args.reps):
-            order = systems[rep % len(systems):] + systems[: rep % len(systems)]
-            for system in order:
-                before = probe()
-                env["HF_DATASETS_CACHE"] = str(work / f"hf-cache-{rep}-{system}")
-                proc = subprocess.run([sys.executable, __file__, "--child", system, "--work", str(work),
-                                       "--steps", str(steps)],
-                                      env=env, capture_output=True, text=True)
-                after = probe()
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode != 0 or not line:
-                    print(f"{system} failed:\n{proc.stderr[-3000:]}")
-                    continue
-                result = json.loads(line[0][7:])
-                result.update(probe_before=before, probe_after=after)
-                results[system].append(result)
-                print(f"rep {rep} {system:9s} {result['pairs_per_s']:7.2f} pairs/s  peak +{result['peak_mb']:7.1f} MB "
-                      f"(process peak {result['peak_rss_mb']:.0f} MB)  probe {before:.0f}/{after:.0f} GFLOP/s",
-                      flush=True)
-        probes = [r[k] for rs in results.values() for r in rs for k in ("probe_before", "probe_after")]
-        best = max(probes) if probes else 0.0
+        def argv_of(rep, system):
+            env["HF_DATASETS_CACHE"] = str(work / f"hf-cache-{rep}-{system}")
+            return [__file__, "--child", system, "--work", str(work), "--steps", str(steps)]
 
-        def clean(r):
-            lo, hi = sorted((r["probe_before"], r["probe_after"]))
-            return lo >= 0.5 * best and hi <= 1.25 * lo
+        results = rotating_reps(systems, args.reps, argv_of, env, lambda system, r: (
+            f"{r['pairs_per_s']:7.2f} pairs/s  peak +{r['peak_mb']:7.1f} MB (process peak {r['peak_rss_mb']:.0f} MB)"))
+        clean = probe_clean(results)
 
         print("\nsystem     pairs/s (best clean)   peak MB   kept/runs")
         summary = {}

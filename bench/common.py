@@ -132,6 +132,40 @@ def run_child(argv: list[str], env: dict | None = None, timeout: float | None = 
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
+def rotating_reps(systems: list[str], reps: int, argv_of: Callable[[int, str], list[str]], env: dict,
+                  describe: Callable[[str, dict], str]) -> dict[str, list[dict]]:
+    """Each rep runs every system once in its own child (order rotating), a probe before and after each.
+
+    The simpler protocol of bench_reward/bench_dpo (no retries): results keep `probe_before`
+    and `probe_after`; pick the clean ones with `probe_clean(results)`.
+    """
+    results = {s: [] for s in systems}
+    for rep in range(reps):
+        for system in systems[rep % len(systems):] + systems[: rep % len(systems)]:
+            before = probe()
+            result = run_child(argv_of(rep, system), env=env)
+            after = probe()
+            if result is None:
+                continue
+            result.update(probe_before=before, probe_after=after)
+            results[system].append(result)
+            print(f"rep {rep} {system:15s} {describe(system, result)}  probe {before:.0f}/{after:.0f} GFLOP/s",
+                  flush=True)
+    return results
+
+
+def probe_clean(results: dict[str, list[dict]]) -> Callable[[dict], bool]:
+    """A run is clean when both its probes are >= 50% of the best probe seen and within 25% of each other."""
+    probes = [r[k] for rs in results.values() for r in rs for k in ("probe_before", "probe_after")]
+    best = max(probes) if probes else 0.0
+
+    def clean(r: dict) -> bool:
+        lo, hi = sorted((r["probe_before"], r["probe_after"]))
+        return lo >= 0.5 * best and hi <= 1.25 * lo
+
+    return clean
+
+
 # ---------------------------------------------------------------------------
 # the interleaved runner
 # ---------------------------------------------------------------------------
