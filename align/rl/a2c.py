@@ -66,7 +66,6 @@ def train(cfg: A2CConfig) -> dict:
     rollout = Rollout(cfg.num_steps, cfg.num_envs, n_obs)
     obs = torch.as_tensor(envs.reset(seed=cfg.seed)[0], dtype=torch.float32)  # (N, obs)
     ep_return = np.zeros(cfg.num_envs)  # (N,)
-    next_eval = cfg.eval_every
     for update in range(num_updates):
         if cfg.anneal_lr:
             optimizer.param_groups[0]["lr"] = cfg.lr * (1.0 - update / num_updates)
@@ -100,12 +99,10 @@ def train(cfg: A2CConfig) -> dict:
             log.log(step, {"losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
                            "losses/entropy": entropy.mean().item(),
                            "losses/explained_variance": explained_variance(rollout.values.reshape(-1), b_ret)})
-        if step >= next_eval:
-            next_eval += cfg.eval_every * ((step - next_eval) // cfg.eval_every + 1)
+        if log.eval_due(step):
             log.evaluate(step, lambda: evaluator(greedy_policy(model.actor)))
             if log.should_stop():
                 break
 
     envs.close()
-    final = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed + 7919)(greedy_policy(model.actor))
-    return log.finish(final)
+    return log.finish_with(greedy_policy(model.actor))

@@ -116,6 +116,7 @@ class RunLog:
         self.eval_curve: tuple[list, list] = ([], [])
         self.streak, self.solved_step, self.solved_seconds = 0, None, None
         self.start, self.eval_seconds = time.perf_counter(), 0.0
+        self.next_eval = cfg.eval_every
 
     # -- training progress ---------------------------------------------------
     def advance(self, step: int) -> None:
@@ -159,6 +160,18 @@ class RunLog:
 
     def should_stop(self) -> bool:
         return self.cfg.stop_when_solved and self.solved_step is not None
+
+    def eval_due(self, step: int) -> bool:
+        """For loops that advance many steps at a time: True once per `eval_every` steps crossed."""
+        if step < self.next_eval:
+            return False
+        self.next_eval += self.cfg.eval_every * ((step - self.next_eval) // self.cfg.eval_every + 1)
+        return True
+
+    def finish_with(self, policy, extra: dict | None = None) -> dict:
+        """The final evaluation (fresh episode seeds, never used during training), then `finish`."""
+        final = Evaluator(self.cfg.env, self.cfg.eval_episodes, self.cfg.seed + 7919)(policy)
+        return self.finish(final, extra)
 
     # -- the end --------------------------------------------------------------
     def finish(self, final_returns, extra: dict | None = None) -> dict:

@@ -162,5 +162,4 @@ def train(cfg: DQNConfig) -> dict:
             if log.should_stop():
                 break
     log.advance(step)
-    final = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed + 7919)(greedy_policy(q_net))
-    return log.finish(final)
+    return log.finish_with(greedy_policy(q_net))

@@ -182,7 +182,6 @@ def train(cfg: PPOConfig) -> dict:
     next_obs, _ = envs.reset(seed=cfg.seed)
     obs = torch.as_tensor(next_obs, dtype=torch.float32)  # (N, obs)
     ep_return = np.zeros(cfg.num_envs)  # (N,) running undiscounted returns
-    next_eval = cfg.eval_every
     for update in range(num_updates):
         if cfg.anneal_lr:
             optimizer.param_groups[0]["lr"] = cfg.lr * (1.0 - update / num_updates)
@@ -227,12 +226,10 @@ def train(cfg: PPOConfig) -> dict:
                        "losses/clipfrac": float(np.mean(clipfracs)),
                        "losses/explained_variance": explained_variance(b_val, b_ret),
                        "charts/learning_rate": optimizer.param_groups[0]["lr"]})
-        if step >= next_eval:
-            next_eval += cfg.eval_every * ((step - next_eval) // cfg.eval_every + 1)
+        if log.eval_due(step):
             log.evaluate(step, lambda: evaluator(greedy_policy(model.actor)))
             if log.should_stop():
                 break
 
     envs.close()
-    final = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed + 7919)(greedy_policy(model.actor))
-    return log.finish(final)
+    return log.finish_with(greedy_policy(model.actor))

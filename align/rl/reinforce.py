@@ -98,7 +98,6 @@ def train(cfg: ReinforceConfig) -> dict:
     evaluator = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed)
     log = RunLog(cfg)
 
-    next_eval = cfg.eval_every
     while log.step < cfg.total_steps:
         # 1. a batch of complete episodes
         obs, actions, rewards, mask, dones = play_episodes(envs, policy, log)
@@ -129,11 +128,9 @@ def train(cfg: ReinforceConfig) -> dict:
         step = log.step
         log.log(step, {"losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
                        "losses/entropy": entropy.item()})
-        if step >= next_eval:
-            next_eval += cfg.eval_every * ((step - next_eval) // cfg.eval_every + 1)
+        if log.eval_due(step):
             log.evaluate(step, lambda: evaluator(greedy_policy(policy)))
             if log.should_stop():
                 break
 
-    final = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed + 7919)(greedy_policy(policy))
-    return log.finish(final)
+    return log.finish_with(greedy_policy(policy))

@@ -187,5 +187,4 @@ def train(cfg: SACConfig) -> dict:
             if log.should_stop():
                 break
     log.advance(step)
-    final = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed + 7919)(deterministic_policy(actor))
-    return log.finish(final)
+    return log.finish_with(deterministic_policy(actor))

@@ -91,8 +91,7 @@ def train_dp(cfg: DPConfig) -> dict:
     evaluator = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed)
     for _ in range(cfg.solve_consecutive):  # the policy is final: evaluate it as often as a solve needs
         log.evaluate(log.step, lambda: evaluator(table_policy(policy)))
-    final = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed + 7919)(table_policy(policy))
-    return log.finish(final, {"dp/iterations": log.step, **_exact_metrics(env, policy)})
+    return log.finish_with(table_policy(policy), {"dp/iterations": log.step, **_exact_metrics(env, policy)})
 
 
 def train_td(cfg: TDConfig) -> dict:
@@ -121,8 +120,7 @@ def train_td(cfg: TDConfig) -> dict:
     except StopTraining:
         pass
     policy = Q.argmax(axis=1)
-    final = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed + 7919)(table_policy(policy))
-    return log.finish(final, _exact_metrics(env, policy))
+    return log.finish_with(table_policy(policy), _exact_metrics(env, policy))
 
 
 class StopTraining(Exception):
