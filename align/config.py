@@ -210,16 +210,3 @@ def _yaml_float(text: str):
 
 def _type_name(tp) -> str:
     return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None))
-
-
-def to_dict(obj) -> dict:
-    """A dataclass tree as plain dicts (for writing the resolved config)."""
-    return dataclasses.asdict(obj)
-
-
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-         data: dict | None = None) -> T:
-    """Read a YAML recipe (or take `data`), apply overrides, validate against `cls`."""
-    raw = read_yaml(path) if path is not None else (data or {})
-    raw = apply_overrides(raw, overrides or [])
-    return build(cls, raw)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import bisect
 import gzip
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,6 +439,3 @@ def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False) ->
         batch["attention_mask"] = attention_mask
     return batch
 
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -25,6 +25,7 @@ loss, {metric: (sum, count)})". The engine owns the rest:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -287,8 +288,6 @@ def ensure_model(model_cfg) -> None:
 
 
 def _finished_metrics(out: Path, max_steps: int) -> dict | None:
-    import json
-
     path = out / "metrics.json"
     if not path.is_file():
         return None
@@ -429,8 +428,6 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
 
 
 def _read_state(path: Path) -> dict:
-    import json
-
     return json.loads((path / "trainer_state.json").read_text())
 
 

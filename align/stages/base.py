@@ -21,10 +21,6 @@ class OfflineBatches:
                                             group_by_length=group_by_length)
         self.collate_fn, self.weight_fn = collate_fn, weight_fn
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.global_batches.per_epoch
-
     def __call__(self, step: int) -> list[dict]:
         indices = self.global_batches[step]
         out = []
