@@ -6,7 +6,9 @@ A rollout of B prompts is
    every row, so all rows share one KV cache and one position of the next token;
 2. **batched sampling with a KV cache** (`sample`): Hugging Face `generate` with
    temperature, top-p, top-k and max_new_tokens, stopping at EOS. Rows that finished
-   early are filled with the pad token by `generate`;
+   early are filled with the pad token by `generate`. The random choice is made by
+   **per-row Gumbel-max** (see "Reproducible across world sizes" below), not by
+   `generate`'s `torch.multinomial` on the global RNG;
 3. a **completion mask that ends at the first EOS** (`completion_mask`), the EOS
    included: tokens after it (pads, or anything sampled once pad == eos) are never
    trained or scored. `ended` says whether the row produced an EOS at all (the
@@ -20,6 +22,20 @@ A rollout of B prompts is
    of the distribution the tokens were drawn from. Dropout is the caller's business:
    the online stages switch it off in the policy (TRL's `disable_dropout`), so the
    rollout-time log-probs and the training forward see the same function.
+
+Reproducible across world sizes. A completion depends only on the model, its prompt,
+the seed and the row's own key, never on which process sampled it or which rows
+shared its batch: `generate` picks the argmax of the warped logits (temperature, then
+top-k, then top-p, transformers' order) plus Gumbel noise g = -log(-log u), which is a
+draw from exactly the warped softmax (the Gumbel-max trick). The uniform u of row r,
+new token t and vocabulary entry v is a counter-based hash of (key_r, t, v)
+(`gumbel_noise`), computed with integer tensor ops, so it is the same on every process,
+batch split and device. `rollout(..., generator_seed=s, row_ids=ids)` derives key_r
+from (s, the row's GLOBAL index in the rollout batch): one process sampling rows 0..7,
+or two processes sampling rows 0..3 and 4..7, draw identical completions (tested under
+`accelerate launch`), which is what makes a GRPO/PPO run match across process counts.
+(Logits computed in batches of different widths can differ in the last float bits; a
+sample flips only if that moves one perturbed logit past another, which is negligible.)
 
 ZeRO-3 (design; verified only where a GPU and DeepSpeed are available). Under ZeRO
 stage 3 every parameter is sharded across processes and materialised by forward hooks
@@ -37,7 +53,7 @@ vLLM-style engine instead, which is out of scope here.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,14 +123,9 @@ def generation_model(model, accelerator=None):
     Collective under ZeRO-3: every process must enter it. Elsewhere it only unwraps
     DDP / accelerate wrappers.
     """
-    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    if is_zero3(model, accelerator):
-        import deepspeed
+    from align.models import gathered
 
-        params = list(unwrapped.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield unwrapped
-    else:
+    with gathered(model, accelerator) as unwrapped:
         yield unwrapped
 
 
@@ -134,13 +145,75 @@ class SamplingConfig:
     """Rows per `generate` call."""
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for x in [0, 2**32) (int64 tensor or int), without leaving 63 bits."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x):
+    """A bijective 32-bit integer hash (Wellons' lowbias32) of an int64 tensor (or int) in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_keys(seed: int, row_ids) -> torch.Tensor:
+    """32-bit sampling key of each row from (seed, the row's global index): (B,) int64."""
+    base = mix32(mix32(seed & _M32) ^ mix32((seed >> 32) & _M32 ^ 0x5BD1E995))
+    return torch.tensor([mix32(base ^ mix32((int(r) + 0x9E3779B9) & _M32)) for r in row_ids], dtype=torch.long)
+
+
+def gumbel_noise(keys: torch.Tensor, t: int, V: int) -> torch.Tensor:
+    """Standard Gumbel noise for new token `t` of rows with `keys` (B,): -> (B, V) float32 on keys' device.
+
+    u = hash(key, t, v) with 24-bit resolution in (0, 1); g = -log(-log u).
+    """
+    step = mix32((keys ^ mix32((t * 0x9E3779B9 + 0x632BE5AB) & _M32)) & _M32)  # (B,)
+    vocab = mix32(torch.arange(V, device=keys.device, dtype=torch.long) ^ 0x27D4EB2F)  # (V,)
+    bits = mix32(step[:, None] ^ vocab[None, :]) >> 8  # (B, V) in [0, 2**24)
+    u = (bits.float() + 0.5) * 2.0 ** -24
+    return -torch.log(-torch.log(u))
+
+
+class _GumbelMax:
+    """Logits processor: warp (temperature, top-k, top-p) then add each row's Gumbel noise; greedy picks the sample."""
+
+    def __init__(self, keys: torch.Tensor, prompt_width: int, sampling: "SamplingConfig"):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.keys, self.width = keys, prompt_width
+        self.warpers = []
+        if sampling.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        noise = gumbel_noise(self.keys.to(scores.device), input_ids.shape[1] - self.width, scores.shape[-1])
+        return scores + noise.to(scores.dtype)
+
+
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, sampling: SamplingConfig, eos_id: int,
-           pad_id: int, accelerator=None, do_sample: bool = True) -> torch.Tensor:
+           pad_id: int, accelerator=None, do_sample: bool = True, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Sample completions for left-padded prompts (B, P) -> completion ids (B, C), C <= max_new_tokens.
 
-    Pads after a row's EOS. `do_sample=False` is greedy decoding.
+    Pads after a row's EOS. `do_sample=False` is greedy decoding. `keys` (B,) are the
+    rows' sampling keys (`row_keys`); None draws them from the global torch RNG.
     """
+    from transformers import LogitsProcessorList
+
+    if do_sample and keys is None:
+        keys = torch.randint(0, 2 ** 32, (prompt_ids.shape[0],), dtype=torch.long)
     chunks = []
     with generation_model(model, accelerator) as gen:
         was_training = gen.training
@@ -148,12 +221,12 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, sampli
         device = next(gen.parameters()).device
         width = prompt_ids.shape[1]
         for start in range(0, prompt_ids.shape[0], sampling.batch_size):
-            ids = prompt_ids[start: start + sampling.batch_size].to(device)
-            mask = prompt_mask[start: start + sampling.batch_size].to(device)
-            kwargs = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k) if do_sample else dict(do_sample=False)
+            part = slice(start, start + sampling.batch_size)
+            ids, mask = prompt_ids[part].to(device), prompt_mask[part].to(device)
+            processors = LogitsProcessorList([_GumbelMax(keys[part].to(device), width, sampling)] if do_sample else [])
             out = gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-                               eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, **kwargs)
+                               eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, do_sample=False,
+                               logits_processor=processors)
             chunks.append(out[:, width:].cpu())
         gen.train(was_training)
     C = max(c.shape[1] for c in chunks)
@@ -234,21 +307,21 @@ class Rollout:
 
 def rollout(model, prompts: list[list[int]], *, sampling: SamplingConfig, eos_id: int, pad_id: int,
             accelerator=None, ref_model=None, policy_logprobs: bool = True, generator_seed: int | None = None,
-            do_sample: bool = True) -> Rollout:
+            row_ids=None, do_sample: bool = True) -> Rollout:
     """Sample one completion per prompt (repeat a prompt G times for a group) and score it.
 
     `policy_logprobs=False` skips the policy forward (on-policy GRPO with one update per
     rollout uses the training forward's detached log-probs as the old ones, as TRL does).
-    `generator_seed` makes the sampling reproducible (the global RNG is restored after).
+    `generator_seed` makes the sampling reproducible without touching the global RNG;
+    `row_ids` (default 0..B-1) are the rows' indices in the GLOBAL rollout batch, so a
+    batch split over processes samples what one process would (module docstring).
     """
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    seeded = torch.random.fork_rng(devices=devices) if generator_seed is not None else nullcontext()
-    with seeded:
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        completion_ids = sample(model, prompt_ids, prompt_mask, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
-                                accelerator=accelerator, do_sample=do_sample)
+    keys = None
+    if generator_seed is not None:
+        keys = row_keys(generator_seed, range(len(prompts)) if row_ids is None else row_ids)
+    completion_ids = sample(model, prompt_ids, prompt_mask, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+                            accelerator=accelerator, do_sample=do_sample, keys=keys)
     mask, ended = completion_mask(completion_ids, eos_id)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
     out = Rollout(prompt_ids, prompt_mask, completion_ids, mask, ended)

@@ -17,7 +17,11 @@ computes advantages (gathering all rewards first, so "batch" scaling sees the gl
 batch), then cuts its rows into `grad_accum` micro-batches. The engine divides the
 summed loss by the global `_weight`, which the aggregation sets (sequences for grpo,
 sequences x max_new_tokens for dr_grpo, completion tokens for dapo), so a step's update
-does not depend on how the batch is split over micro-batches or processes (tested).
+does not depend on how the batch is split over micro-batches or processes (tested). The
+rollouts themselves do not either: each completion's sampling noise is keyed by its
+index in the global batch (`rollout_seed`, `align.rollout`), so 1 process with batch 8
+and 2 processes with batch 4 sample the same completions and train the same weights
+(tests/test_distributed.py, under `accelerate launch`).
 
 On-policy by default (`num_iterations: 1`: one update per rollout; the old log-probs
 are the training forward's own, detached, so the ratio is 1 and no extra forward is
@@ -200,6 +204,16 @@ class GRPOStage:
         total = sum(w * s for w, s in zip(weights, per_fn.values()))
         return rewards.missing_eos_penalty(total, out.ended, self.args.missing_eos_penalty), per_fn
 
+    def rollout_seed(self, generation: int, rows: int) -> dict:
+        """Sampling seed of rollout batch `generation` and this process's rows' GLOBAL indices in it.
+
+        Not the process index: the batch samples the same completions on any number of
+        processes (see align.rollout).
+        """
+        first = self.accelerator.process_index * rows
+        return {"generator_seed": (self.recipe.seed * 1_000_003 + generation) * 1009,
+                "row_ids": range(first, first + rows)}
+
     def make_rollout(self, generation: int) -> tuple[Rollout, torch.Tensor, dict]:
         """Rollout batch `generation` of this process: (rollout, advantages (B,), rollout metrics)."""
         a, G = self.args, self.args.num_generations
@@ -207,10 +221,9 @@ class GRPOStage:
         indices = self._step_prompts(generation)
         rows = [self.rows[i] for i in indices for _ in range(G)]  # (B,) groups contiguous
         prompts = [self.prompt_ids[i] for i in indices for _ in range(G)]
-        seed = (self.recipe.seed * 1_000_003 + generation) * 1009 + acc.process_index
         out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.tokenizer.eos_token_id,
                       pad_id=self.tokenizer.pad_token_id, accelerator=acc, ref_model=self.ref_model,
-                      policy_logprobs=a.num_iterations > 1, generator_seed=seed)
+                      policy_logprobs=a.num_iterations > 1, **self.rollout_seed(generation, len(prompts)))
         if a.beta > 0 and self.ref_model is None:  # LoRA: the reference is the base model, adapter disabled
             base = acc.unwrap_model(self.model)
             with base.disable_adapter():
@@ -320,7 +333,7 @@ class GRPOStage:
         mine = list(range(acc.process_index, n, acc.num_processes))
         out = rollout(model, [self.eval_prompt_ids[i] for i in mine], sampling=self.sampling,
                       eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
-                      ref_model=self.ref_model, generator_seed=self.recipe.seed + 17 + acc.process_index)
+                      ref_model=self.ref_model, generator_seed=self.recipe.seed + 17, row_ids=mine)
         if out.ref_logprobs is None:  # LoRA: adapter disabled
             from align.rollout import score_logprobs
 

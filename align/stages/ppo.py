@@ -14,9 +14,10 @@ details of RLHF with PPO"):
    log-probs), plus the score at the last real token.
 3. **Advantages**: `align.losses.gae_advantages` (gamma, lam) over the completion tokens,
    the episode ending at the last real token; returns = advantages + values; then
-   advantage whitening over the rollout batch as a separate step (`whiten`).
+   advantage whitening over the GLOBAL rollout batch (all processes' rows) as a separate step.
 4. **Updates**: `ppo_epochs` passes over the rollout batch in `num_mini_batches`
-   shuffled minibatches, one optimizer step each; the loss per token is
+   shuffled minibatches (`_minibatch_rows`: the same global minibatches on any number of
+   processes), one optimizer step each; the loss per token is
    `ppo_clip_loss` + vf_coef * `clipped_value_loss` — the functions the classic-RL PPO
    (`align.rl.ppo`) uses — averaged over every completion token of the minibatch
    (`_weight` = tokens, so the engine's global normalisation keeps it split invariant).
@@ -54,14 +55,12 @@ from align.losses import (
     approx_kl,
     clipped_value_loss,
     entropy_from_logits,
-    explained_variance,
     gae_advantages,
     kl_penalty,
     masked_mean,
     masked_sum,
     ppo_clip_loss,
     token_logprobs,
-    whiten,
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
@@ -167,6 +166,23 @@ class AdaptiveKL:
         self.beta *= 1.0 + error * n / self.horizon
 
 
+def global_moments(accelerator, tensors: list[torch.Tensor], mask: torch.Tensor) -> list[tuple[float, float]]:
+    """(mean, variance) of each tensor's masked entries over every process's rollout (two all-reduces)."""
+    m = mask.double()
+    first = evaluate._reduce_sum(accelerator, [float((t.double() * m).sum()) for t in tensors] + [float(m.sum())])
+    count = max(first[-1], 1.0)
+    means = [total / count for total in first[:-1]]
+    squares = evaluate._reduce_sum(accelerator, [float((((t.double() - mu) ** 2) * m).sum())
+                                                 for t, mu in zip(tensors, means)])
+    return [(mu, sq / count) for mu, sq in zip(means, squares)]
+
+
+def global_explained_variance(accelerator, predicted, target, mask) -> float:
+    """`align.losses.explained_variance` over every process's rollout."""
+    (_, var_target), (_, var_resid) = global_moments(accelerator, [target, target - predicted], mask)
+    return float("nan") if var_target == 0 else 1.0 - var_resid / var_target
+
+
 class PPOStage(GRPOStage):
     """Reuses GRPOStage's prompt loading, prompt scheduling and evaluation; its own rollout and loss."""
 
@@ -217,10 +233,10 @@ class PPOStage(GRPOStage):
         a, acc = self.args, self.accelerator
         indices = self._step_prompts(generation)
         rows = [self.rows[i] for i in indices]
-        seed = (self.recipe.seed * 1_000_003 + generation) * 1009 + acc.process_index
         out = rollout(self._policy(), [self.prompt_ids[i] for i in indices], sampling=self.sampling,
                       eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
-                      ref_model=self.ref_model, policy_logprobs=False, generator_seed=seed)
+                      ref_model=self.ref_model, policy_logprobs=False,
+                      **self.rollout_seed(generation, len(indices)))
         mask = out.completion_mask
         model = self.model
         with torch.no_grad():
@@ -236,8 +252,9 @@ class PPOStage(GRPOStage):
         kl = kl_penalty(out.logprobs, out.ref_logprobs, estimator=a.kl_estimator) * mask  # (B, C)
         token_rewards, dones = kl_penalized_rewards(score, kl, mask, self.kl_ctl.beta)
         advantages, returns = gae_advantages(token_rewards, values, gamma=a.gamma, lam=a.lam, dones=dones)
-        if a.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        if a.whiten_advantages:  # over the GLOBAL rollout batch, so the update does not depend on the split
+            (mean, var), = global_moments(acc, [advantages], mask)
+            advantages = (advantages - mean) * torch.rsqrt(torch.tensor(var + 1e-8))
         advantages, returns = advantages * mask, returns * mask
         seq_kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), mask, dim=-1)  # (B,)
         texts = out.texts(self.tokenizer)
@@ -255,7 +272,7 @@ class PPOStage(GRPOStage):
             "train/completion_length": (mask.sum().item(), B),
             "train/ended": (out.ended.sum().item(), B),
             "objective/kl_coef": (beta_used, 1),
-            "val/explained_variance": (explained_variance(values, returns, mask), 1),
+            "val/explained_variance": (global_explained_variance(acc, values, returns, mask), 1),
         }
         data = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
                 "completion_mask": mask, "old_logprobs": out.logprobs, "old_values": values,
@@ -271,9 +288,7 @@ class PPOStage(GRPOStage):
             self._cache = (generation, *self.make_rollout(generation))
         _, data, metrics = self._cache
         epoch, minibatch = divmod(k, a.num_mini_batches)
-        order = torch.randperm(self.prompts_per_process,
-                               generator=torch.Generator().manual_seed(generation * 131 + epoch))
-        rows = order[minibatch * self.per_step: (minibatch + 1) * self.per_step]
+        rows = self._minibatch_rows(generation, epoch, minibatch)
         batches = []
         for s in range(0, len(rows), t.batch_size):
             idx = rows[s: s + t.batch_size]
@@ -284,6 +299,22 @@ class PPOStage(GRPOStage):
         if k == 0:
             batches[0]["_metrics"] = metrics
         return batches
+
+    def _minibatch_rows(self, generation: int, epoch: int, minibatch: int) -> torch.Tensor:
+        """This process's rows (local indices, (per_step,)) of minibatch `minibatch` of an epoch.
+
+        The global rollout batch is cut into blocks of M = num_mini_batches consecutive
+        rows, and each block's rows go to the M minibatches in a random order (one draw
+        for the whole global batch, from the seed, the rollout and the epoch). A process
+        holds whole blocks, so every minibatch gets per_step rows from it, and the
+        global minibatch is the same set of rows on any number of processes.
+        """
+        M, acc = self.args.num_mini_batches, self.accelerator
+        generator = torch.Generator().manual_seed((self.recipe.seed * 1_000_003 + generation) * 131 + epoch)
+        assign = torch.rand(self.per_step * acc.num_processes, M, generator=generator).argsort(-1)  # (blocks, M)
+        mine = assign[acc.process_index * self.per_step: (acc.process_index + 1) * self.per_step]  # (per_step, M)
+        block, j = (mine == minibatch).nonzero(as_tuple=True)
+        return block * M + j
 
     def loss(self, model, batch):
         a = self.args
