@@ -123,9 +123,14 @@ def generation_model(model, accelerator=None):
     Collective under ZeRO-3: every process must enter it. Elsewhere it only unwraps
     DDP / accelerate wrappers.
     """
-    from align.models import gathered
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    if is_zero3(model, accelerator):
+        import deepspeed
 
-    with gathered(model, accelerator) as unwrapped:
+        params = list(unwrapped.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield unwrapped
+    else:
         yield unwrapped
 
 
