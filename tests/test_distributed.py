@@ -1,7 +1,7 @@
 """Two CPU processes under `accelerate launch` train every stage as one process does, and evaluate once.
 
 The invariance guarantee (same global batch -> same update, whatever the split over
-micro-batches and processes) for reward, DPO, GRPO and PPO: each runs a few steps on a
+micro-batches and processes) for SFT, reward, DPO, GRPO and PPO: each runs a few steps on a
 micro Llama (hidden 32, 2 layers) as ONE process (batch B, or B/2 x grad_accum 2) and
 as TWO CPU processes (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2`, batch B/2 each); the final weights agree to 1e-4 relative and the
@@ -11,7 +11,7 @@ global batch and the same global PPO minibatches (`PPOStage._minibatch_rows`).
 
 Evaluation is counted exactly once: held-out sets of an odd size (7 pairs, 5 prompts)
 give the same figures, and the same count, on two processes as on one, for the reward
-stage's and DPO's eval/pair_accuracy, GRPO's eval/task_accuracy / eval/reward / eval/kl,
+stage's and DPO's eval/pair_accuracy, SFT's eval/loss and eval/task_accuracy, GRPO's eval/task_accuracy / eval/reward / eval/kl,
 `align.evaluate.task_accuracy` and `align eval-rm`.
 
 All the two-process runs share ONE `accelerate launch` (tests/distributed_driver.py runs
@@ -81,6 +81,8 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
     ppo = {"reward_model": str(root / "p1/reward"), "max_new_tokens": 4, "ppo_epochs": 1, "num_mini_batches": 2,
            "target_kl": 0.5, "kl_horizon": 100, "eval_kl_prompts": EVAL_PROMPTS, "plot": False}
     return {
+        # global batch 8 sequences: 8 x 1 process, or 4 x 2
+        "sft": _recipe("sft", out / "sft", micro, batch_size=4 if two else 8),
         # global batch 8 pairs: 8 x 1 process, or 4 x 2
         "reward": _recipe("reward", out / "reward", micro, batch_size=4 if two else 8),
         # global batch 8 pairs: 4 x grad_accum 2 x 1 process, or 4 x 2 processes
@@ -170,6 +172,17 @@ def _moved(run_dir, start_dir) -> float:
     shared = sorted(final.keys() & start.keys())
     assert shared
     return max_relative_difference({k: final[k] for k in shared}, {k: start[k] for k in shared})
+
+
+def test_sft_two_processes_train_and_evaluate_as_one(runs):
+    """Two processes x batch 4 == one process x batch 8 (batch 2 x grad_accum 4 is in test_engine.py)."""
+    root = runs["root"]
+    m_one, m_two = _assert_same_run(root / "p1/sft", root / "p2/sft")
+    assert _moved(root / "p1/sft", runs["micro"]) > 1e-3
+    losses = [r["train/loss"] for r in _log(root / "p2/sft") if "train/loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert m_one["eval/task_accuracy"] == m_two["eval/task_accuracy"]
+    assert m_one["eval/loss"] == pytest.approx(m_two["eval/loss"], rel=1e-6)
 
 
 def test_reward_model_two_processes_train_and_evaluate_as_one(runs):
