@@ -260,9 +260,11 @@ def run(recipe: Recipe) -> dict:
     """Build the accelerator and the recipe's stage, then train it."""
     from accelerate.utils import set_seed
 
+    from align.policy_pairs import ensure_policy_pairs
     from align.stages import STAGES
 
     ensure_model(recipe.model)
+    ensure_policy_pairs(recipe.data.from_policy)
     out = Path(recipe.output_dir)
     finished = _finished_metrics(out, recipe.train.max_steps)
     if finished is not None:
@@ -285,6 +287,14 @@ def ensure_model(model_cfg) -> None:
     upstream = load_recipe(model_cfg.from_recipe, [f"output_dir={model_cfg.name_or_path}"])
     print(f"model.name_or_path {model_cfg.name_or_path} does not exist yet: training it with {model_cfg.from_recipe}")
     run(upstream)
+
+
+def _trainer_state(stage, step: int, start_metrics) -> dict:
+    """trainer_state.json of a checkpoint; a stage with state of its own (PPO's adaptive beta) adds it as JSON."""
+    state = {"step": step, "metrics_start": start_metrics}
+    if hasattr(stage, "checkpoint_state"):
+        state["stage"] = stage.checkpoint_state(step)
+    return state
 
 
 def _finished_metrics(out: Path, max_steps: int) -> dict | None:
@@ -319,6 +329,8 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
         step, path = found[-1]
         accelerator.load_state(str(path))
         state = _read_state(path)
+        if "stage" in state and hasattr(stage, "load_checkpoint_state"):
+            stage.load_checkpoint_state(state["stage"])
         start_step, start_metrics = state["step"], state.get("metrics_start")
         accelerator.print(f"resuming from {path} (step {start_step} of {tcfg.max_steps})")
     if accelerator.is_main_process:
@@ -347,7 +359,7 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
             micro = stage.micro_batches(step)
             global_weight, stop = _reduce_step_header(accelerator, sum(b["_weight"] for b in micro), _Stop.requested)
             if stop:
-                save_checkpoint(accelerator, out, step, {"step": step, "metrics_start": start_metrics},
+                save_checkpoint(accelerator, out, step, _trainer_state(stage, step, start_metrics),
                                 tcfg.save_total_limit)
                 accelerator.print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same "
                                   f"command to resume")
@@ -403,7 +415,7 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
                     accelerator.log(evaluated, step=step)
             bar.update(1)
             if step % tcfg.save_steps == 0 and step < tcfg.max_steps:
-                save_checkpoint(accelerator, out, step, {"step": step, "metrics_start": start_metrics},
+                save_checkpoint(accelerator, out, step, _trainer_state(stage, step, start_metrics),
                                 tcfg.save_total_limit)
     finally:
         bar.close()

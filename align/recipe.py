@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from align import config as cfg
 from align.errors import AlignError
+from align.policy_pairs import PolicyPairsConfig
 
 
 @dataclass
@@ -77,6 +78,9 @@ class DataConfig:
     padding under gradient accumulation without changing what a step trains on."""
     eval_limit: int | None = None
     """Evaluate on at most this many held-out rows (None: all)."""
+    from_policy: PolicyPairsConfig | None = None
+    """Preference pairs sampled from a policy and labelled by a reward function, written to the files that
+    data.train / data.eval name when missing (`align.policy_pairs`)."""
 
 
 @dataclass

@@ -100,3 +100,44 @@ def test_tiny_ppo_recipe_meets_its_target(tmp_path):
     assert metrics["eval/task_accuracy"] > metrics["eval/task_accuracy_start"], metrics
     assert metrics["eval/kl"] < 2 * recipe.stage_args.target_kl, metrics
     assert (tmp_path / "ppo" / "ppo_curves.png").is_file()
+
+
+def _beta_recipe(out, reward_model, **train):
+    return load_recipe(None, data={
+        "stage": "ppo", "output_dir": str(out), "seed": 0, "model": {"name_or_path": "builtin:tiny"},
+        "data": {"train": {"path": str(REPO / "data/arith/sft_train.jsonl"), "take": 32},
+                 "eval": {"path": str(REPO / "data/arith/sft_eval.jsonl"), "take": 4}, "max_length": 32},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "lr_scheduler": "constant", "save_steps": 1000,
+                  "log_steps": 1, "progress_bar": False, **train},
+        "ppo": {"reward_model": str(reward_model), "max_new_tokens": 4, "ppo_epochs": 1, "plot": False,
+                "kl_coef": 0.1, "target_kl": 10.0, "kl_horizon": 10, "eval_kl_prompts": 4},
+        "eval": {"max_new_tokens": 4},
+    })
+
+
+def test_resumed_run_continues_with_the_adapted_beta(tmp_path, monkeypatch, sharp_reward_model):
+    """The adaptive controller's beta is checkpointed (trainer_state.json): a killed run resumes to the same result."""
+    from helpers import max_relative_difference, weights
+
+    run(_beta_recipe(tmp_path / "straight", sharp_reward_model))
+
+    def crash(self, step):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(ppo.PPOStage, "after_step", crash, raising=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(_beta_recipe(tmp_path / "resumed", sharp_reward_model, save_steps=2))
+    state = json.loads((tmp_path / "resumed/checkpoints/step-2/trainer_state.json").read_text())
+    assert state["stage"]["kl_coef"] == pytest.approx(0.1 * 0.84**2)  # KL far below target: -20% x 8/10 twice
+    monkeypatch.undo()
+    run(_beta_recipe(tmp_path / "resumed", sharp_reward_model, save_steps=2))
+
+    def betas(name):
+        rows = map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
+        return [(r["step"], r["objective/kl_coef"]) for r in rows if "objective/kl_coef" in r]
+
+    assert [s for s, _ in betas("straight")] == [s for s, _ in betas("resumed")] == [1, 2, 3, 4]
+    assert [b for _, b in betas("resumed")] == pytest.approx([0.1 * 0.84**k for k in range(4)])
+    assert [b for _, b in betas("straight")] == pytest.approx([0.1 * 0.84**k for k in range(4)])
+    assert max_relative_difference(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-5

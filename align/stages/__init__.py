@@ -2,7 +2,9 @@
 
 A stage class is built as `Stage(recipe, accelerator)` and gives the engine
 `model`, `micro_batches(step)`, `weight(batch)`, `tokens(batch)`, `loss(model, batch)`,
-`after_step(step)`, `evaluate(model)` and `save(output_dir, accelerator)`.
+`after_step(step)`, `evaluate(model)` and `save(output_dir, accelerator)`; optionally
+`checkpoint_state(step) -> dict` (JSON, stored in the checkpoint's trainer_state.json) and
+`load_checkpoint_state(state)` for state outside the model and optimizer (PPO's adaptive beta).
 """
 
 from __future__ import annotations

@@ -211,6 +211,7 @@ class PPOStage(GRPOStage):
         self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
         self.ref_model.to(accelerator.device)
         self.kl_ctl = AdaptiveKL(a.kl_coef, a.target_kl, a.kl_horizon)
+        self._beta_before = (-1, a.kl_coef)  # (generation, beta before that rollout's controller update)
         self.reward_names = ["reward_model"]
         self.reward_fn = self._score_texts
         self._cache = None
@@ -263,6 +264,7 @@ class PPOStage(GRPOStage):
         B = len(rows)
         kl_global = evaluate._reduce_sum(acc, [seq_kl.sum().item(), float(B)])
         beta_used = self.kl_ctl.beta
+        self._beta_before = (generation, beta_used)
         self.kl_ctl.update(kl_global[0] / kl_global[1], int(kl_global[1]))
         metrics = {
             "train/reward": (score.sum().item(), B),
@@ -338,6 +340,22 @@ class PPOStage(GRPOStage):
                 "val/mean": (masked_mean(values, mask).item() * tokens, tokens),
             })
         return loss_sum, metrics
+
+    def checkpoint_state(self, step: int) -> dict:
+        """beta as step `step` (the next to run) needs it (JSON, in trainer_state.json), so a resumed run
+        continues with the adapted beta instead of ppo.kl_coef.
+
+        A checkpoint inside a rollout's epochs stores the beta from BEFORE that rollout's update: the
+        resumed run samples that rollout again and updates beta once. (Only checkpoints on a rollout
+        boundary — save_steps a multiple of ppo_epochs x num_mini_batches — resume exactly: a rollout
+        sampled again mid-way comes from the partly updated policy.)"""
+        generation = step // (self.args.ppo_epochs * self.args.num_mini_batches)
+        if self._beta_before[0] == generation:
+            return {"kl_coef": self._beta_before[1]}
+        return {"kl_coef": self.kl_ctl.beta}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.kl_ctl.beta = float(state["kl_coef"])
 
     def evaluate(self, model) -> dict:
         policy = self.accelerator.unwrap_model(model).policy
