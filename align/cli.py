@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("check", help="pre-flight audit of a recipe: data, loss mask, silent failures, memory per GPU")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--launch", help="accelerate config (launch/X.yaml): processes, DeepSpeed/FSDP sharding")
+    p.add_argument("--nodes", type=int, default=1, help="nodes, each running the config's num_processes")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to compare the estimate with")
+    p.add_argument("--rows", type=int, default=3, help="tokenized samples to print with their loss mask")
+    p.add_argument("--sample", type=int, default=1000, help="training rows tokenized for the checks")
+    p.add_argument("--model-config", help="a config.json (or folder) for a hub model not available offline")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
+
     p = sub.add_parser("rl", help="a classic-RL run (recipes/rl/)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
@@ -84,6 +96,10 @@ def run_command(args) -> int:
                  batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                  num_samples=args.num_samples, seed=args.seed)
         return 0
+    if args.command == "check":
+        from align.check import main_check
+
+        return main_check(args)
     if args.command == "rl":
         from align.rl.runner import run as run_rl
 
