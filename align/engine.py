@@ -139,12 +139,45 @@ def make_optimizer(model, train: TrainConfig):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        # a ZeRO-3 partitioned parameter is an empty 1-D tensor: its real shape is ds_shape
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if not decay and not no_decay:
         raise AlignError("model: no trainable parameters")
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2))
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def configure_deepspeed(accelerator, train: TrainConfig) -> None:
+    """Fill the DeepSpeed config's "auto" entries from the recipe, before `prepare`.
+
+    The engine owns accumulation and loss normalisation, so DeepSpeed's own
+    gradient_accumulation_steps stays 1 (DeepSpeed would otherwise divide every
+    micro-batch loss by it) and the engine marks the accumulation boundary itself;
+    DeepSpeed still averages gradients over processes as DDP does, which the global
+    normaliser expects. Clipping happens inside DeepSpeed's step, at train.max_grad_norm.
+    Under ZeRO-3 the final save gathers full weights, so that gather is switched on.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    config = plugin.deepspeed_config
+    gas = config.get("gradient_accumulation_steps", "auto")
+    if gas not in ("auto", 1):
+        raise AlignError(f"the DeepSpeed config sets gradient_accumulation_steps={gas}; leave it out (or auto) "
+                         f"and set train.grad_accum instead (the engine accumulates and normalises the loss)")
+    config["gradient_accumulation_steps"] = 1
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = train.batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = train.max_grad_norm if train.max_grad_norm is not None else 0.0
+    if plugin.zero_stage == 3:
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
@@ -317,6 +350,9 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
 
     model = stage.model
     optimizer = make_optimizer(model, tcfg)
+    deepspeed = uses_deepspeed(accelerator)
+    if deepspeed:
+        configure_deepspeed(accelerator, tcfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     # train mode: from_pretrained returns eval mode, where dropout and gradient checkpointing are silently off
     model.train()
@@ -367,16 +403,21 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
             if global_weight <= 0:
                 raise AlignError(f"train step {step + 1}: the batch has no trainable tokens")
             scale = accelerator.num_processes / global_weight
-            # 2. forward/backward each micro-batch; DDP synchronises gradients on the last one only
+            # 2. forward/backward each micro-batch; DDP synchronises gradients on the last one only,
+            #    DeepSpeed reduces, clips and steps at the boundary the engine marks (the last one)
             lr = set_lr(optimizer, step, tcfg)
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro):
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 last = i == len(micro) - 1
-                with (accelerator.no_sync(model) if not last and accelerator.num_processes > 1 else nullcontext()):
+                with (accelerator.no_sync(model) if not last and accelerator.num_processes > 1 and not deepspeed
+                      else nullcontext()):
                     with accelerator.autocast():
                         loss_sum, metrics = stage.loss(model, batch)
-                    accelerator.backward(loss_sum * scale)
+                    if deepspeed:
+                        accelerator.deepspeed_engine_wrapped.backward(loss_sum * scale, sync_gradients=last)
+                    else:
+                        accelerator.backward(loss_sum * scale)
                 step_loss += loss_sum.detach().float()
                 sums.add(metrics)
                 tokens_since += batch["_tokens"]

@@ -10,6 +10,7 @@ import torch
 
 from align.data import IGNORE, collate, encode_prompt
 from align.losses import nll_sum
+from align.models import gathered
 
 
 def _reduce_sum(accelerator, values: list[float]) -> list[float]:
@@ -25,14 +26,15 @@ def _shard(n: int, accelerator) -> range:
     return range(accelerator.process_index, n, accelerator.num_processes)
 
 
-def _unwrap(model, accelerator):
-    return accelerator.unwrap_model(model) if accelerator is not None else model
-
-
 @torch.no_grad()
 def eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None) -> float:
     """Token-mean NLL over the trained tokens of `examples` (exact over processes)."""
-    model = _unwrap(model, accelerator)
+    # ZeRO-3: parameters gathered once, so processes may run different numbers of forwards
+    with gathered(model, accelerator) as whole:
+        return _eval_loss(whole, examples, pad_id, batch_size=batch_size, accelerator=accelerator)
+
+
+def _eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None) -> float:
     was_training = model.training
     model.eval()
     mine = [examples[i] for i in _shard(len(examples), accelerator)]
@@ -55,7 +57,14 @@ def eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, acce
 def greedy_completions(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int,
                        accelerator=None) -> dict[int, str]:
     """Greedy completions of this process's share of `prompts`, as {prompt index: text}."""
-    model = _unwrap(model, accelerator)
+    # ZeRO-3: gathered once for the whole generation, so no process waits for another (synced_gpus=False)
+    with gathered(model, accelerator) as whole:
+        return _greedy_completions(whole, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   accelerator=accelerator)
+
+
+def _greedy_completions(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int,
+                        accelerator=None) -> dict[int, str]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -74,7 +83,7 @@ def greedy_completions(model, tokenizer, prompts: list, *, max_new_tokens: int, 
             mask[row, width - n:] = 1
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=False)
         for row, i in enumerate(chunk):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     model.train(was_training)

@@ -12,6 +12,7 @@ Safetensors only; `trust_remote_code` stays off unless the recipe turns it on.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -70,6 +71,13 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
 
     A LoRA config wraps the model in a PEFT adapter when `trainable`; a PEFT adapter folder
     is loaded on its base model (trainable when `trainable`).
+
+    Under DeepSpeed ZeRO-3 a trainable model from a folder or the hub is built sharded
+    (zero.Init; `prepare` takes it from there). A frozen model (`trainable=False`: the
+    reference, the reward model) is built whole on every process instead, so its forwards
+    need no collective and processes may run different numbers of them: it must fit on
+    one device. The built-in models are always built whole (same seeded weights under
+    every launch config).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -82,7 +90,8 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         config = builtin.model_config(name, tokenizer)
         if head != "causal_lm":
             config.num_labels = 1
-        with torch.random.fork_rng():
+        # built whole even under ZeRO-3 (prepare shards it): seeded weights identical under every launch config
+        with torch.random.fork_rng(), _without_zero3_init():
             torch.manual_seed(seed)
             model = auto.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **extra)
     else:
@@ -92,7 +101,8 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         if head != "causal_lm":
             kwargs["num_labels"] = 1
         try:
-            model = auto.from_pretrained(source, **kwargs)
+            with _without_zero3_init() if not trainable else nullcontext():
+                model = auto.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
             raise AlignError(f"model.name_or_path: cannot load {source!r} ({_first_line(err)})") from None
         if adapter_of:
@@ -132,11 +142,19 @@ def is_peft(model) -> bool:
 
 
 def save_pretrained(model, tokenizer, out_dir: str | Path, accelerator=None) -> None:
-    """Save in Hugging Face format (safetensors): a full model, or the adapter for PEFT models."""
+    """Save in Hugging Face format (safetensors): a full model, or the adapter for PEFT models.
+
+    Collective with an accelerator (every process must call it). Under ZeRO-3 (and FSDP)
+    `get_state_dict` gathers the full weights from every process's shards; under ZeRO-1/2
+    every process holds whole parameters and the module saves itself (accelerate's cloned
+    ZeRO-2 state dict would break tied weights apart and write lm_head twice).
+    """
     out_dir = Path(out_dir)
     if accelerator is not None:
         unwrapped = accelerator.unwrap_model(model)
-        state_dict = accelerator.get_state_dict(model)
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        whole = plugin is not None and plugin.zero_stage < 3
+        state_dict = None if whole else accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
@@ -144,3 +162,95 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, accelerator=None) -> 
     else:
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------------------
+# DeepSpeed ZeRO-3: sharded parameters
+# ---------------------------------------------------------------------------
+def zero3_enabled() -> bool:
+    """True inside an `accelerate launch` with a ZeRO-3 config: transformers then builds models sharded."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
+
+
+@contextmanager
+def _without_zero3_init():
+    """Build a model whole even when a ZeRO-3 run would shard it at construction (zero.Init).
+
+    transformers builds under zero.Init whenever accelerate's DeepSpeed config says stage 3
+    (accelerate's `zero3_init_context_manager(enable=False)` keeps that config registered,
+    so it does not stop it): the config is unregistered for the block instead.
+    """
+    if not zero3_enabled():
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def _is_sharded_engine(model) -> bool:
+    stage = getattr(model, "zero_optimization_stage", None)
+    return callable(stage) and stage() == 3
+
+
+def is_zero3_sharded(model) -> bool:
+    """A ZeRO-3 engine, or a module whose parameters zero.Init sharded (not usable outside `gathered`)."""
+    return _is_sharded_engine(model) or any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def gathered(model, accelerator=None):
+    """The bare module with every parameter whole, for `generate` or forwards outside the engine.
+
+    Under ZeRO-3 (a DeepSpeed engine, or a model built sharded by zero.Init and not yet
+    prepared) the parameters are gathered ONCE for the block and an engine's ZeRO-3 hooks
+    are taken off meanwhile, so nothing inside the block talks to other processes:
+    processes may run different numbers of forwards (generation stops at EOS, eval shards
+    differ by one row). Collective on entry and exit: every process must enter. The whole
+    model must fit on one device. Elsewhere it only unwraps DDP/accelerate wrappers.
+    """
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    engine = _is_sharded_engine(model)
+    if not is_zero3_sharded(model):
+        yield unwrapped
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
+        if engine and getattr(model, "optimizer", None) is not None:
+            with _zero3_hooks_off(model):
+                yield unwrapped
+        else:
+            yield unwrapped
+
+
+@contextmanager
+def _zero3_hooks_off(engine):
+    """Take a ZeRO-3 engine's gather/release hooks off its modules for the block.
+
+    `deepspeed.zero.unwrap_model_for_generation` (0.19) removes the per-module hooks but
+    leaves the root's start-of-forward hook, whose `reset_step` is a collective until the
+    engine has recorded its parameter trace (e.g. before the first training step), so
+    processes running different numbers of forwards would wait on each other forever.
+    This removes that one too and puts everything back after.
+    """
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    root_hooks = offload.module._forward_pre_hooks
+    start_of_forward = root_hooks.pop(offload.fwd_pre_hook.id)
+    try:
+        yield
+    finally:
+        offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_of_forward)
+        offload._register_deepspeed_module(offload.module)

@@ -220,7 +220,8 @@ class PreferenceStage:
             self.examples, [pair_length(e) for e in self.examples], batch_size=recipe.train.batch_size,
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
-            collate_fn=self._collate, weight_fn=lambda e: 1)
+            collate_fn=self._collate, weight_fn=lambda e: 1, max_tokens=recipe.train.micro_batch_tokens,
+            rows_per_example=2)
 
     # -- data and reference ------------------------------------------------------------
     def _tokenize(self, rows, key):
@@ -259,15 +260,17 @@ class PreferenceStage:
                                  f"{self.recipe.model.name_or_path!r} ({len(ref_tokenizer)} vs {len(self.tokenizer)} "
                                  f"tokens); the reference must score the same token ids")
             reference = models.load_model(ref_cfg, ref_tokenizer, seed=self.recipe.seed, trainable=False)
-        reference.to(self.accelerator.device)
-        for examples in (self.examples, self.eval_examples):
-            if not examples:
-                continue
-            scores = score_pairs(reference, examples, self.pad_id,
-                                 batch_size=args.ref_batch_size or self.recipe.train.batch_size,
-                                 accelerator=self.accelerator)
-            for e, (c, r) in zip(examples, scores.tolist()):
-                e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
+        if not models.is_zero3_sharded(reference):  # (a ZeRO-3 sharded policy already sits on its device)
+            reference.to(self.accelerator.device)
+        with models.gathered(reference) as whole:  # ZeRO-3: the starting policy gathered for the scoring
+            for examples in (self.examples, self.eval_examples):
+                if not examples:
+                    continue
+                scores = score_pairs(whole, examples, self.pad_id,
+                                     batch_size=args.ref_batch_size or self.recipe.train.batch_size,
+                                     accelerator=self.accelerator)
+                for e, (c, r) in zip(examples, scores.tolist()):
+                    e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
         if reference is not self.model:
             del reference  # freed before training starts
             gc.collect()
@@ -315,7 +318,11 @@ class PreferenceStage:
     def _pair_metrics(self, model) -> dict:
         """eval/loss, eval/pair_accuracy and eval/rewards/margins over the held-out pairs."""
         acc = self.accelerator
-        unwrapped = acc.unwrap_model(model)
+        with models.gathered(model, acc) as unwrapped:  # ZeRO-3: gathered once, shards may differ by one pair
+            return self._pair_metrics_of(unwrapped)
+
+    def _pair_metrics_of(self, unwrapped) -> dict:
+        acc = self.accelerator
         was_training = unwrapped.training
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
