@@ -400,6 +400,25 @@ def split_global_batch(indices: list[int], lengths: list[int], *, micro_batches:
     return [chunks[k] for k in range(process, n_chunks, processes)]
 
 
+def split_by_token_budget(indices: list[int], widths: list[int], budget: int, *,
+                          rows_per_example: int = 1) -> list[list[int]]:
+    """Cut examples into micro-batches of at most `budget` padded tokens each.
+
+    Examples are taken longest first; a micro-batch of n examples padded to its longest
+    width w costs rows_per_example x n x w tokens (a preference pair is two rows). An
+    example wider than the budget goes alone. Deterministic: ties break on the index.
+    """
+    ordered = sorted(indices, key=lambda i: (-widths[i], i))
+    chunks: list[list[int]] = []
+    for i in ordered:
+        # the chunk's first example is its widest, so adding i keeps width widths[chunk[0]]
+        if chunks and rows_per_example * (len(chunks[-1]) + 1) * widths[chunks[-1][0]] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
 def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False) -> dict[str, torch.Tensor]:
     """Stack examples into tensors.
 

@@ -90,6 +90,12 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata=cfg.positive("train.batch_size"))
     """Samples per micro-batch per process."""
     grad_accum: int = field(default=1, metadata=cfg.positive("train.grad_accum"))
+    micro_batch_tokens: int | None = field(default=None, metadata=cfg.positive("train.micro_batch_tokens"))
+    """Offline stages: at most this many padded tokens per forward pass (rows x longest row; a
+    preference pair is two rows). Each process's share of the step is sorted by length and cut
+    greedily under it (a longer sample goes alone), instead of into grad_accum micro-batches of
+    batch_size. The loss is normalised by the global batch, so the result does not change: only
+    peak activation memory and padding do. None: grad_accum micro-batches of batch_size."""
     lr: float = field(default=1e-4, metadata=cfg.positive("train.lr"))
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = field(default=0, metadata=cfg.non_negative("train.warmup_steps"))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from align import builtin
-from align.data import IGNORE, GlobalBatches, collate, load_rows, pack, split_global_batch, tokenize_sft
+from align.data import (IGNORE, GlobalBatches, collate, load_rows, pack, split_by_token_budget, split_global_batch,
+                        tokenize_sft)
 from align.errors import AlignError
 
 
@@ -199,3 +200,14 @@ def test_shipped_files_are_reproducible(tmp_path):
     fresh.save_pretrained(str(tmp_path / "tok"))
     assert json.loads((tmp_path / "tok/tokenizer.json").read_text()) == \
         json.loads((builtin.TOKENIZER_DIR / "tokenizer.json").read_text())
+
+
+def test_token_budget_split_keeps_every_example_once_under_the_budget():
+    widths = [5, 40, 12, 12, 3, 30, 7, 100, 8]
+    chunks = split_by_token_budget(list(range(len(widths))), widths, 48, rows_per_example=2)
+    assert sorted(i for c in chunks for i in c) == list(range(len(widths)))
+    for chunk in chunks:
+        cost = 2 * len(chunk) * max(widths[i] for i in chunk)
+        assert cost <= 48 or len(chunk) == 1  # an example wider than the budget goes alone
+    assert chunks[0] == [7] and chunks[1] == [1]  # longest first: 100 and 40 alone (2 rows each)
+    assert chunks == split_by_token_budget(list(reversed(range(len(widths)))), widths, 48, rows_per_example=2)

@@ -47,6 +47,27 @@ def test_same_global_batch_trains_the_same_whole_or_accumulated(tmp_path):
     assert loss(tmp_path / "whole") == pytest.approx(loss(tmp_path / "accum"), rel=1e-5)
 
 
+def test_token_budget_micro_batches_train_the_same_and_bound_each_forward(tmp_path, monkeypatch):
+    """train.micro_batch_tokens re-cuts the step into uneven micro-batches: same weights, smaller forwards."""
+    from align.stages.sft import SFTStage
+
+    seen = []
+    original = SFTStage.loss
+
+    def spy(self, model, batch):
+        seen.append(tuple(batch["input_ids"].shape))
+        return original(self, model, batch)
+
+    whole = tiny_sft_recipe(tmp_path / "whole", **{"train.batch_size": 8})
+    budget = tiny_sft_recipe(tmp_path / "budget", **{"train.batch_size": 8, "train.micro_batch_tokens": 30})
+    _run(whole)
+    monkeypatch.setattr(SFTStage, "loss", spy)
+    _run(budget)
+    assert seen and all(rows * width <= 30 for rows, width in seen)
+    assert len(seen) > 3 * 2  # several forwards per step (3 steps)
+    assert max_relative_difference(weights(tmp_path / "whole"), weights(tmp_path / "budget")) < 1e-4
+
+
 def weights_after_zero_steps(tmp_path):
     from align import builtin, models
     from align.recipe import ModelConfig

@@ -27,7 +27,7 @@ from align import models
 from align.data import load_rows
 from align.evaluate_rm import score_pairs, sequence_rewards
 from align.losses import bradley_terry_loss
-from align.preference_data import collate_pairs, tokenize_preferences
+from align.preference_data import collate_pairs, pair_length, tokenize_preferences
 from align.recipe import Recipe
 from align.stages.base import OfflineBatches
 
@@ -59,6 +59,8 @@ class RewardStage:
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=recipe.data.group_by_length,
             collate_fn=lambda exs: collate_pairs(exs, self.pad_id), weight_fn=lambda e: 1,
+            max_tokens=recipe.train.micro_batch_tokens, widths=[pair_length(e) for e in train.examples],
+            rows_per_example=2,
         )
         self.eval_examples = []
         if recipe.data.eval is not None:
