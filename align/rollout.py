@@ -37,18 +37,19 @@ or two processes sampling rows 0..3 and 4..7, draw identical completions (tested
 (Logits computed in batches of different widths can differ in the last float bits; a
 sample flips only if that moves one perturbed logit past another, which is negligible.)
 
-ZeRO-3 (design; verified only where a GPU and DeepSpeed are available). Under ZeRO
-stage 3 every parameter is sharded across processes and materialised by forward hooks
-one module at a time. That is correct but slow for `generate`, which calls the model
-once per new token: every token would all-gather every layer again. `generation_model`
-therefore gathers all parameters ONCE for the whole `generate` call
-(`deepspeed.zero.GatheredParameters(params, modifier_rank=None)`, read-only) and hands
-back the unwrapped module; the log-prob forward passes go through the engine itself
-(its hooks gather as usual). Every process must enter `generation_model` together (the
-gather is a collective), which `sample` guarantees by generating the same number of
-batches on every process. This is the approach of TRL's `unwrap_model_for_generation`
-(gather_deepspeed3_params=True). Models too large to hold whole on one device need a
-vLLM-style engine instead, which is out of scope here.
+ZeRO-3 (verified on CPU: 2 processes, DeepSpeed 0.19.8 over gloo, tests/test_deepspeed.py;
+not yet on a GPU). Under ZeRO stage 3 every parameter is sharded across processes and
+materialised by forward hooks one module at a time. That is correct but slow for
+`generate`, which calls the model once per new token, and the hooks are collectives, so
+processes would have to generate in lockstep. `generation_model` (`align.models.gathered`)
+therefore gathers all parameters ONCE for the whole `generate` call and takes the engine's
+ZeRO-3 hooks off meanwhile (TRL's `unwrap_model_for_generation` with
+gather_deepspeed3_params=True does the same): nothing inside talks to other processes,
+so `generate` runs with synced_gpus=False and processes may generate different numbers
+of batches. Entering and leaving is collective: every process calls `sample` together.
+The log-prob forward passes go through the engine itself (its hooks gather as usual), so
+every process must score the same number of `batch_size` chunks. Models too large to
+hold whole on one device need a vLLM-style engine instead, which is out of scope here.
 """
 
 from __future__ import annotations
@@ -123,14 +124,9 @@ def generation_model(model, accelerator=None):
     Collective under ZeRO-3: every process must enter it. Elsewhere it only unwraps
     DDP / accelerate wrappers.
     """
-    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    if is_zero3(model, accelerator):
-        import deepspeed
+    from align.models import gathered
 
-        params = list(unwrapped.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield unwrapped
-    else:
+    with gathered(model, accelerator) as unwrapped:
         yield unwrapped
 
 
@@ -231,7 +227,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, sampli
             processors = LogitsProcessorList([_GumbelMax(keys[part].to(device), width, sampling)] if do_sample else [])
             out = gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
                                eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, do_sample=False,
-                               logits_processor=processors)
+                               logits_processor=processors, synced_gpus=False)  # gathered: no lockstep needed
             chunks.append(out[:, width:].cpu())
         gen.train(was_training)
     C = max(c.shape[1] for c in chunks)
