@@ -4,7 +4,8 @@ Ziegler et al. 2019 ("Fine-tuning language models from human preferences") and O
 et al. 2022 (InstructGPT), with the details of Huang et al. 2024 ("The N+ implementation
 details of RLHF with PPO"):
 
-1. **Rollout** (`align.rollout`): one sampled completion per prompt; its tokens' log-probs
+1. **Rollout** (`align.rollout`): one sampled completion per prompt (keyed by its index in
+   the global batch: the same samples on any number of processes); its tokens' log-probs
    under the policy (old) and the frozen reference (the starting policy); the value of
    every completion position; the reward model's score of prompt + completion read at
    the last real token (`align.rewards.RewardModel`), minus `missing_eos_penalty` when
