@@ -82,8 +82,10 @@ step's logits; its peak (weights + optimizer + KV cache) is compared with the tr
 
 Not modelled: the CUDA context and NCCL buffers (~1-3 GiB: hence the 90% headroom warning),
 allocator fragmentation, DeepSpeed's communication buckets. Measured on CPU (fp32, one
-process, tests/test_check.py) the estimate lands within 20% of the peak resident memory a
-real run adds, for the tiny model and a 50M-parameter Llama (SFT and reward).
+process, tests/test_check.py, docs/check.md) the estimate lands within 10% of the peak
+resident memory a real run adds (the test allows 20%): the tiny model (SFT, reward, DPO,
+GRPO with a reference) and a 50M-parameter Llama with a 32k vocabulary (SFT, reward, DPO).
+Nothing here has been measured on a GPU yet (bf16 sizes, sharding, offload).
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ class Parallelism:
     offload_optimizer: bool = False
     offload_weights: bool = False
     activation_checkpointing: bool = False
+    mixed_precision: str | None = None
+    """The config's mixed_precision (align passes the recipe's train.mixed_precision to Accelerator, which wins)."""
     description: str = "one process (no --launch)"
 
 
@@ -176,7 +180,8 @@ def read_launch(path: str | Path | None, nodes: int = 1) -> Parallelism:
     per_node = int(raw.get("num_processes", 1) or 1)
     n = per_node * nodes
     kind_name = str(raw.get("distributed_type", "NO")).upper()
-    par = Parallelism(processes=n, per_node=per_node, description=f"{path.name}: {kind_name}, {n} process(es)")
+    par = Parallelism(processes=n, per_node=per_node, description=f"{path.name}: {kind_name}, {n} process(es)",
+                      mixed_precision=raw.get("mixed_precision"))
     if kind_name == "DEEPSPEED":
         ds = raw.get("deepspeed_config") or {}
         stage = int(ds.get("zero_stage", 0))
@@ -385,11 +390,12 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     def shard(x: float, on: bool) -> float:
         return x / n if on else x
 
-    trained_models = 2 if stage == "ppo" else 1  # PPO's value model trains beside the policy
-    weights = shard(P * w, par.shard_weights) * trained_models
-    grads = shard(Pt * wt, par.shard_grads) * trained_models
-    optim = shard(2 * Pt * (4 if deepspeed16 else wt), par.shard_optimizer) * trained_models
-    master = shard(4 * Pt, par.shard_optimizer) * trained_models if deepspeed16 else 0.0
+    # (parameters, bytes each) of what trains: the policy, and PPO's value model (a full backbone + head)
+    trained = [(Pt, wt)] + ([(P, w)] if stage == "ppo" else [])
+    weights = shard(P * w * (2 if stage == "ppo" else 1), par.shard_weights)
+    grads = shard(sum(k * b for k, b in trained), par.shard_grads)
+    optim = shard(sum(2 * k * (4 if deepspeed16 else b) for k, b in trained), par.shard_optimizer)
+    master = shard(4 * sum(k for k, _ in trained), par.shard_optimizer) if deepspeed16 else 0.0
     parts: dict[str, float] = {}
     offloaded: dict[str, float] = {}
     (offloaded if par.offload_weights else parts)["weights"] = weights
@@ -400,7 +406,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
         offloaded["gradients"] = grads
         grads = 0.0
     if par.kind == "ddp":
-        parts["DDP gradient buckets"] = Pt * wt
+        parts["DDP gradient buckets"] = sum(k * b for k, b in trained)
     if par.shard_weights or par.offload_weights:
         parts["gathered layers (2 units)"] = 2 * shape.largest_unit * act
 
@@ -697,6 +703,10 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
     say(f"recipe: ok (stage {recipe.stage}, model {m.name_or_path}, output_dir {recipe.output_dir})")
     par = read_launch(launch, nodes)
     say(f"launch: {par.description}")
+    mp = recipe.train.mixed_precision
+    if par.mixed_precision and mp != "auto" and par.mixed_precision != mp:
+        say(f"  note: the launch config says mixed_precision {par.mixed_precision} but the recipe's "
+            f"train.mixed_precision={mp} is what align passes to Accelerator, and it wins")
 
     # -- tokenizer and data -----------------------------------------------------------
     model_cfg = resolve_model_cfg(m)

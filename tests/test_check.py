@@ -190,6 +190,17 @@ def test_every_tiny_recipe_checks(capsys):
     assert "no warnings" in capsys.readouterr().out
 
 
+def test_strict_exits_1_on_a_warning(tmp_path, capsys):
+    import yaml
+
+    recipe = sft_recipe(tmp_path, [{"text": "<bos>1+2=3"}])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["check", str(path), "--color", "never"]) == 0
+    assert main(["check", str(path), "--strict", "--color", "never"]) == 1
+    assert "[duplicated_bos]" in capsys.readouterr().out
+
+
 def test_bad_recipe_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: sft\noutput_dir: x\ndata: {train: data/arith/sft_train.jsonl}\ntrain: {lrr: 1}\n")
@@ -228,7 +239,7 @@ recipes = json.loads(sys.argv[1])
 for spec in recipes:  # warm-up: imports, kernels, allocator arenas, on a 1-row step of each recipe
     warm = json.loads(json.dumps(spec))
     warm["output_dir"] += "-warm"
-    warm["train"].update(max_steps=1, batch_size=1)
+    warm["train"].update(max_steps=1, batch_size=(warm.get("grpo") or {}).get("num_generations", 1))
     run(load_recipe(None, data=warm))
 out = []
 for spec in recipes:
@@ -313,3 +324,17 @@ def test_estimate_matches_measured_peak_50m(tmp_path):
     (tmp_path / "tiny").mkdir()
     compare(tmp_path / "tiny", memory_recipes(tmp_path / "tiny", "builtin:tiny", batch_size=16, steps=2,
                                               stages=("dpo",)))
+
+
+@pytest.mark.slow
+def test_estimate_matches_measured_peak_grpo(tmp_path):
+    """GRPO with a frozen reference (beta > 0): generation of 150 tokens, then training on 251-token rows."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in long_rows()])
+    recipe = {"stage": "grpo", "output_dir": str(tmp_path / "grpo"), "seed": 0,
+              "model": {"name_or_path": "builtin:tiny"}, "data": {"train": data, "max_length": 256},
+              "grpo": {"num_generations": 4, "max_new_tokens": 150, "beta": 0.1, "reward_funcs": ["length"],
+                       "eval_kl_prompts": 0},
+              "train": {"max_steps": 2, "batch_size": 16, "lr": 1e-4, "mixed_precision": "no", "save_steps": 1000,
+                        "log_steps": 1, "progress_bar": False},
+              "eval": {"generate": False}}
+    compare(tmp_path, [recipe])
