@@ -578,6 +578,11 @@ def is_local(spec) -> bool:
     return True
 
 
+def _all_exist(spec) -> bool:
+    specs = spec if isinstance(spec, list) else [spec]
+    return all(Path(str(one.get("path") if isinstance(one, dict) else one)).exists() for one in specs)
+
+
 def sample_rows(spec, key: str, n: int) -> Rows:
     rows = load_rows(spec, key=key)
     return Rows(rows.rows[:n], rows.origins[:n]) if len(rows.rows) > n else rows
@@ -723,7 +728,11 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
     seq_len = None
     key = "data.train"
     if tokenizer is not None:
-        if not is_local(recipe.data.train):
+        generated = getattr(recipe.data, "from_policy", None)
+        if generated and not _all_exist(recipe.data.train):
+            say(f"{key}: {recipe.data.train!r} is made at run time by data.from_policy (sampled from the policy): "
+                "data checks skipped")
+        elif not is_local(recipe.data.train):
             say(f"{key}: {recipe.data.train!r} is not a local file; check does not download data: "
                 "data checks skipped")
         else:
