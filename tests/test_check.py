@@ -195,7 +195,10 @@ def test_every_recipe_checks(capsys):
 
 def test_data_made_at_run_time_is_not_required(tmp_path):
     missing = str(tmp_path / "pairs.jsonl")
-    report = check(str(REPO / "recipes/tiny/reward-ppo.yaml"), [f"data.train={missing}"], print_fn=None)
+    recipe = pair_recipe(tmp_path, ARITH)
+    recipe["data"].update(train=missing, from_policy={
+        "policy": "builtin:tiny", "train": {"prompts": str(REPO / "data/arith/sft_train.jsonl"), "output": missing}})
+    report = run_check(recipe)
     assert any("made at run time by data.from_policy" in line for line in report.lines)
     assert report.estimate is not None
 
