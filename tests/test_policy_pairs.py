@@ -48,13 +48,13 @@ def test_missing_files_are_sampled_labelled_and_written_once(tmp_path):
     policy = tmp_path / "policy"
     tok = models.load_tokenizer(ModelConfig())
     models.save_pretrained(models.load_model(ModelConfig(), tok, seed=0), tok, policy)
-    prompts = {"path": str(REPO / "data/arith/sft_train.jsonl"), "take": 24}
+    prompts = {"path": str(REPO / "data/arith/sft_train.jsonl"), "take": 12}
     config = PolicyPairsConfig(policy=str(policy), train=PolicySource(prompts, str(tmp_path / "pairs.jsonl")),
                                num_samples=4, max_new_tokens=4, label="test_policy_pairs:odd_length")
     ensure_policy_pairs(config)
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     samples = (tmp_path / "pairs.samples.jsonl").read_text().splitlines()
-    assert len(samples) == 24 * 4 and 0 < len(pairs) <= 24
+    assert len(samples) == 12 * 4 and 0 < len(pairs) <= 12
     assert all(len(p["chosen"]) % 2 == 1 and len(p["rejected"]) % 2 == 0 for p in pairs)
     before = (tmp_path / "pairs.jsonl").stat().st_mtime_ns
     ensure_policy_pairs(config)  # present: not rebuilt

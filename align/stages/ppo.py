@@ -34,6 +34,17 @@ one lr, joint gradient clipping) and checkpoints them together; its forward retu
 so DDP sees one forward per backward. The policy is saved in Hugging Face format to
 output_dir, the value model to output_dir/value.
 
+Joint clipping, checked (2026-11-25, first 12 minibatches of recipes/tiny/ppo.yaml): the
+gradient norm is ~9-10 (policy ~3-7, value ~7-9 even at vf_coef 0.1), so
+train.max_grad_norm = 1 rescales EVERY step by ~0.1 and the value gradient sets half or
+more of that factor. It is kept (as TRL's PPOv2 `PolicyAndValueWrapper` does, one
+optimizer and one clip) because Adam normalises each parameter by its own running gradient
+scale: a common factor that changes slowly from step to step leaves Adam's update nearly
+unchanged, and the value and policy parameters are normalised separately. What it does mean
+is that max_grad_norm here is a constant rescale, not an outlier guard; clipping the two
+networks separately (OpenRLHF's separate actor/critic optimizers) would need per-group
+clipping in the engine and is not done.
+
 Logs `train/reward` (reward-model score), `train/kl` (mean sequence KL, k1 sum),
 `train/non_score_reward`, `train/task_accuracy` (exact match of the samples, the true
 objective the proxy stands for), `train/completion_length`, `objective/entropy`,
