@@ -249,7 +249,10 @@ def status(field):
             return int(line.split()[1]) * 1024
 
 recipes = json.loads(sys.argv[1])
-for spec in recipes:  # warm-up: imports, kernels, allocator arenas, on a 1-row step of each recipe
+from align.stages import STAGES
+for spec in recipes:
+    STAGES[spec["stage"]].cls  # import every stage's modules before measuring
+for spec in recipes[:1]:  # warm-up: kernels, allocator arenas, lazy imports, on a 1-row step
     warm = json.loads(json.dumps(spec))
     warm["output_dir"] += "-warm"
     warm["train"].update(max_steps=1, batch_size=(warm.get("grpo") or {}).get("num_generations", 1))
