@@ -419,6 +419,22 @@ def split_by_token_budget(indices: list[int], widths: list[int], budget: int, *,
     return chunks
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros: (N, T) -> bool."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def without_causal_padding_mask(batch: dict) -> dict:
+    """Drop the attention mask of right-padded rows: under causal attention every pad comes
+    after the real tokens of its row, so no real token attends to one and the mask changes no
+    real logit. Without it SDPA runs its causal kernel instead of a masked one (no (B, 1, T, T)
+    mask: less memory, faster on CPU). Left-padded or packed batches are returned unchanged."""
+    mask = batch.get("attention_mask")
+    if mask is None or "position_ids" in batch or not is_right_padded(mask):
+        return batch
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
 def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False) -> dict[str, torch.Tensor]:
     """Stack examples into tensors.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from align.data import IGNORE, collate, encode_prompt
+from align.data import IGNORE, collate, encode_prompt, without_causal_padding_mask
 from align.losses import nll_sum
 from align.models import gathered
 
@@ -42,7 +42,7 @@ def _eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, acc
     total, count = 0.0, 0.0
     device = next(model.parameters()).device
     for start in range(0, len(mine), batch_size):
-        batch = collate(mine[start: start + batch_size], pad_id)
+        batch = without_causal_padding_mask(collate(mine[start: start + batch_size], pad_id))
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from align.data import is_right_padded
 from align.preference_data import collate_pairs, last_token_index
 
 HEAD_NAMES = ("score", "classifier")
@@ -44,11 +45,6 @@ def score_head(model) -> torch.nn.Module:
     if not found:
         raise ValueError(f"{type(model).__name__} has no score head (a module named {' or '.join(HEAD_NAMES)})")
     return min(found, key=lambda f: f[0])[2]
-
-
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """True when every row is ones then zeros: (N, T) -> bool."""
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

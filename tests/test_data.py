@@ -211,3 +211,24 @@ def test_token_budget_split_keeps_every_example_once_under_the_budget():
         assert cost <= 48 or len(chunk) == 1  # an example wider than the budget goes alone
     assert chunks[0] == [7] and chunks[1] == [1]  # longest first: 100 and 40 alone (2 rows each)
     assert chunks == split_by_token_budget(list(reversed(range(len(widths)))), widths, 48, rows_per_example=2)
+
+
+def test_right_padded_batches_drop_the_mask_without_changing_a_real_logit():
+    from align import models
+    from align.data import without_causal_padding_mask
+    from align.recipe import ModelConfig
+
+    tok = builtin.load_tokenizer()
+    model = models.load_model(ModelConfig(), tok, seed=0).eval()
+    examples = [{"input_ids": [1, 20, 21, 22, 23, 24], "labels": [IGNORE] * 6},
+                {"input_ids": [1, 30, 31], "labels": [IGNORE] * 3}]
+    batch = collate(examples, pad_id=0)
+    lean = without_causal_padding_mask(batch)
+    assert "attention_mask" not in lean and "attention_mask" in batch
+    with torch.no_grad():
+        masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        unmasked = model(input_ids=lean["input_ids"]).logits
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(masked[real], unmasked[real], atol=1e-5)
+    left = dict(batch, attention_mask=batch["attention_mask"].flip(-1))
+    assert without_causal_padding_mask(left) is left  # left padding keeps its mask

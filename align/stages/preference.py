@@ -44,7 +44,7 @@ import torch
 
 from align import config as cfg
 from align import evaluate, models
-from align.data import load_rows
+from align.data import load_rows, without_causal_padding_mask
 from align.errors import AlignError
 from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
 from align.preference_data import collate_pairs, pair_length, tokenize_preferences
@@ -135,12 +135,9 @@ def pair_logps(model, batch: dict, *, nll_on_prompt: bool = False) -> dict[str, 
     token counts; chosen_nll: token-mean NLL of the chosen completion (or of prompt +
     completion with `nll_on_prompt`, every token but the first).
     """
-    mask = batch["attention_mask"]
-    # Right padding under causal attention: every pad comes after the real tokens of its row, so
-    # no real token can attend to one and the mask changes no real logit. Without it SDPA runs its
-    # causal kernel instead of materialising a (2B, 1, T, T) mask: same logits, less memory.
-    right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all())
-    logits = model(input_ids=batch["input_ids"], attention_mask=None if right_padded else mask).logits  # (2B, T, V)
+    # right-padded rows need no mask under causal attention (see data.without_causal_padding_mask)
+    inputs = without_causal_padding_mask({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    logits = model(**inputs).logits  # (2B, T, V)
     targets = batch["labels"][:, 1:]  # (2B, T-1) completion tokens, -100 elsewhere
     completion = targets != -100
     if nll_on_prompt:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align import evaluate, models
-from align.data import IGNORE, collate, load_rows, pack, tokenize_sft
+from align.data import IGNORE, collate, load_rows, pack, tokenize_sft, without_causal_padding_mask
 from align.losses import nll_sum
 from align.recipe import Recipe
 from align.stages.base import OfflineBatches, tensors_only
@@ -79,7 +79,7 @@ class SFTStage:
         return self.batches(step)
 
     def loss(self, model, batch):
-        batch = tensors_only(batch)
+        batch = without_causal_padding_mask(tensors_only(batch))
         labels = batch.pop("labels")
         # use_cache=False: with a KV cache transformers would ignore packed position_ids
         logits = model(**batch, use_cache=False).logits  # (B, T, V)
