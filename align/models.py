@@ -220,8 +220,8 @@ def gathered(model, accelerator=None):
     """
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     engine = _is_sharded_engine(model)
-    if not is_zero3_sharded(model):
-        yield unwrapped
+    if not is_zero3_sharded(model) or (not engine and _all_gathered(unwrapped)):
+        yield unwrapped  # not sharded, or inside an enclosing `gathered` block already
         return
     import deepspeed
 
@@ -231,6 +231,12 @@ def gathered(model, accelerator=None):
                 yield unwrapped
         else:
             yield unwrapped
+
+
+def _all_gathered(module) -> bool:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return all(getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE for p in module.parameters())
 
 
 @contextmanager

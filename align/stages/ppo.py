@@ -239,17 +239,15 @@ class PPOStage(GRPOStage):
         input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id)
         return self.reward_model.score(input_ids, mask).tolist()
 
-    def _policy(self):
-        return self.accelerator.unwrap_model(self.model).policy
-
     def make_rollout(self, generation: int) -> tuple[dict, dict]:
         a, acc = self.args, self.accelerator
         indices = self._step_prompts(generation)
         rows = [self.rows[i] for i in indices]
-        out = rollout(self._policy(), [self.prompt_ids[i] for i in indices], sampling=self.sampling,
-                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
-                      ref_model=self.ref_model, policy_logprobs=False,
-                      **self.rollout_seed(generation, len(indices)))
+        with models.gathered(self.model, acc) as whole:  # ZeRO-3: the engine's parameters gathered to generate
+            out = rollout(whole.policy, [self.prompt_ids[i] for i in indices], sampling=self.sampling,
+                          eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+                          ref_model=self.ref_model, policy_logprobs=False,
+                          **self.rollout_seed(generation, len(indices)))
         mask = out.completion_mask
         model = self.model
         with torch.no_grad():
@@ -370,8 +368,8 @@ class PPOStage(GRPOStage):
         self.kl_ctl.beta = float(state["kl_coef"])
 
     def evaluate(self, model) -> dict:
-        policy = self.accelerator.unwrap_model(model).policy
-        return super().evaluate(policy)
+        with models.gathered(model, self.accelerator) as whole:  # ZeRO-3: gathered once for the evaluation
+            return super().evaluate(whole.policy)
 
     def _has_reference(self) -> bool:
         return True
@@ -379,11 +377,10 @@ class PPOStage(GRPOStage):
     def save(self, out_dir, accelerator) -> None:
         from pathlib import Path
 
-        # full parameters on every process (DDP); ZeRO-3 would need a gathered state dict (not done yet)
-        unwrapped = accelerator.unwrap_model(self.model)
-        if accelerator.is_main_process:
-            models.save_pretrained(unwrapped.policy, self.tokenizer, out_dir)
-            unwrapped.value.save_pretrained(Path(out_dir) / "value", safe_serialization=True)
+        with models.gathered(self.model, accelerator) as unwrapped:  # ZeRO-3: whole weights on every process
+            if accelerator.is_main_process:
+                models.save_pretrained(unwrapped.policy, self.tokenizer, out_dir)
+                unwrapped.value.save_pretrained(Path(out_dir) / "value", safe_serialization=True)
         accelerator.wait_for_everyone()
         if self.args.plot and accelerator.is_main_process:
             plot_run(Path(out_dir), "ppo", train_kl="per sequence, sum of k1")
