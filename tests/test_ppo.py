@@ -97,9 +97,9 @@ def test_tiny_ppo_recipe_meets_its_target(tmp_path):
     recipe = load_recipe(REPO / "recipes/tiny/ppo.yaml", [f"output_dir={tmp_path / 'ppo'}", "train.progress_bar=false"])
     metrics = run(recipe)
     assert metrics["eval/reward"] > metrics["eval/reward_start"], metrics
-    assert metrics["eval/task_accuracy"] > metrics["eval/task_accuracy_start"], metrics
-    assert metrics["eval/kl"] < 2 * recipe.stage_args.target_kl, metrics
-    assert (tmp_path / "ppo" / "ppo_curves.png").is_file()
+    assert metrics["eval/task_accuracy"] >= metrics["eval/task_accuracy_start"] + 0.05, metrics  # measured +10.7
+    assert metrics["eval/kl"] < 2 * recipe.stage_args.target_kl, metrics  # the bound the recipe header states
+    assert (tmp_path / "ppo" / "ppo_curves.png").is_file() and (tmp_path / "ppo" / "ppo_kl.png").is_file()
 
 
 def _beta_recipe(out, reward_model, **train):
