@@ -176,8 +176,13 @@ def configure_deepspeed(accelerator, train: TrainConfig) -> None:
         config["train_micro_batch_size_per_gpu"] = train.batch_size
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = train.max_grad_norm if train.max_grad_norm is not None else 0.0
+    zero = config.setdefault("zero_optimization", {})
     if plugin.zero_stage == 3:
-        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
+        # the engine's torch AdamW steps the offloaded fp32 states on the CPU (same update as every other
+        # config; DeepSpeed refuses a client optimizer with offload unless told). DeepSpeedCPUAdam is faster.
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:

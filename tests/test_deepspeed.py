@@ -91,7 +91,8 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config,split", [("zero2", {"train.batch_size": 4}),
-                                          ("zero3", {"train.batch_size": 2, "train.grad_accum": 2})])
+                                          ("zero3", {"train.batch_size": 2, "train.grad_accum": 2}),
+                                          ("zero3_offload", {"train.batch_size": 4})])
 def test_sft_under_zero_matches_one_process_and_saves_full_hf_weights(tmp_path, one_process, config, split):
     from transformers import AutoModelForCausalLM
 
