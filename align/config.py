@@ -162,6 +162,8 @@ def _coerce(tp, value, path: str):
         raise AlignError(errors[0] if len(errors) == 1 else f"{path}: got {_describe(value)}, expected {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "no" in choices:
+            value = "no"  # YAML 1.1 reads an unquoted `no` as false (train.mixed_precision=no)
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"; did you mean {close[0]}?" if close else ""

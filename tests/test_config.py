@@ -26,6 +26,8 @@ def test_defaults_and_overrides():
     assert recipe.train.batch_size == 8  # the schema's default
     # PyYAML reads 1e-3 (no dot) as a string; a float field still takes it
     assert load_recipe(None, ["train.lr=1e-3"], data=BASE).train.lr == 1e-3
+    # and an unquoted `no` (YAML 1.1: false) still means the word where a choice is "no"
+    assert load_recipe(None, ["train.mixed_precision=no"], data=BASE).train.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("key, value, message", [
