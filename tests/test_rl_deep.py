@@ -7,7 +7,9 @@ far above a random policy (CartPole: about 20; Pendulum: about -1200 to -1500).
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import align.losses
 from align.rl import a2c, ppo, runner
@@ -44,6 +46,41 @@ def test_ppo_shares_the_llm_loss_functions(tmp_path, monkeypatch):
     assert calls == {"gae": 2, "clip": 4, "value": 4}  # 2 updates x 2 epochs x 1 minibatch
 
 
+def test_ppo_next_step_rollout_gives_the_per_episode_advantages():
+    """NEXT_STEP reset steps are dropped, GAE stops at episode ends, and a truncated
+    episode bootstraps from V(final observation) = the value stored on its reset step."""
+    rng = np.random.default_rng(0)
+    T, N, gamma, lam = 24, 3, 0.9, 0.8
+    r = ppo.Rollout(T, N, 4)
+    r.values[:] = rng.normal(size=(T, N))
+    resetting = np.array([True, False, False])  # env 0 starts on a reset step
+    for t in range(T):
+        r.real[t] = ~resetting
+        r.rewards[t] = np.where(resetting, 0.0, 1.0)
+        end = (rng.random(N) < 0.2) & ~resetting
+        r.truncated[t] = end & (rng.random(N) < 0.5)
+        r.terminated[t] = end & ~r.truncated[t]
+        resetting = end
+    next_value = rng.normal(size=N).astype(np.float32)
+    advantages, returns = align.losses.gae_advantages(**r.gae_inputs(next_value, gamma=gamma), gamma=gamma, lam=lam)
+    batch = r.real_transitions(advantages, returns)
+
+    expected = np.zeros((T, N))  # per environment, backwards over its real steps
+    values = np.concatenate([r.values, next_value[None]])  # (T + 1, N)
+    for i in range(N):
+        running = 0.0
+        for t in reversed(range(T)):
+            if not r.real[t, i]:
+                continue
+            bootstrap = 0.0 if r.terminated[t, i] else gamma * values[t + 1, i]
+            ended = r.terminated[t, i] or r.truncated[t, i]
+            running = r.rewards[t, i] + bootstrap - values[t, i] + (0.0 if ended else gamma * lam * running)
+            expected[t, i] = running
+    assert 0 < len(batch["actions"]) < T * N
+    assert torch.allclose(batch["advantages"], torch.as_tensor(expected[r.real], dtype=torch.float32), atol=1e-5)
+    assert torch.allclose(batch["returns"], batch["advantages"] + batch["values"])
+
+
 def test_ppo_learns_cartpole_quickly_and_reproducibly(tmp_path):
     first = run("cartpole-ppo", tmp_path, "total_steps=6144", "eval_every=2048")
     assert first["eval/return_mean"] >= 150  # random: ~20
@@ -60,7 +97,8 @@ def test_dqn_learns_cartpole_quickly(tmp_path):
 
 
 def test_a2c_learns_cartpole_quickly(tmp_path):
-    metrics = run("cartpole-a2c", tmp_path, "total_steps=10000", "eval_every=5000")
+    # at 10k steps the return is a coin flip around 100 (seeds 0-3: 70-120); at 40k it is 200-420
+    metrics = run("cartpole-a2c", tmp_path, "total_steps=40000", "eval_every=20000")
     assert metrics["eval/return_mean"] >= 100
 
 

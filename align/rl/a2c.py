@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from align.config import in_range, non_negative, positive
-from align.losses import clipped_value_loss, explained_variance, gae_advantages, whiten
+from align.losses import clipped_value_loss, entropy_from_logits, explained_variance, gae_advantages, whiten
 from align.rl.common import Evaluator, RunConfig, RunLog, seed_everything
-from align.rl.envs import make_vector_env, obs_dim
-from align.rl.ppo import ActorCritic, Rollout, check_discrete_control, collect_rollout, greedy_policy
+from align.rl.envs import make_next_step_vector_env, obs_dim
+from align.rl.ppo import ActorCritic, Rollout, check_discrete_control, collect_rollout, greedy_policy, sampler
 
 
 @dataclass
@@ -57,34 +57,35 @@ def train(cfg: A2CConfig) -> dict:
     batch_size = cfg.num_envs * cfg.num_steps
     num_updates = max(1, cfg.total_steps // batch_size)
 
-    envs = make_vector_env(cfg.env, cfg.num_envs, cfg.seed)
+    envs = make_next_step_vector_env(cfg.env, cfg.num_envs)
     model = ActorCritic(n_obs, n_actions, cfg.hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
+    act, value = sampler(model, np.random.default_rng(cfg.seed)), model.numpy_forward()
     evaluator = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed)
     log = RunLog(cfg)
 
     rollout = Rollout(cfg.num_steps, cfg.num_envs, n_obs)
-    obs = torch.as_tensor(envs.reset(seed=cfg.seed)[0], dtype=torch.float32)  # (N, obs)
+    obs = envs.reset(seed=cfg.seed)[0].astype(np.float32)  # (N, obs)
+    resetting = np.zeros(cfg.num_envs, dtype=bool)  # (N,) NEXT_STEP: this step only resets these
     ep_return = np.zeros(cfg.num_envs)  # (N,)
     for update in range(num_updates):
         if cfg.anneal_lr:
             optimizer.param_groups[0]["lr"] = cfg.lr * (1.0 - update / num_updates)
 
         # 1. roll out num_steps in every environment
-        obs = collect_rollout(envs, model, obs, rollout, ep_return, cfg.gamma, log)
+        obs, resetting = collect_rollout(envs, act, obs, resetting, rollout, ep_return, log)
 
-        # 2. n-step / GAE returns, time on the last axis (N, T)
-        with torch.no_grad():
-            next_value = model.value(obs)  # (N,)
-        advantages, returns = gae_advantages(rollout.rewards.T, rollout.values.T, gamma=cfg.gamma,
-                                             lam=cfg.gae_lambda, dones=rollout.dones.T, next_value=next_value)
-        b_adv, b_ret = advantages.T.reshape(-1), returns.T.reshape(-1)  # (B,)
+        # 2. n-step / GAE returns over the rollout (time last), then its real transitions (B,)
+        advantages, returns = gae_advantages(**rollout.gae_inputs(value(obs)[1], gamma=cfg.gamma), gamma=cfg.gamma,
+                                             lam=cfg.gae_lambda)
+        b = rollout.real_transitions(advantages, returns)
+        b_adv, b_ret = b["advantages"], b["returns"]
         if cfg.normalize_advantages:
             b_adv = whiten(b_adv)
 
         # 3. one gradient step on the whole batch
-        logp, entropy, values = model.evaluate_actions(rollout.obs.reshape(batch_size, n_obs),
-                                                       rollout.actions.reshape(-1))
+        logp, logits, values = model.evaluate_actions(b["obs"], b["actions"])
+        entropy = entropy_from_logits(logits)  # (B,)
         pg_loss = -(b_adv * logp).mean()
         v_loss = clipped_value_loss(values, values, b_ret, clip_eps=None).mean()  # plain 0.5 * (V - R)^2
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy.mean()
@@ -98,7 +99,7 @@ def train(cfg: A2CConfig) -> dict:
         if update % 10 == 0:
             log.log(step, {"losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
                            "losses/entropy": entropy.mean().item(),
-                           "losses/explained_variance": explained_variance(rollout.values.reshape(-1), b_ret)})
+                           "losses/explained_variance": explained_variance(b["values"], b_ret)})
         if log.eval_due(step):
             log.evaluate(step, lambda: evaluator(greedy_policy(model.actor)))
             if log.should_stop():

@@ -118,6 +118,23 @@ def make_vector_env(env_id: str, num_envs: int, seed: int) -> gym.vector.SyncVec
     return envs
 
 
+def make_next_step_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """`num_envs` copies in one process, auto-reset on the step after an episode ends.
+
+    NEXT_STEP: the step that ends an episode returns its last observation; the next
+    step ignores the action, resets that copy and returns the first observation of
+    the next episode (reward 0, neither terminated nor truncated). Where Gymnasium
+    ships a numpy-vectorised implementation (CartPole-v1's `CartPoleVectorEnv`: the
+    same dynamics and 500-step limit, all copies in one array op per step) it is used;
+    other environments get a SyncVectorEnv. Seed with `reset(seed=...)`.
+    """
+    check_env_id(env_id)
+    if gym.spec(env_id).vector_entry_point is not None and env_id not in _EXTRA_TIME_LIMIT:
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
+    return gym.vector.SyncVectorEnv([lambda: make_env(env_id) for _ in range(num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
 def transition_table(env) -> tuple[dict, int, int]:
     """(P, n_states, n_actions) of a toy-text environment or the grid world."""
     base = getattr(env, "unwrapped", env)
