@@ -55,6 +55,21 @@ def wrong_answers(a: int, b: int, rng: random.Random, n: int = 1) -> list[str]:
     return [str(c) for c in candidates[:n]]
 
 
+def error_kind(a: int, b: int, wrong: str) -> str:
+    """Which plausible mistake `wrong` is (the `subset` column of the preference files, so
+    `align eval-rm` breaks accuracy down by it)."""
+    right, value = a + b, int(wrong)
+    if abs(value - right) in (1, 10, 100):
+        return f"off by {abs(value - right)}"
+    if len(str(right)) > 1 and wrong == str(right)[::-1]:
+        return "digits reversed"
+    return "carry dropped"
+
+
+def preference_row(a: int, b: int, wrong: str) -> dict:
+    return {"prompt": prompt_of(a, b), "chosen": answer_of(a, b), "rejected": wrong, "subset": error_kind(a, b, wrong)}
+
+
 def is_correct(prompt: str, completion: str) -> bool:
     """Exact match of the completion (whitespace stripped) against the true sum."""
     left = prompt.rstrip().rstrip("=")
@@ -82,12 +97,10 @@ def make_files(out_dir: str | Path, seed: int = 0) -> dict[str, int]:
         "sft_train.jsonl": [{"prompt": prompt_of(a, b), "completion": answer_of(a, b)} for a, b in train],
         "sft_eval.jsonl": [{"prompt": prompt_of(a, b), "completion": answer_of(a, b)} for a, b in held_out],
         "prefs_train.jsonl": [
-            {"prompt": prompt_of(a, b), "chosen": answer_of(a, b), "rejected": wrong_answers(a, b, rng)[0]}
-            for a, b in train
+            preference_row(a, b, wrong_answers(a, b, rng)[0]) for a, b in train
         ],
         "prefs_eval.jsonl": [
-            {"prompt": prompt_of(a, b), "chosen": answer_of(a, b), "rejected": wrong_answers(a, b, rng)[0]}
-            for a, b in held_out
+            preference_row(a, b, wrong_answers(a, b, rng)[0]) for a, b in held_out
         ],
     }
     for name, rows in files.items():
