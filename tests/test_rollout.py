@@ -129,3 +129,75 @@ def test_zero3_generation_gathers_all_parameters_once(tiny, monkeypatch):
     with ro.generation_model(model) as gen:  # no DeepSpeed: no gather
         assert gen is model
     assert len(entered) == 1
+
+
+def _generate(model, ids, mask, max_new_tokens, processors=()):
+    """Hugging Face `generate` (greedy + our processors), completions padded to max_new_tokens with 0."""
+    from transformers import LogitsProcessorList
+
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=2, pad_token_id=0, logits_processor=LogitsProcessorList(processors))
+    out = out[:, ids.shape[1]:]
+    return torch.nn.functional.pad(out, (0, max_new_tokens - out.shape[1]), value=0)
+
+
+def test_decode_loop_gives_generates_tokens_greedy_and_gumbel_sampled(tiny):
+    """Our decode loop (shared prompt forward, cached steps) == transformers' generate, token for token."""
+    model, tok = tiny
+    prompts = [[1, 20, 21, 22, 23]] * 3 + [[1, 30]] * 4 + [[1, 40, 41]]  # repeats: the prompt forward is shared
+    ids, pmask = ro.left_pad(prompts, tok.pad_token_id)
+    assert sorted(ro.unique_prompts(ids, pmask)[0].tolist()) == [0, 3, 7]
+    greedy = ro.SamplingConfig(max_new_tokens=7)
+    mine = ro.sample(model, ids, pmask, sampling=greedy, eos_id=2, pad_id=0, do_sample=False)
+    ref = _generate(model, ids, pmask, 7)
+    assert torch.equal(torch.nn.functional.pad(mine, (0, 7 - mine.shape[1])), ref)
+    for sampling in (ro.SamplingConfig(max_new_tokens=7),
+                     ro.SamplingConfig(max_new_tokens=7, temperature=0.7, top_k=20, top_p=0.9)):
+        keys = ro.row_keys(11, range(len(prompts)))
+        mine = ro.sample(model, ids, pmask, sampling=sampling, eos_id=2, pad_id=0, keys=keys)
+        ref = _generate(model, ids, pmask, 7, [ro._GumbelMax(keys, ids.shape[1], sampling)])
+        assert torch.equal(torch.nn.functional.pad(mine, (0, 7 - mine.shape[1])), ref)
+        assert len({tuple(r) for r in mine[:3].tolist()}) > 1  # copies of a prompt draw their own samples
+
+
+def test_decode_loop_stops_when_every_row_ended(tiny, monkeypatch):
+    model, _ = tiny
+    ids, pmask = ro.left_pad([[1, 20], [1, 30, 31]], 0)
+    calls = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        head = model(input_ids=ids, attention_mask=pmask, position_ids=ro.position_ids_of(pmask)).logits[:, -1]
+    calls.clear()
+    bias = torch.zeros(head.shape[-1])
+    bias[2] = 1e4  # EOS wins at once in every row
+    monkeypatch.setattr(model.lm_head, "bias", torch.nn.Parameter(bias))
+    out = ro.sample(model, ids, pmask, sampling=ro.SamplingConfig(max_new_tokens=6), eos_id=2, pad_id=0,
+                    do_sample=False)
+    assert out.tolist() == [[2], [2]] and len(calls) == 1  # the prompt forward only
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_forward_equals_the_single_forward_values_and_gradients(tiny, monkeypatch, temperature):
+    model, _ = tiny
+    model = model.train()
+    prompts = [[1, 20, 21, 22]] * 3 + [[1, 30]] * 2
+    ids, pmask = ro.left_pad(prompts, 0)
+    completions = torch.tensor([[40, 41, 2, 0], [42, 43, 44, 45], [2, 0, 0, 0], [50, 2, 0, 0], [51, 52, 53, 2]])
+    mask, _ = ro.completion_mask(completions, eos_id=2)
+
+    def run(share):
+        monkeypatch.setattr(ro, "_shares_prompts", lambda m: share)
+        model.zero_grad()
+        lp, ent = ro.completion_logprobs(model, ids, pmask, completions, mask, temperature=temperature,
+                                         return_entropy=True)
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
+
+    shared, single = run(True), run(False)
+    torch.testing.assert_close(shared[0], single[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1], single[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared[2], single[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert (shared[0][mask == 0] == 0).all() and shared[0][mask == 1].abs().min() > 0
+    model.eval()
