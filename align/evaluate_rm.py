@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 from align.data import is_right_padded
-from align.preference_data import collate_pairs, last_token_index
+from align.preference_data import (
+    collate_pairs,
+    collate_shared_pairs,
+    is_shared_batch,
+    last_token_index,
+    pair_length,
+    shared_pair_width,
+    supports_shared_prompt,
+)
 
 HEAD_NAMES = ("score", "classifier")
 
@@ -53,22 +61,45 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     The forward goes through `model` itself (so DDP/DeepSpeed hooks run); the per-token
     scores (N, T, 1) are taken from the head with a forward hook.
     """
+    if is_right_padded(attention_mask):
+        # causal attention alone keeps every real token away from the pads after it: no mask
+        # needed, so sdpa takes its causal kernel (no (T, T) mask; much less memory on CPU)
+        scores = _token_scores(model, input_ids=input_ids)
+    else:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
+        scores = _token_scores(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    last = last_token_index(attention_mask)  # (N,)
+    return scores.gather(1, last[:, None]).squeeze(1).float()
+
+
+def _token_scores(model, **inputs) -> torch.Tensor:
+    """The score head's output at every position: (N, T), from a forward hook on the head."""
     captured = []
     handle = score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        if is_right_padded(attention_mask):
-            # causal attention alone keeps every real token away from the pads after it: no mask
-            # needed, so sdpa takes its causal kernel (no (T, T) mask; much less memory on CPU)
-            model(input_ids=input_ids, use_cache=False)
-        else:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        model(**inputs, use_cache=False)
     finally:
         handle.remove()
     scores = captured[-1]
-    scores = scores[..., 0] if scores.dim() == 3 else scores  # (N, T)
-    last = last_token_index(attention_mask)  # (N,)
-    return scores.gather(1, last[:, None]).squeeze(1).float()
+    return scores[..., 0] if scores.dim() == 3 else scores  # (N, T)
+
+
+def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (B,) float32, from one forward of a pair batch.
+
+    A shared-prompt batch (`collate_shared_pairs`, one row [prompt, chosen, rejected] per
+    pair; prefix sharing, Wang et al. 2024) reads the chosen reward at the last chosen token
+    and the rejected reward at the last rejected token, whose context excludes the chosen
+    tokens (4D mask) and whose positions continue the prompt's: the same rewards as the two
+    rows [prompt, chosen], [prompt, rejected]. A `collate_pairs` batch (2B rows) reads each
+    row at its last real token.
+    """
+    if not is_shared_batch(batch):
+        return sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+    scores = _token_scores(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"])  # (B, T)
+    return (scores.gather(1, batch["chosen_last"][:, None]).squeeze(1).float(),
+            scores.gather(1, batch["rejected_last"][:, None]).squeeze(1).float())
 
 
 def _shard(n: int, accelerator) -> list[int]:
@@ -79,26 +110,29 @@ def _shard(n: int, accelerator) -> list[int]:
 
 @torch.no_grad()
 def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int,
-                accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+                accelerator=None, shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected), each (N,) float32 on CPU in the order of `examples`.
 
     Each process scores its share (every n-th pair); the shares are gathered once.
+    shared_prompt: one row per pair (`collate_shared_pairs`) or two (`collate_pairs`);
+    None: shared when the model's attention takes a 4D mask (`supports_shared_prompt`).
     """
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
+    if shared_prompt is None:
+        shared_prompt = supports_shared_prompt(model)
+    collate, width = (collate_shared_pairs, shared_pair_width) if shared_prompt else (collate_pairs, pair_length)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     mine = _shard(len(examples), accelerator)
-    mine.sort(key=lambda i: -(len(examples[i]["prompt_ids"]) + max(len(examples[i]["chosen_ids"]),
-                                                                    len(examples[i]["rejected_ids"]))))
+    mine.sort(key=lambda i: -width(examples[i]))
     per_process = math.ceil(len(examples) / (accelerator.num_processes if accelerator is not None else 1))
     rows = torch.full((per_process, 3), -1.0, dtype=torch.float64)  # (index, r_chosen, r_rejected)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start: start + batch_size]
-        batch = collate_pairs([examples[i] for i in chunk], pad_id)
-        rewards = sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        chosen, rejected = rewards.chunk(2)
+        batch = collate([examples[i] for i in chunk], pad_id)
+        chosen, rejected = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
         rows[start: start + len(chunk), 0] = torch.tensor(chunk, dtype=torch.float64)
         rows[start: start + len(chunk), 1] = chosen.double().cpu()
         rows[start: start + len(chunk), 2] = rejected.double().cpu()

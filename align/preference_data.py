@@ -203,6 +203,75 @@ def collate_pairs(examples: list[dict], pad_id: int, *, padding_side: str = "rig
     return batch
 
 
+# segment ids of a shared-prompt row
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def shared_pair_width(example: dict) -> int:
+    """Tokens of a pair as ONE shared-prompt row: prompt + chosen + rejected."""
+    return len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+
+
+def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, [prompt, chosen, rejected], right-padded: the prompt is computed once.
+
+    Prefix sharing (Wang et al. 2024, "Accelerating Direct Preference Optimization with
+    Prefix Sharing"): the rejected tokens see the prompt and themselves, never the chosen
+    ones (chosen tokens never see rejected ones by causality), and continue the prompt's
+    positions, so every real token's logits equal those of the separate rows
+    [prompt, chosen] and [prompt, rejected] of `collate_pairs`.
+
+    input_ids, position_ids, segments (PROMPT/CHOSEN/REJECTED/PAD): (B, T) with
+    T = max(P + C + R); position_ids [0..P+C-1, P..P+R-1, then the pads' own];
+    attention_mask: (B, 1, T, T) bool, True = may attend (causal, and no REJECTED query
+    sees a CHOSEN key; a pad query sees every earlier token: no row is empty);
+    prompt_last, chosen_last, rejected_last: (B,) index of the last prompt / chosen /
+    rejected token; margin: (B,) when the pairs have margins.
+    """
+    B = len(examples)
+    width = max(shared_pair_width(e) for e in examples)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    segments = torch.full((B, width), PAD, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(B, 1)  # (B, T)
+    ends = torch.zeros((3, B), dtype=torch.long)
+    for b, ex in enumerate(examples):
+        p, c, r = len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])
+        input_ids[b, : p + c + r] = torch.tensor(ex["prompt_ids"] + ex["chosen_ids"] + ex["rejected_ids"])
+        segments[b, p: p + c] = CHOSEN
+        segments[b, p + c: p + c + r] = REJECTED
+        segments[b, :p] = PROMPT
+        position_ids[b, p + c:] -= c  # rejected continue the prompt; pads continue after them
+        ends[:, b] = torch.tensor([p - 1, p + c - 1, p + c + r - 1])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
+    query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
+    allowed = causal & ~((query == REJECTED) & (key == CHOSEN))  # (B, T, T)
+    batch = {"input_ids": input_ids, "attention_mask": allowed[:, None], "position_ids": position_ids,
+             "segments": segments, "prompt_last": ends[0], "chosen_last": ends[1], "rejected_last": ends[2]}
+    if examples and "margin" in examples[0]:
+        batch["margin"] = torch.tensor([ex.get("margin", 0.0) for ex in examples], dtype=torch.float32)
+    return batch
+
+
+# attention implementations that apply a custom boolean (B, 1, T, T) mask as given (transformers 5 passes a
+# 4D mask through unchanged). flash_attention_2/3 only take a 2D padding mask (a 4D one is not applied as
+# such; uneven position_ids may even be read as packed sequences), flex_attention wants a BlockMask, and
+# eager ADDS the mask to the scores (a boolean one would be +1/0, not -inf/0): those fall back to 2B rows.
+SHARED_PROMPT_ATTENTION = ("sdpa",)
+
+
+def supports_shared_prompt(model) -> bool:
+    """Whether `model` (through DDP / PEFT wrappers) can take a shared-prompt batch: its attention
+    implementation applies a custom 4D mask (`SHARED_PROMPT_ATTENTION`)."""
+    model = getattr(model, "module", model)
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in SHARED_PROMPT_ATTENTION
+
+
+def is_shared_batch(batch: dict) -> bool:
+    """Whether a batch comes from `collate_shared_pairs` (else `collate_pairs`)."""
+    return "segments" in batch
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, for left or right padding: (B, T) -> (B,).
 

@@ -71,6 +71,11 @@ class DataConfig:
     padding_free: bool = False
     """Collate each micro-batch as one row of concatenated samples, no pad tokens (best with a
     varlen attention kernel such as flash-attention on GPU; on CPU sdpa pads are cheaper)."""
+    shared_prompt: bool = True
+    """Preference pairs (reward, DPO, SimPO, ORPO): one row [prompt, chosen, rejected] per pair with a 4D
+    attention mask, the prompt computed once (prefix sharing; exact), instead of two rows each repeating
+    the prompt. Models whose attention implementation cannot take a custom 4D mask (flash_attention_2,
+    flex_attention) fall back to two rows automatically."""
     group_by_length: bool = False
     """Batch samples of similar length together (within windows of 64 batches) to cut padding. Off by
     default: it makes batches non-i.i.d. (on the built-in task it stalled learning: train loss 1.05 vs 0.13

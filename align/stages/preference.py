@@ -4,8 +4,16 @@ One stage class serves `stage: dpo`, `stage: simpo` and `stage: orpo`; the objec
 comes from `OBJECTIVES` (a table, not a branch chain) and the formulas from
 `align.losses` (`dpo_loss`, `simpo_loss`, `orpo_loss`).
 
-Per micro-batch, chosen and rejected go through ONE concatenated forward
-(`collate_pairs`: rows [chosen_1..chosen_B, rejected_1..rejected_B]). The loss of a
+Per micro-batch, chosen and rejected go through ONE forward. By default
+(`data.shared_prompt: true`) each pair is ONE row [prompt, chosen, rejected]
+(`collate_shared_pairs`; prefix sharing, Wang et al. 2024, "Accelerating Direct
+Preference Optimization with Prefix Sharing"): the prompt is computed once, and a 4D
+attention mask keeps the rejected tokens from seeing the chosen ones, so every
+log-prob equals that of the separate rows. It falls back to the concatenated 2B rows
+(`collate_pairs`: [chosen_1..chosen_B, rejected_1..rejected_B]) when the model's
+attention implementation cannot take a custom 4D mask (flash_attention_2/3,
+flex_attention: see `preference_data.supports_shared_prompt`), or with
+`data.shared_prompt: false`. The loss of a
 step is the sum of per-pair losses divided by the global number of pairs (the engine
 normalises: `_weight` = pairs), so the update does not depend on accumulation or the
 number of processes.
@@ -47,7 +55,18 @@ from align import evaluate, models
 from align.data import load_rows, without_causal_padding_mask
 from align.errors import AlignError
 from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
-from align.preference_data import collate_pairs, pair_length, tokenize_preferences
+from align.preference_data import (
+    CHOSEN,
+    PROMPT,
+    REJECTED,
+    collate_pairs,
+    collate_shared_pairs,
+    is_shared_batch,
+    pair_length,
+    shared_pair_width,
+    supports_shared_prompt,
+    tokenize_preferences,
+)
 from align.recipe import Recipe
 from align.stages.base import OfflineBatches, tensors_only
 
@@ -129,12 +148,18 @@ OBJECTIVES = {
 # the concatenated forward
 # ---------------------------------------------------------------------------
 def pair_logps(model, batch: dict, *, nll_on_prompt: bool = False) -> dict[str, torch.Tensor]:
-    """One forward of the (2B, T) concatenated batch -> per-pair (B,) log-prob statistics.
+    """One forward of a pair batch -> per-pair (B,) log-prob statistics.
 
     chosen / rejected: summed completion log-probs; chosen_n / rejected_n: completion
     token counts; chosen_nll: token-mean NLL of the chosen completion (or of prompt +
     completion with `nll_on_prompt`, every token but the first).
+
+    The batch is either a shared-prompt batch (`collate_shared_pairs`: B rows [prompt,
+    chosen, rejected]) or the (2B, T) concatenated batch of `collate_pairs`; both give the
+    same statistics.
     """
+    if is_shared_batch(batch):
+        return _shared_pair_logps(model, batch, nll_on_prompt=nll_on_prompt)
     # right-padded rows need no mask under causal attention (see data.without_causal_padding_mask)
     inputs = without_causal_padding_mask({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     logits = model(**inputs).logits  # (2B, T, V)
@@ -157,23 +182,54 @@ def pair_logps(model, batch: dict, *, nll_on_prompt: bool = False) -> dict[str, 
     return out
 
 
+def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, torch.Tensor]:
+    """`pair_logps` of a shared-prompt batch (Wang et al. 2024, prefix sharing).
+
+    Position t predicts token t+1 as usual for the prompt and chosen tokens and for every
+    rejected token but the first; the first rejected token follows the prompt, so it is
+    predicted from the last prompt position (`prompt_last`) — an explicit gather.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False).logits  # (B, T, V)
+    ids, seg = batch["input_ids"], batch["segments"]  # (B, T)
+    target_seg = seg[:, 1:]  # (B, T-1): segment of the token position t predicts
+    chosen_m = target_seg == CHOSEN
+    rejected_m = (target_seg == REJECTED) & (seg[:, :-1] == REJECTED)  # the first rejected token is not t+1's
+    nll_m = chosen_m | (target_seg == PROMPT) if nll_on_prompt else chosen_m
+    scored = ids[:, 1:].masked_fill(~(nll_m | rejected_m), -100)
+    token_lp = token_logprobs(logits[:, :-1], scored)  # (B, T-1)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    first = ids[rows, batch["chosen_last"] + 1]  # (B,) the first rejected token
+    first_lp = token_logprobs(logits[rows, batch["prompt_last"]][:, None], first[:, None])[:, 0]  # (B,)
+    chosen = (token_lp * chosen_m).sum(-1)
+    out = {"chosen": chosen, "rejected": (token_lp * rejected_m).sum(-1) + first_lp,
+           "chosen_n": chosen_m.sum(-1).to(chosen.dtype), "rejected_n": (rejected_m.sum(-1) + 1).to(chosen.dtype),
+           "chosen_nll": -(token_lp * nll_m).sum(-1) / nll_m.sum(-1).clamp(min=1)}
+    if "ref_chosen_logps" in batch:
+        out["ref_chosen"], out["ref_rejected"] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    return out
+
+
 @torch.no_grad()
-def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None) -> torch.Tensor:
+def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
+                shared_prompt: bool = False) -> torch.Tensor:
     """Summed completion log-probs of every pair under `model`: (N, 2) [chosen, rejected].
 
-    Pairs are scored in length-sorted batches; under several processes each scores
-    every n-th pair and the results are summed over processes (exact: zeros elsewhere).
+    Pairs are scored in length-sorted batches, as shared-prompt rows with `shared_prompt`
+    (`collate_shared_pairs`), else as 2B rows; under several processes each scores every
+    n-th pair and the results are summed over processes (exact: zeros elsewhere).
     """
     n = len(examples)
     out = torch.zeros(n, 2, dtype=torch.float64)
     process, processes = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-    mine = sorted(range(process, n, processes), key=lambda i: pair_length(examples[i]))
+    collate, width = (collate_shared_pairs, shared_pair_width) if shared_prompt else (collate_pairs, pair_length)
+    mine = sorted(range(process, n, processes), key=lambda i: width(examples[i]))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     for start in range(0, len(mine), batch_size):
         chunk = mine[start: start + batch_size]
-        batch = collate_pairs([examples[i] for i in chunk], pad_id)
+        batch = collate([examples[i] for i in chunk], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
             lp = pair_logps(model, batch)
@@ -210,15 +266,21 @@ class PreferenceStage:
                 self.eval_prompts = [r["prompt"] for r in rows.rows]
                 self.eval_references = [r["chosen"] for r in rows.rows]
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.shared_prompt = data.shared_prompt and supports_shared_prompt(self.model)
+        if data.shared_prompt and not self.shared_prompt:
+            accelerator.print(f"data.shared_prompt: attention {self.model.config._attn_implementation!r} cannot take "
+                              f"a custom 4D mask; pairs go as 2 rows each (chosen, rejected)")
         self.ref_every_step = False
         if self.objective.needs_reference:
             self._prepare_reference()
+        # widths: padded tokens of a pair in its layout (one row P+C+R, or two rows of P+max(C,R))
+        width = shared_pair_width if self.shared_prompt else pair_length
         self.batches = OfflineBatches(
-            self.examples, [pair_length(e) for e in self.examples], batch_size=recipe.train.batch_size,
+            self.examples, [width(e) for e in self.examples], batch_size=recipe.train.batch_size,
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
             collate_fn=self._collate, weight_fn=lambda e: 1, max_tokens=recipe.train.micro_batch_tokens,
-            rows_per_example=2)
+            rows_per_example=1 if self.shared_prompt else 2)
 
     # -- data and reference ------------------------------------------------------------
     def _tokenize(self, rows, key):
@@ -228,7 +290,7 @@ class PreferenceStage:
         return tokenized
 
     def _collate(self, examples: list[dict]) -> dict:
-        batch = collate_pairs(examples, self.pad_id)
+        batch = (collate_shared_pairs if self.shared_prompt else collate_pairs)(examples, self.pad_id)
         if "ref_chosen_logps" in examples[0]:
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
             batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples],
@@ -265,7 +327,8 @@ class PreferenceStage:
                     continue
                 scores = score_pairs(whole, examples, self.pad_id,
                                      batch_size=args.ref_batch_size or self.recipe.train.batch_size,
-                                     accelerator=self.accelerator)
+                                     accelerator=self.accelerator,
+                                     shared_prompt=self.shared_prompt and supports_shared_prompt(whole))
                 for e, (c, r) in zip(examples, scores.tolist()):
                     e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
         if reference is not self.model:
@@ -323,8 +386,9 @@ class PreferenceStage:
         was_training = unwrapped.training
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
+        width = shared_pair_width if self.shared_prompt else pair_length
         mine = sorted(range(acc.process_index, len(self.eval_examples), acc.num_processes),
-                      key=lambda i: pair_length(self.eval_examples[i]))
+                      key=lambda i: width(self.eval_examples[i]))
         bs = self.recipe.eval.batch_size
         loss, correct, margin = 0.0, 0.0, 0.0
         for start in range(0, len(mine), bs):

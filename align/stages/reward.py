@@ -7,9 +7,14 @@ LM head by a linear head giving one scalar, and train on comparisons with
 LoRA); loading a causal-LM folder into it keeps the backbone and initialises a new
 `score` head. The saved folder loads with `AutoModelForSequenceClassification.from_pretrained`.
 
-Per step: chosen and rejected of every pair are scored in ONE forward (rows
-[chosen_1..chosen_B, rejected_1..rejected_B], `collate_pairs`); the reward is read at
-the last real token of each row (`align.evaluate_rm.sequence_rewards`, pad == eos safe).
+Per step: chosen and rejected of every pair are scored in ONE forward. By default
+(`data.shared_prompt: true`) each pair is one row [prompt, chosen, rejected] with a 4D
+attention mask (prefix sharing, Wang et al. 2024: the prompt is computed once; the
+rejected tokens do not see the chosen ones), the rewards read at the last chosen and
+the last rejected token (`align.evaluate_rm.pair_rewards`); it falls back to rows
+[chosen_1..chosen_B, rejected_1..rejected_B] (`collate_pairs`, reward at the last real
+token of each row, pad == eos safe) for attention implementations that cannot take a
+4D mask (flash_attention_2, flex_attention) or with `data.shared_prompt: false`.
 The loss sum over the micro-batch is normalised by the number of pairs in the global
 batch (`_weight` = pairs), so it equals TRL RewardTrainer's mean loss per step.
 Optional per-pair `margin` column and reward centering (`center_rewards_coefficient`).
@@ -25,9 +30,16 @@ import torch
 from align import config as cfg
 from align import models
 from align.data import load_rows
-from align.evaluate_rm import score_pairs, sequence_rewards
+from align.evaluate_rm import pair_rewards, score_pairs
 from align.losses import bradley_terry_loss
-from align.preference_data import collate_pairs, pair_length, tokenize_preferences
+from align.preference_data import (
+    collate_pairs,
+    collate_shared_pairs,
+    pair_length,
+    shared_pair_width,
+    supports_shared_prompt,
+    tokenize_preferences,
+)
 from align.recipe import Recipe
 from align.stages.base import OfflineBatches
 
@@ -54,20 +66,29 @@ class RewardStage:
         self.tokenizer = models.load_tokenizer(recipe.model)
         self.pad_id = self.tokenizer.pad_token_id
         train = self._tokenize(recipe.data.train, "data.train")
-        self.batches = OfflineBatches(
-            train.examples, [pair_tokens(e) for e in train.examples], batch_size=recipe.train.batch_size,
-            grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
-            processes=accelerator.num_processes, seed=recipe.seed, group_by_length=recipe.data.group_by_length,
-            collate_fn=lambda exs: collate_pairs(exs, self.pad_id), weight_fn=lambda e: 1,
-            max_tokens=recipe.train.micro_batch_tokens, widths=[pair_length(e) for e in train.examples],
-            rows_per_example=2,
-        )
         self.eval_examples = []
         if recipe.data.eval is not None:
             self.eval_examples = self._tokenize(recipe.data.eval, "data.eval").examples
             if recipe.data.eval_limit is not None:
                 self.eval_examples = self.eval_examples[: recipe.data.eval_limit]
         self.model = models.load_model(recipe.model, self.tokenizer, head="score", seed=recipe.seed)
+        self.shared_prompt = recipe.data.shared_prompt and supports_shared_prompt(self.model)
+        if recipe.data.shared_prompt and not self.shared_prompt:
+            accelerator.print(f"data.shared_prompt: attention {self.model.config._attn_implementation!r} cannot take "
+                              f"a custom 4D mask; pairs go as 2 rows each (chosen, rejected)")
+        # lengths: input tokens of a pair in its layout; widths: its padded width per row
+        if self.shared_prompt:
+            collate, lengths, widths, rows = collate_shared_pairs, shared_pair_width, shared_pair_width, 1
+        else:
+            collate, lengths, widths, rows = collate_pairs, pair_tokens, pair_length, 2
+        self.batches = OfflineBatches(
+            train.examples, [lengths(e) for e in train.examples], batch_size=recipe.train.batch_size,
+            grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
+            processes=accelerator.num_processes, seed=recipe.seed, group_by_length=recipe.data.group_by_length,
+            collate_fn=lambda exs: collate(exs, self.pad_id), weight_fn=lambda e: 1,
+            max_tokens=recipe.train.micro_batch_tokens, widths=[widths(e) for e in train.examples],
+            rows_per_example=rows,
+        )
 
     def _tokenize(self, spec, key):
         pairs = tokenize_preferences(load_rows(spec, key=key), self.tokenizer, max_length=self.recipe.data.max_length,
@@ -80,8 +101,7 @@ class RewardStage:
         return self.batches(step)
 
     def loss(self, model, batch):
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-        chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+        chosen, rejected = pair_rewards(model, batch)  # (B,), (B,)
         loss_sum = bradley_terry_loss(chosen, rejected, batch.get("margin"),
                                       center_coefficient=self.args.center_rewards_coefficient, reduction="sum")
         return loss_sum, pair_metrics(chosen.detach(), rejected.detach(), prefix="")
@@ -93,7 +113,7 @@ class RewardStage:
         if not self.eval_examples:
             return {}
         chosen, rejected = score_pairs(model, self.eval_examples, self.pad_id, batch_size=self.recipe.eval.batch_size,
-                                       accelerator=self.accelerator)
+                                       accelerator=self.accelerator, shared_prompt=self.shared_prompt)
         margin = None
         if "margin" in self.eval_examples[0]:
             margin = torch.tensor([e.get("margin", 0.0) for e in self.eval_examples])
