@@ -97,8 +97,7 @@ def test_dqn_learns_cartpole_quickly(tmp_path):
 
 
 def test_a2c_learns_cartpole_quickly(tmp_path):
-    # at 10k steps the return is a coin flip around 100 (seeds 0-3: 70-120); at 40k it is 200-420
-    metrics = run("cartpole-a2c", tmp_path, "total_steps=40000", "eval_every=20000")
+    metrics = run("cartpole-a2c", tmp_path, "total_steps=10000", "eval_every=5000")
     assert metrics["eval/return_mean"] >= 100
 
 

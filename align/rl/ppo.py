@@ -3,7 +3,7 @@
 Schulman et al. 2017, "Proximal Policy Optimization Algorithms", with the details of
 CleanRL's `ppo.py` (Huang et al. 2022, "The 37 Implementation Details of PPO"):
 orthogonal init, separate actor and critic MLPs, advantage whitening per minibatch,
-value clipping, gradient-norm clipping, linear LR annealing.
+optional value clipping, gradient-norm clipping, linear LR annealing.
 
 The math is imported, not re-derived: GAE (`gae_advantages`), the clipped surrogate
 (`ppo_clip_loss`) and the clipped value loss (`clipped_value_loss`) come from
@@ -19,8 +19,9 @@ Speed (the network is tiny, so the cost is per-op overhead, not arithmetic): the
 and critic run as one stacked network (`ActorCritic`, one batched matmul per hidden
 layer for both); acting is a numpy forward over views of the same weights; the
 environments use NEXT_STEP autoreset (`align.rl.envs.make_next_step_vector_env`:
-Gymnasium's numpy-vectorised CartPole); Adam is fused; per-minibatch statistics stay
-tensors until the update ends.
+Gymnasium's numpy-vectorised CartPole); tanh goes through sigmoid (`Tanh`); the
+parameters live in one flat tensor for a fused Adam and one-op gradient clipping
+(`flatten_parameters`); per-minibatch statistics stay tensors until the update ends.
 
 Environment steps are counted as real transitions: the reset step NEXT_STEP inserts
 after an episode ends (its action is ignored) is neither counted nor trained on.
@@ -164,6 +165,26 @@ class ActorCritic(nn.Module):
         return forward
 
 
+def flatten_parameters(module: nn.Module) -> nn.Parameter:
+    """Make `module`'s parameters views into one flat parameter, and their gradients views
+    into its `.grad` (P,), P = all parameters.
+
+    The optimizer and the gradient clipping then see one tensor instead of eight: a step
+    is a handful of ops, not a Python loop over parameters. Backward still writes each
+    parameter's gradient, adding into the view in place (so zero `flat.grad` with
+    `zero_()` and never set it to None). The numbers are those of per-parameter Adam.
+    """
+    params = list(module.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))  # (P,)
+    flat.grad = torch.zeros_like(flat)
+    start = 0
+    for p in params:
+        p.data = flat.data[start:start + p.numel()].view_as(p)
+        p.grad = flat.grad[start:start + p.numel()].view_as(p)
+        start += p.numel()
+    return flat
+
+
 def sampler(model: ActorCritic, rng: np.random.Generator):
     """Acting policy: obs (N, obs) -> actions (N,), log pi(a|s) (N,), V(s) (N,), all numpy.
 
@@ -277,8 +298,8 @@ def train(cfg: PPOConfig) -> dict:
 
     envs = make_next_step_vector_env(cfg.env, cfg.num_envs)
     model = ActorCritic(n_obs, n_actions, cfg.hidden)
-    params = list(model.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)
+    flat = flatten_parameters(model)  # before numpy_forward takes views of the parameters
+    optimizer = torch.optim.Adam([flat], lr=cfg.lr, eps=1e-5, fused=True)
     act, value = sampler(model, np.random.default_rng(cfg.seed)), model.numpy_forward()
     evaluator = Evaluator(cfg.env, cfg.eval_episodes, cfg.seed)
     log = RunLog(cfg)
@@ -311,9 +332,9 @@ def train(cfg: PPOConfig) -> dict:
                 loss = pg_loss + cfg.vf_coef * v_loss
                 if cfg.ent_coef:
                     loss = loss - cfg.ent_coef * entropy_from_logits(logits).mean()
-                optimizer.zero_grad(set_to_none=True)
+                flat.grad.zero_()
                 loss.backward()
-                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+                nn.utils.clip_grad_norm_(flat, cfg.max_grad_norm)
                 optimizer.step()
                 clipfracs.append(clipped.mean())
             kl = approx_kl(new_logp.detach(), b["logps"][mb]).mean()  # last minibatch, before its step
