@@ -83,7 +83,8 @@ def _greedy_completions(model, tokenizer, prompts: list, *, max_new_tokens: int,
             mask[row, width - n:] = 1
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=False)
+                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=False,
+                                   use_cache=True)  # the loader sets config.use_cache=False with checkpointing
         for row, i in enumerate(chunk):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     model.train(was_training)

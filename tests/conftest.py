@@ -20,6 +20,20 @@ def repo_root():
     return REPO
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_unless_asked():
+    """`train.mixed_precision: auto` picks bf16 autocast on CPUs with AVX512-BF16/AMX, and CI's CPU
+    may or may not have it: tests compare exact numbers, so in-process runs see a machine without
+    native bf16 (subprocess tests pass --mixed_precision no to accelerate launch). Its own patcher:
+    a test's monkeypatch.undo() must not undo it, and module-scoped fixtures run under it too. tests/test_engine.py checks the choice itself."""
+    from align import engine
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(engine, "native_bf16", lambda: False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _run_from_repo(monkeypatch):
     """Recipes name data relative to the repository root, as the README's commands run there."""

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from align import builtin
-from align.data import (IGNORE, GlobalBatches, collate, load_rows, pack, split_by_token_budget, split_global_batch,
-                        tokenize_sft)
+from align.data import (
+    IGNORE,
+    GlobalBatches,
+    collate,
+    load_rows,
+    pack,
+    split_by_token_budget,
+    split_global_batch,
+    tokenize_sft,
+)
 from align.errors import AlignError
 
 

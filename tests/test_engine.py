@@ -183,3 +183,22 @@ def test_two_processes_without_cpu_mode_stop_instead_of_training_unsynchronised(
             engine.warn_if_world_size_differs(alone)
     monkeypatch.setattr(engine, "requested_processes", lambda: 2)
     engine.warn_if_world_size_differs(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+
+
+def test_auto_mixed_precision_follows_the_launcher_then_the_hardware(monkeypatch):
+    """auto: accelerate launch's --mixed_precision, else bf16 where bf16 is native, else fp32."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(engine, "native_bf16", lambda: True)
+    assert engine.resolve_mixed_precision("auto") == "bf16"
+    assert engine.resolve_mixed_precision("no") == "no"  # an explicit recipe value wins
+    monkeypatch.setattr(engine, "native_bf16", lambda: False)
+    assert engine.resolve_mixed_precision("auto") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert engine.resolve_mixed_precision("auto") == "bf16"
+
+
+def test_runs_with_different_precisions_follow_each_other_in_one_process(tmp_path):
+    """Accelerate refuses a second precision in one process unless align resets its state."""
+    _run(tiny_sft_recipe(tmp_path / "bf16", **{"train.mixed_precision": "bf16", "train.max_steps": 1}))
+    _run(tiny_sft_recipe(tmp_path / "fp32", **{"train.mixed_precision": "no", "train.max_steps": 1}))
+    assert (tmp_path / "fp32/model.safetensors").is_file()

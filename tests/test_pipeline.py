@@ -85,9 +85,15 @@ def test_bad_pipelines_fail_before_running(tmp_path):
 
 def test_shipped_pipeline_validates():
     pipeline, plan = load_pipeline(REPO / "recipes/tiny/pipeline.yaml")
-    assert [s.name for s, _ in plan] == ["sft", "reward", "rm-eval", "dpo", "ppo", "grpo"]
+    assert [s.name for s, _ in plan] == ["sft", "reward", "rm-eval", "dpo", "reward-policy", "ppo", "grpo"]
     sft_dir = str(REPO / "runs/tiny/pipeline/sft") if pipeline.output_dir.startswith("/") else "runs/tiny/pipeline/sft"
-    assert all(job.model.name_or_path == sft_dir for s, job in plan if s.name in ("reward", "dpo", "ppo", "grpo"))
+    assert all(job.model.name_or_path == sft_dir
+               for s, job in plan if s.name in ("reward", "dpo", "reward-policy", "ppo", "grpo"))
+    jobs = {s.name: job for s, job in plan}
+    # PPO's reward model is the one trained on the SFT policy's own samples, written inside the pipeline
+    assert jobs["ppo"].stage_args.reward_model.endswith("reward-policy")
+    assert jobs["reward-policy"].data.from_policy.policy == sft_dir
+    assert jobs["reward-policy"].data.train == jobs["reward-policy"].data.from_policy.train.output
 
 
 def test_pipeline_under_two_cpu_processes(tmp_path):
