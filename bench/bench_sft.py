@@ -5,7 +5,7 @@
 
 Same model for everyone: `builtin:small` (Llama, hidden 256, 6 layers, ~5M parameters),
 built once, saved to a folder and loaded from it by every system (TRL needs a model
-path); fp32; batch 8. Every measurement runs in its own process (OMP_NUM_THREADS=1,
+path); batch 8; precision as each system says. Every measurement runs in its own process (OMP_NUM_THREADS=1,
 torch.set_num_threads(1)); systems are interleaved in rounds with a 512x512 matmul probe
 before and after each measurement, and a round with a probe below 60% of the best probe
 seen is discarded and retried (see `bench/common.py`).
@@ -15,7 +15,8 @@ seen is discarded and retried (see `bench/common.py`).
     first trained. The figure is the median time of the steps after `--a-warmup`:
     - `plain`: a plain loop on prebuilt (B, T) tensors: forward, summed cross-entropy /
       token count, backward, clip_grad_norm_(1.0), AdamW step, zero_grad, loss.item();
-    - `align`: `align.engine.run(load_recipe(...))`, the real engine path on a JSONL
+    - `align`: `align.engine.run(load_recipe(...))` in fp32 without checkpointing (like the plain
+      loop), the real engine path on a JSONL
       (stage sft, its defaults + the batch, length, lr and steps); per-step time read
       from `log.jsonl` (`train.log_steps=1`: tokens / train/tokens_per_second), which
       covers all of align's per-step work: batch selection, collate, loss weights,
@@ -29,10 +30,15 @@ seen is discarded and retried (see `bench/common.py`).
     wall time from building the trainer/stage (model load and tokenization included)
     to the end of training (align: `engine.run`, which also writes the final model;
     TRL: `SFTTrainer(...)` + `train()`, no save), and peak resident memory:
-    - `align`: align's defaults (padded micro-batches, no packing);
-    - `align-packing`: `data.packing=true` (NOT align's default);
-    - `align-packing-ckpt`: + `model.gradient_checkpointing=true` (TRL's memory-saving default);
-    - `align-packing-ckpt-bf16`: + `train.mixed_precision=bf16` (TRL's other one): like for like with `trl`;
+    - `align`: align's defaults: bf16 autocast where the CPU/GPU computes bf16 natively
+      (`train.mixed_precision: auto`; this machine's CPU has AVX512-BF16), gradient
+      checkpointing, padded micro-batches sorted by length, no attention mask for
+      right-padded rows (exact under causal attention);
+    - `align-packing`: + `data.packing=true` (not a default);
+    - `align-fp32`: `train.mixed_precision="no"`, no checkpointing (align's defaults before
+      2026-11-25); `align-packing-fp32`: the same, packed;
+    - `align-bf16-mbt1024` (opt-in): bf16, no checkpointing, at most 1,024 padded tokens per
+      forward (`train.micro_batch_tokens`): memory bounded by smaller micro-batches instead;
     - `align-padding-free` (opt-in): `data.padding_free=true`;
     - `trl`: `SFTConfig` defaults (bf16 autocast, gradient checkpointing, padded
       batches) + `use_cpu=True` (required on CPU);
@@ -64,14 +70,15 @@ from common import (HH, child_env, clean_rounds, emit, interleaved, machine_load
                     print_table, reset_peak_rss, run_child, setup_child)
 
 A_SYSTEMS = ["plain", "align", "trl", "trl-defaults"]
-B_SYSTEMS = ["align", "align-packing", "align-packing-ckpt", "align-packing-ckpt-bf16", "align-padding-free", "trl",
-             "trl-fp32", "trl-packing"]
 # system -> recipe overrides on top of align's defaults (part b)
-ALIGN_B = {"align": [], "align-packing": ["data.packing=true"],
-           "align-packing-ckpt": ["data.packing=true", "model.gradient_checkpointing=true"],
-           "align-packing-ckpt-bf16": ["data.packing=true", "model.gradient_checkpointing=true",
-                                       "train.mixed_precision=bf16"],
+FP32 = ['train.mixed_precision="no"', "model.gradient_checkpointing=false"]  # fp32, keep activations
+ALIGN_B = {"align": [],  # defaults: bf16 autocast where native (this CPU: AVX512-BF16), checkpointing
+           "align-packing": ["data.packing=true"],
+           "align-fp32": FP32,
+           "align-packing-fp32": ["data.packing=true", *FP32],
+           "align-bf16-mbt1024": ["model.gradient_checkpointing=false", "train.micro_batch_tokens=1024"],
            "align-padding-free": ["data.padding_free=true"]}
+B_SYSTEMS = [*ALIGN_B, "trl", "trl-fp32", "trl-packing"]
 # system -> SFTConfig settings on top of TRL's defaults (use_cpu is added on a CPU-only machine)
 TRL_SETTINGS = {
     "trl": {"bf16": False, "gradient_checkpointing": False},  # part (a): like for like
@@ -119,11 +126,8 @@ def prepare(work: Path, args) -> dict:
     packed = pack(examples, args.max_length)
     tokens = sum(len(e["input_ids"]) for e in examples)
     return {"params": params, "b_samples": len(examples), "b_tokens": tokens, "b_packed_rows": len(packed),
-            "b_steps": {"align": math.ceil(len(examples) / args.batch),
-                        "align-packing": math.ceil(len(packed) / args.batch),
-                        "align-packing-ckpt": math.ceil(len(packed) / args.batch),
-                        "align-packing-ckpt-bf16": math.ceil(len(packed) / args.batch),
-                        "align-padding-free": math.ceil(len(examples) / args.batch)}}
+            "b_steps": {name: math.ceil((len(packed) if "data.packing=true" in overrides else len(examples))
+                                        / args.batch) for name, overrides in ALIGN_B.items()}}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -197,7 +201,7 @@ def child_a(system: str, work: Path, args) -> dict:
 
         run(align_recipe(work, out, "fixed.jsonl", [
             f"data.max_length={args.seq}", f"train.batch_size={args.batch}", f"train.max_steps={steps}",
-            f"train.lr={LR}", "train.log_steps=1"]))
+            f"train.lr={LR}", "train.log_steps=1", *FP32]))
         records = [json.loads(line) for line in (out / "log.jsonl").open()]
         rates = [r["train/tokens_per_second"] for r in records if "train/tokens_per_second" in r]
         times = [args.batch * args.seq / rate for rate in rates]
@@ -293,7 +297,7 @@ def main() -> None:
     parser.add_argument("--a-systems", default="plain,align,trl")
     parser.add_argument("--b-rows", type=int, default=96, help="(b) dialogues in the pass")
     parser.add_argument("--max-length", type=int, default=512, help="(b) truncation length (tokens)")
-    parser.add_argument("--b-systems", default="align,align-packing,align-packing-ckpt-bf16,trl,trl-fp32")
+    parser.add_argument("--b-systems", default="align,align-packing,align-fp32,trl,trl-fp32")
     parser.add_argument("--throttle", type=float, default=0.6, help="discard rounds with a probe below this x best")
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -319,7 +323,7 @@ def main() -> None:
         common_argv = [__file__, "--work", str(work), "--batch", str(args.batch), "--seq", str(args.seq),
                        "--a-steps", str(args.a_steps), "--a-warmup", str(args.a_warmup),
                        "--b-rows", str(args.b_rows), "--max-length", str(args.max_length)]
-        print(f"builtin:small ({info['params'] / 1e6:.2f}M parameters), fp32, batch {args.batch}, "
+        print(f"builtin:small ({info['params'] / 1e6:.2f}M parameters), batch {args.batch}, "
               f"OMP_NUM_THREADS=1, one process per measurement; {machine_load()}", flush=True)
 
         if args.part in ("a", "all"):
