@@ -26,6 +26,7 @@ counted (all dropped is an error).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -260,11 +261,20 @@ SHARED_PROMPT_ATTENTION = ("sdpa",)
 
 
 def supports_shared_prompt(model) -> bool:
-    """Whether `model` (through DDP / PEFT wrappers) can take a shared-prompt batch: its attention
-    implementation applies a custom 4D mask (`SHARED_PROMPT_ATTENTION`)."""
+    """Whether `model` (through DDP / PEFT wrappers) can take a shared-prompt batch exactly: its
+    attention implementation applies a custom 4D mask (`SHARED_PROMPT_ATTENTION`), its forward takes
+    position_ids, and no layer uses sliding-window attention (a custom mask replaces the window)."""
     model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in SHARED_PROMPT_ATTENTION
+    if getattr(config, "_attn_implementation", None) not in SHARED_PROMPT_ATTENTION:
+        return False
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return False
+    return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
 
 
 def is_shared_batch(batch: dict) -> bool:

@@ -11,7 +11,10 @@ beta, learning rate and fp32. Three systems, each run in its own process:
 - `align`: `stage: dpo`; reference log-probs precomputed from the starting policy
   (no second model), length-grouped batches;
 - `trl`: `DPOTrainer` with its defaults (a reference model loaded and run every step);
-- `trl-precompute`: `DPOTrainer(precompute_ref_log_probs=True)`.
+- `trl-precompute`: `DPOTrainer(precompute_ref_log_probs=True)`;
+- `align-2row` (not run by default): `align` with `data.shared_prompt=false`, each pair as two
+  rows [prompt, chosen], [prompt, rejected] instead of one shared-prompt row (the A/B of
+  prefix sharing).
 
 The epoch time is measured from building the trainer/stage (tokenization and the
 reference pass included, and loading the model from its folder) to the end of training,
@@ -36,7 +39,7 @@ from pathlib import Path
 from common import emit, probe_clean, rotating_reps, rss_mb  # shared protocol helpers (bench/common.py)
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-SYSTEMS = ["align", "trl", "trl-precompute"]
+SYSTEMS = ["align", "trl", "trl-precompute", "align-2row"]
 LR = 1e-6
 
 
@@ -85,7 +88,7 @@ def child(system: str, work: Path, batch: int, max_length: int, beta: float) -> 
     cuda = torch.cuda.is_available()
     base = rss_mb("VmRSS")
     steps = sum(1 for _ in (work / "pairs.jsonl").open()) // batch
-    if system == "align":
+    if system.startswith("align"):
         from align.engine import run
         from align.recipe import load_recipe
         from align.stages import preference  # noqa: F401
@@ -95,7 +98,7 @@ def child(system: str, work: Path, batch: int, max_length: int, beta: float) -> 
             f"data.train={work / 'pairs.jsonl'}", f"data.max_length={max_length}", f"train.batch_size={batch}",
             f"train.max_steps={steps}", f"train.lr={LR}", "train.save_steps=100000", "train.log_steps=100000",
             "train.progress_bar=false", "train.mixed_precision=\"no\"", "train.warmup_steps=0", f"dpo.beta={beta}",
-            "eval.generate=false"])
+            "eval.generate=false", f"data.shared_prompt={str(system == 'align').lower()}"])
         start = time.perf_counter()
         run(recipe)
         seconds = time.perf_counter() - start
@@ -133,7 +136,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS[:3]))
     parser.add_argument("--child", choices=SYSTEMS)
     parser.add_argument("--work")
     args = parser.parse_args()
@@ -169,7 +172,7 @@ def main() -> None:
             print(f"{system:17s} {summary[system][0]:10.2f}            {summary[system][1]:8.1f}   "
                   f"{len([r for r in rs if clean(r)])}/{len(rs)}")
         if "align" in summary:
-            for peer in ("trl", "trl-precompute"):
+            for peer in ("trl", "trl-precompute", "align-2row"):
                 if peer in summary:
                     print(f"align vs {peer}: {summary[peer][0] / summary['align'][0]:.2f}x speed, "
                           f"{summary['align'][1] / summary[peer][1]:.2f}x peak memory")

@@ -15,7 +15,10 @@ max_length=1024 both keep every pair untruncated), each tool with its defaults:
 - `trl-fp32`: the same with `bf16=False, gradient_checkpointing=False` (like for like
   with `align`);
 - `align-ckpt-bf16`: align with TRL's two memory-saving defaults turned on
-  (`model.gradient_checkpointing=true`, `train.mixed_precision=bf16`): like for like with `trl`.
+  (`model.gradient_checkpointing=true`, `train.mixed_precision=bf16`): like for like with `trl`;
+- `align-2row` (not run by default): `align` with `data.shared_prompt=false`, each pair as two
+  rows [prompt, chosen], [prompt, rejected] instead of one shared-prompt row (the A/B of
+  prefix sharing).
 
 pairs/s: one epoch over the pairs (batch 8 both: pairs/8 optimizer steps) divided by its
 time from the start of training to the end of the last step (setup, tokenization and
@@ -48,6 +51,7 @@ HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless
 SYSTEMS = {
     "align": ("align", []),
     "align-ckpt-bf16": ("align", ["model.gradient_checkpointing=true", "train.mixed_precision=bf16"]),
+    "align-2row": ("align", ["data.shared_prompt=false"]),
     "trl": ("trl", {}),
     "trl-fp32": ("trl", {"bf16": False, "gradient_checkpointing": False}),
 }
@@ -197,7 +201,7 @@ def main() -> None:
             print(f"{system:10s} {summary[system][0]:12.2f}        {summary[system][1]:9.1f}   "
                   f"{len([r for r in rs if clean(r)])}/{len(rs)}")
         for ours in [s for s in summary if SYSTEMS[s][0] == "align"]:
-            for peer in [s for s in summary if SYSTEMS[s][0] == "trl"]:
+            for peer in [s for s in summary if SYSTEMS[s][0] == "trl" or (s == "align-2row" and ours != s)]:
                 print(f"{ours} vs {peer}: {summary[ours][0] / summary[peer][0]:.2f}x pairs/s, "
                       f"{summary[ours][1] / summary[peer][1]:.2f}x peak memory")
 

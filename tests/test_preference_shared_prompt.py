@@ -90,6 +90,12 @@ def test_pair_rewards_equal_the_two_row_layout():
 def test_attention_that_cannot_take_a_4d_mask_falls_back(tmp_path, capsys):
     assert supports_shared_prompt(LlamaForCausalLM(_config()))
     assert not supports_shared_prompt(LlamaForCausalLM(_config(attn_implementation="eager")))
+    from transformers import MistralConfig, MistralForCausalLM
+
+    windowed = MistralConfig(**{k: getattr(_config(), k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                                   "num_hidden_layers", "num_attention_heads")},
+                             sliding_window=8, attn_implementation="sdpa")
+    assert not supports_shared_prompt(MistralForCausalLM(windowed))  # a custom mask would drop the window
     _weights(tmp_path, "simpo", True, "model.attn_implementation=eager", "train.max_steps=1")
     assert "cannot take a custom 4D mask; pairs go as 2 rows each" in capsys.readouterr().out
 
