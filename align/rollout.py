@@ -4,11 +4,14 @@ A rollout of B prompts is
 
 1. **left-padded prompts** (`left_pad`): generation continues from the right edge of
    every row, so all rows share one KV cache and one position of the next token;
-2. **batched sampling with a KV cache** (`sample`): Hugging Face `generate` with
-   temperature, top-p, top-k and max_new_tokens, stopping at EOS. Rows that finished
-   early are filled with the pad token by `generate`. The random choice is made by
-   **per-row Gumbel-max** (see "Reproducible across world sizes" below), not by
-   `generate`'s `torch.multinomial` on the global RNG;
+2. **batched sampling with a KV cache** (`sample`, our own decode loop `_decode`):
+   temperature, top-k, top-p (transformers' warpers, in its order) and max_new_tokens,
+   stopping when every row has produced EOS; rows that finished early are filled with
+   the pad token. Token for token what `generate` gives (tested), without its per-token
+   machinery, and each DISTINCT prompt is forwarded once (`unique_prompts`; a GRPO
+   group repeats its prompt G times), its keys/values then selected for every copy.
+   The random choice is made by **per-row Gumbel-max** (see "Reproducible across world
+   sizes" below), not by `torch.multinomial` on the global RNG;
 3. a **completion mask that ends at the first EOS** (`completion_mask`), the EOS
    included: tokens after it (pads, or anything sampled once pad == eos) are never
    trained or scored. `ended` says whether the row produced an EOS at all (the
@@ -16,7 +19,8 @@ A rollout of B prompts is
 4. **log-probs of the sampled tokens recomputed by a forward pass** (`completion_logprobs`)
    under the policy and, when there is one, under the reference model: a real forward
    over prompt + completion with the positions generation used (left padding shifts
-   them), NOT the scores `generate` returns (those come from the cached incremental
+   them; repeated prompts again run once, with gradient, see `completion_logprobs`),
+   NOT the scores of the decode loop (those come from the cached incremental
    pass and, with top-k/top-p, from the warped distribution). Logits are divided by
    the sampling temperature before the softmax, as TRL does, so the log-probs are those
    of the distribution the tokens were drawn from. Dropout is the caller's business:
@@ -25,7 +29,7 @@ A rollout of B prompts is
 
 Reproducible across world sizes. A completion depends only on the model, its prompt,
 the seed and the row's own key, never on which process sampled it or which rows
-shared its batch: `generate` picks the argmax of the warped logits (temperature, then
+shared its batch: the decode loop picks the argmax of the warped logits (temperature, then
 top-k, then top-p, transformers' order) plus Gumbel noise g = -log(-log u), which is a
 draw from exactly the warped softmax (the Gumbel-max trick). The uniform u of row r,
 new token t and vocabulary entry v is a counter-based hash of (key_r, t, v)
@@ -40,12 +44,12 @@ sample flips only if that moves one perturbed logit past another, which is negli
 ZeRO-3 (verified on CPU: 2 processes, DeepSpeed 0.19.8 over gloo, tests/test_deepspeed.py;
 not yet on a GPU). Under ZeRO stage 3 every parameter is sharded across processes and
 materialised by forward hooks one module at a time. That is correct but slow for
-`generate`, which calls the model once per new token, and the hooks are collectives, so
+the decode loop, which calls the model once per new token, and the hooks are collectives, so
 processes would have to generate in lockstep. `generation_model` (`align.models.gathered`)
-therefore gathers all parameters ONCE for the whole `generate` call and takes the engine's
+therefore gathers all parameters ONCE for the whole decode and takes the engine's
 ZeRO-3 hooks off meanwhile (TRL's `unwrap_model_for_generation` with
 gather_deepspeed3_params=True does the same): nothing inside talks to other processes,
-so `generate` runs with synced_gpus=False and processes may generate different numbers
+so no lockstep is needed and processes may generate different numbers
 of batches. Entering and leaving is collective: every process calls `sample` together.
 The log-prob forward passes go through the engine itself (its hooks gather as usual), so
 every process must score the same number of `batch_size` chunks. Models too large to
@@ -119,7 +123,7 @@ def is_zero3(model, accelerator=None) -> bool:
 
 @contextmanager
 def generation_model(model, accelerator=None):
-    """The bare module to call `generate` on, with its parameters gathered once under ZeRO-3.
+    """The bare module to decode with, with its parameters gathered once under ZeRO-3.
 
     Collective under ZeRO-3: every process must enter it. Elsewhere it only unwraps
     DDP / accelerate wrappers.
@@ -143,7 +147,7 @@ class SamplingConfig:
     top_k: int = 0
     """0 disables top-k (transformers' default would otherwise be 50)."""
     batch_size: int = 256
-    """Rows per `generate` call."""
+    """Rows per decode call."""
 
 
 _M32 = 0xFFFFFFFF
@@ -308,14 +312,58 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, sampli
 # log-probs of given completions, by a real forward
 # ---------------------------------------------------------------------------
 def _shares_prompts(model) -> bool:
-    """Whether `completion_logprobs` may split the forward at the prompt: not under DeepSpeed (its engine is
-    called once per step) and not with gradient checkpointing (transformers then drops the cache)."""
-    if hasattr(model, "zero_optimization_stage"):
-        return False
-    bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    flag = "is_activation_checkpointing" if hasattr(type(bare), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return not getattr(bare, flag, False)
+    """Whether `completion_logprobs` may put a group in one row: the attention applies a custom 4D mask."""
+    from align.preference_data import supports_shared_prompt
+
+    return supports_shared_prompt(model)
+
+
+def grouped_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                 mask: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One row per distinct prompt: [prompt, copy 1's completion, copy 2's, ...] with a 4D mask.
+
+    Prefix sharing (as `align.preference_data.collate_shared_pairs` does for pairs): the
+    completion tokens of each copy see the prompt's real tokens and their own earlier
+    real tokens, never another copy's, and continue the prompt's positions, so their
+    logits equal those of the separate rows [prompt, completion]. Only the first C - 1
+    completion tokens are fed (the last predicts nothing).
+
+    -> input_ids, position_ids (U, T), T = P + max group size x (C - 1); attention_mask
+    (U, 1, T, T) bool, True = may attend (every query sees itself: no empty row);
+    rows (B, 1) and columns (B, C): where the logits predicting each completion token sit.
+    """
+    first, inverse = shared
+    B, P = prompt_ids.shape
+    C1 = completion_ids.shape[1] - 1  # fed completion tokens per copy
+    U, device = first.shape[0], prompt_ids.device
+    order = torch.argsort(inverse, stable=True)  # (B,) rows grouped by prompt
+    counts = torch.bincount(inverse, minlength=U)  # (U,)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(inverse)
+    rank[order] = torch.arange(B, device=device) - starts[inverse[order]]  # (B,) copy index within its group
+    T = P + int(counts.max()) * C1
+    input_ids = torch.zeros(U, T, dtype=prompt_ids.dtype, device=device)
+    input_ids[:, :P] = prompt_ids[first]
+    key_ok = torch.zeros(U, T, dtype=torch.bool, device=device)  # real token: may be attended
+    key_ok[:, :P] = prompt_mask[first].bool()
+    segment = torch.full((U, T), -1, dtype=torch.long, device=device)  # 0 prompt, k + 1 copy k, -1 unused
+    segment[:, :P] = 0
+    positions = torch.zeros(U, T, dtype=torch.long, device=device)
+    positions[:, :P] = position_ids_of(prompt_mask[first])
+    full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)  # (B, P + C)
+    rows = inverse[:, None]  # (B, 1)
+    cols = P + rank[:, None] * C1 + torch.arange(C1, device=device)  # (B, C1): where copy b's tokens go
+    input_ids[rows, cols] = completion_ids[:, :C1]
+    key_ok[rows, cols] = mask[:, :C1].bool()
+    segment[rows, cols] = rank[:, None] + 1
+    positions[rows, cols] = position_ids_of(full_mask)[:, P: P + C1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    query, key = segment[:, :, None], segment[:, None, :]  # (U, T, 1), (U, 1, T)
+    allowed = causal & key_ok[:, None, :] & ((key == 0) | (key == query))  # (U, T, T)
+    allowed |= torch.eye(T, dtype=torch.bool, device=device)
+    columns = torch.cat([torch.full((B, 1), P - 1, device=device), cols], 1)  # (B, C): token t read at column
+    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": allowed[:, None],
+            "rows": rows, "columns": columns}
 
 
 def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
@@ -329,31 +377,25 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     each position's distribution (B, C).
 
     The last completion token predicts nothing, so it is not fed. When prompts repeat (a
-    GRPO group), the forward is split at the prompt: each distinct prompt runs once, its
-    keys/values (and the logits of the first completion token) are selected for every
-    copy, and the completion tokens run on that cache. Same function as the single
-    forward (causal attention: prompt tokens never see the completion), up to float
-    rounding, with the prompt's compute and gradient paid once per group (plain modules
-    and DDP; DeepSpeed and gradient checkpointing take the single forward).
+    GRPO group), a group goes as ONE row (`grouped_rows`: the prompt once, then every
+    copy's completion, a 4D mask keeping the copies apart): the same function as the
+    separate rows up to float rounding, with the prompt's compute and gradient paid once
+    per group. One forward, so DDP, DeepSpeed and gradient checkpointing are unaffected;
+    attention implementations that cannot take a 4D mask (`align.preference_data.
+    SHARED_PROMPT_ATTENTION`) get the separate rows.
     """
-    P, C = prompt_ids.shape[1], completion_ids.shape[1]
+    P = prompt_ids.shape[1]
     shared = unique_prompts(prompt_ids, prompt_mask) if _shares_prompts(model) else None
-    full_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)  # (B, P + C)
     if shared is None:
-        input_ids = torch.cat([prompt_ids, completion_ids[:, :-1]], 1)  # (B, P + C - 1)
-        attention_mask = full_mask[:, :-1]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+        attention_mask = torch.cat([prompt_mask, mask[:, :-1].to(prompt_mask.dtype)], 1)  # (B, P + C - 1)
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], 1), attention_mask=attention_mask,
                        position_ids=position_ids_of(attention_mask), use_cache=False).logits  # (B, P + C - 1, V)
         logits = logits[:, P - 1:].float()  # (B, C, V): position P-1+t predicts completion token t
     else:
-        bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        head, cache = _prompt_pass(bare, prompt_ids, prompt_mask, shared)  # (B, V); DDP's forward runs below
-        logits = head[:, None]  # (B, 1, V)
-        if C > 1:
-            rest = model(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
-                         position_ids=position_ids_of(full_mask)[:, P: P + C - 1], cache=cache,
-                         use_cache=True).logits  # (B, C - 1, V)
-            logits = torch.cat([logits, rest.float()], 1)  # (B, C, V)
+        g = grouped_rows(prompt_ids, prompt_mask, completion_ids, mask, shared)
+        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], position_ids=g["position_ids"],
+                       use_cache=False).logits  # (U, T, V)
+        logits = logits[g["rows"], g["columns"]].float()  # (B, C, V)
     if temperature != 1.0:
         logits = logits / temperature
     labels = completion_ids.masked_fill(mask == 0, -100)

@@ -56,7 +56,7 @@ def child_align(model_dir: str, total: int, out_dir: str) -> list[float]:
     data.write_text("".join(json.dumps(r) + "\n" for r in prompts()))
     recipe = load_recipe(None, data={
         "stage": "grpo", "output_dir": str(Path(out_dir) / "align"), "seed": 0,
-        "model": {"name_or_path": model_dir}, "data": {"train": str(data), "max_length": 32},
+        "model": {"name_or_path": model_dir, "gradient_checkpointing": False}, "data": {"train": str(data), "max_length": 32},
         "train": {"max_steps": total, "batch_size": G * PROMPTS, "lr": LR, "lr_scheduler": "constant",
                   "save_steps": 10_000, "log_steps": 10_000, "progress_bar": False, "mixed_precision": "no"},
         "grpo": {"num_generations": G, "max_new_tokens": MAX_NEW, "beta": 0.0, "aggregation": "dapo",

@@ -211,7 +211,8 @@ def test_grpo_two_processes_sample_the_same_rollouts_and_train_as_one(runs):
     rewards = [r["train/reward"] for r in _log(root / "p1/grpo") if "train/reward" in r]
     assert len(set(rewards)) > 1  # the length reward varies: advantages are not all zero
     for key in ("eval/task_accuracy", "eval/reward", "eval/kl"):
-        assert m_one[key] == m_two[key] or m_one[key] == pytest.approx(m_two[key], rel=1e-5), key
+        # eval/kl is a small difference of log-prob sums: float32 rounding of the terms (~1e-7) sets its tolerance
+        assert m_one[key] == m_two[key] or m_one[key] == pytest.approx(m_two[key], rel=1e-5, abs=1e-6), key
     assert m_one["eval/kl"] != 0  # sampled completions scored under the trained policy and the reference
 
 

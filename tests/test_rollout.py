@@ -177,10 +177,14 @@ def test_decode_loop_stops_when_every_row_ended(tiny, monkeypatch):
     assert out.tolist() == [[2], [2]] and len(calls) == 1  # the prompt forward only
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_shared_prompt_forward_equals_the_single_forward_values_and_gradients(tiny, monkeypatch, temperature):
+@pytest.mark.parametrize("temperature,checkpointing", [(1.0, False), (0.7, True)])
+def test_shared_prompt_forward_equals_the_single_forward_values_and_gradients(tiny, monkeypatch, temperature,
+                                                                              checkpointing):
+    """A GRPO group as one row (prompt once, copies kept apart by a 4D mask) == the separate rows."""
     model, _ = tiny
     model = model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     prompts = [[1, 20, 21, 22]] * 3 + [[1, 30]] * 2
     ids, pmask = ro.left_pad(prompts, 0)
     completions = torch.tensor([[40, 41, 2, 0], [42, 43, 44, 45], [2, 0, 0, 0], [50, 2, 0, 0], [51, 52, 53, 2]])
@@ -200,4 +204,11 @@ def test_shared_prompt_forward_equals_the_single_forward_values_and_gradients(ti
     for a, b in zip(shared[2], single[2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert (shared[0][mask == 0] == 0).all() and shared[0][mask == 1].abs().min() > 0
+    monkeypatch.setattr(ro, "_shares_prompts", lambda m: True)
+    one = ro.completion_logprobs(model, ids, pmask, completions[:, :1], mask[:, :1],  # C = 1: prompt rows only
+                                 temperature=temperature)
+    torch.testing.assert_close(one, single[0][:, :1], atol=1e-5, rtol=1e-5)
+    g = ro.grouped_rows(ids, pmask, completions, mask, ro.unique_prompts(ids, pmask))
+    assert g["input_ids"].shape == (2, 4 + 3 * 3)  # 2 distinct prompts, widest group 3 copies x 3 fed tokens
+    model.gradient_checkpointing_disable()
     model.eval()
