@@ -223,6 +223,23 @@ def mlp(n_in: int, n_out: int, hidden: int, activation=nn.ReLU, out_gain: float 
     return nn.Sequential(*layers)
 
 
+def step_into_buffer(env, obs, action, buffer, log: RunLog, step: int, ep_return: float):
+    """One step of a single environment into a replay buffer (off-policy DQN and SAC).
+
+    Stores (s, a, r, s', terminated): the true last observation even at an episode's end,
+    and `terminated` only (a time-limit truncation still bootstraps). Resets the environment
+    when the episode ends. -> (the next observation to act on, the running return).
+    """
+    next_obs, reward, terminated, truncated, _ = env.step(action)
+    ep_return += reward
+    buffer.add(obs, action, reward, next_obs, float(terminated))
+    if terminated or truncated:
+        log.episode(step, ep_return)
+        ep_return = 0.0
+        next_obs, _ = env.reset()
+    return next_obs, ep_return
+
+
 def require(condition: bool, message: str) -> None:
     """Raise AlignError(message) unless `condition` (recipe checks that need the environment)."""
     if not condition:

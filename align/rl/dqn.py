@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from align.config import in_range, positive
-from align.rl.common import Evaluator, RunConfig, RunLog, mlp, seed_everything
+from align.rl.common import Evaluator, RunConfig, RunLog, mlp, seed_everything, step_into_buffer
 from align.rl.envs import make_env, obs_dim
 from align.rl.ppo import check_discrete_control, greedy_policy
 
@@ -127,16 +127,8 @@ def train(cfg: DQNConfig) -> dict:
         else:
             with torch.no_grad():
                 action = int(q_net(torch.as_tensor(obs, dtype=torch.float32)).argmax())
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        ep_return += reward
-
         # 2. store; the buffer keeps the true last observation even at an episode's end
-        buffer.add(obs, action, reward, next_obs, float(terminated))
-        if terminated or truncated:
-            log.episode(step, ep_return)
-            ep_return = 0.0
-            next_obs, _ = env.reset()
-        obs = next_obs
+        obs, ep_return = step_into_buffer(env, obs, action, buffer, log, step, ep_return)
 
         # 3. learn from replayed minibatches
         if step > cfg.learning_starts and step % cfg.train_freq == 0:

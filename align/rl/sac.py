@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from align.config import in_range, positive
-from align.rl.common import Evaluator, RunConfig, RunLog, mlp, require, seed_everything
+from align.rl.common import Evaluator, RunConfig, RunLog, mlp, require, seed_everything, step_into_buffer
 from align.rl.dqn import ReplayBuffer
 from align.rl.envs import is_discrete, make_env, obs_dim
 
@@ -133,14 +133,7 @@ def train(cfg: SACConfig) -> dict:
         else:
             with torch.no_grad():
                 action = actor(torch.as_tensor(obs, dtype=torch.float32)[None])[0][0].numpy()
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        ep_return += reward
-        buffer.add(obs, action, reward, next_obs, float(terminated))
-        if terminated or truncated:
-            log.episode(step, ep_return)
-            ep_return = 0.0
-            next_obs, _ = env.reset()
-        obs = next_obs
+        obs, ep_return = step_into_buffer(env, obs, action, buffer, log, step, ep_return)
 
         if step > cfg.learning_starts:
             b_obs, b_act, b_rew, b_next, b_term = buffer.sample(cfg.batch_size)
