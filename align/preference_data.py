@@ -228,6 +228,15 @@ def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.T
     sees a CHOSEN key; a pad query sees every earlier token: no row is empty);
     prompt_last, chosen_last, rejected_last: (B,) index of the last prompt / chosen /
     rejected token; margin: (B,) when the pairs have margins.
+
+    Cost: the prompt's tokens go through the model once instead of twice (on HH-RLHF,
+    whose prompts are most of the tokens, about 0.65x the real tokens). Attention, though,
+    runs with an explicit mask: on CPU, SDPA's flash kernel then computes every (query,
+    key) block, where its causal variant skips the blocks above the diagonal (kv blocks of
+    512: it matters from about 768 tokens), and a row is P+C+R wide instead of P+max(C,R).
+    A pair with a short prompt and long answers can thus cost more than two rows; measured
+    on builtin:small with HH-RLHF pairs (CPU, fp32) a whole epoch is still faster (1.3x at
+    max_length 1024, 1.5x at 384) with lower peak memory (fewer rows and logits).
     """
     B = len(examples)
     width = max(shared_pair_width(e) for e in examples)
