@@ -2,7 +2,13 @@
 
 Sources: a local `.jsonl`, `.jsonl.gz`, `.json`, `.parquet` or `.csv` file, a
 `datasets` name (loaded with `datasets.load_dataset`), a mapping
-`{path, name, split, take}`, or a list of these (a mixture, concatenated in order).
+`{path, name, split, take, columns, chat_prompt}`, or a list of these (a mixture,
+concatenated in order). In a mapping, `columns: {old: new}` renames columns as rows
+are read (GSM8K's `question` becomes the `prompt` a stage reads:
+`{path: openai/gsm8k, name: main, split: train, columns: {question: prompt}}`), and
+`chat_prompt: true` turns a string `prompt` into a one-turn conversation
+`[{role: user, content: prompt}]` so it goes through the chat template (a string
+value adds it as the system message first).
 
 Formats (detected from the columns, as TRL names them):
 
@@ -72,6 +78,8 @@ def load_rows(spec: Any, *, key: str = "data.train") -> Rows:
         if take is not None:
             part = part[:take]
         label = path if split is None else f"{path}[{split}]"
+        if isinstance(one, dict) and (one.get("columns") or one.get("chat_prompt")):
+            part = _map_columns(part, one.get("columns") or {}, one.get("chat_prompt"), label, key)
         rows.extend(part)
         origins.extend((label, i + 1) for i in range(len(part)))
     if not rows:
@@ -83,14 +91,48 @@ def _parse_spec(spec, key):
     if isinstance(spec, str):
         return spec, None, None, None
     if isinstance(spec, dict):
-        unknown = set(spec) - {"path", "name", "split", "take"}
+        unknown = set(spec) - {"path", "name", "split", "take", "columns", "chat_prompt"}
         if unknown or "path" not in spec:
-            raise AlignError(f"{key}: a source mapping takes keys path, name, split, take; got {sorted(spec)}")
+            raise AlignError(f"{key}: a source mapping takes keys path, name, split, take, columns, chat_prompt; "
+                             f"got {sorted(spec)}")
+        columns = spec.get("columns")
+        if columns is not None and (not isinstance(columns, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in columns.items())):
+            raise AlignError(f"{key}: columns must map column names to new names ({{question: prompt}}), "
+                             f"got {columns!r}")
+        chat = spec.get("chat_prompt")
+        if chat is not None and not isinstance(chat, (bool, str)):
+            raise AlignError(f"{key}: chat_prompt must be true/false or a system prompt string, got {chat!r}")
         take = spec.get("take")
         if take is not None and (not isinstance(take, int) or take <= 0):
             raise AlignError(f"{key}: take must be a positive integer, got {take!r}")
         return str(spec["path"]), spec.get("name"), spec.get("split"), take
     raise AlignError(f"{key}: got {spec!r}, expected a file path, a datasets name or a mapping {{path, split}}")
+
+
+def _map_columns(rows: list[dict], columns: dict[str, str], chat_prompt, label: str, key: str) -> list[dict]:
+    """Rename columns ({old: new}) and optionally wrap a string `prompt` as chat messages, row by row.
+
+    >>> _map_columns([{"question": "1+1?", "answer": "#### 2"}], {"question": "prompt"}, True, "x", "k")
+    [{'answer': '#### 2', 'prompt': [{'role': 'user', 'content': '1+1?'}]}]
+    """
+    out = []
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise AlignError(f"{key}: {label} row {i + 1} has no column {missing[0]!r} to rename "
+                             f"(columns: {sorted(row)})")
+        row = {k: v for k, v in row.items() if k not in columns} | {
+            new: row[old] for old, new in columns.items()}
+        if chat_prompt:
+            prompt = row.get("prompt")
+            if not isinstance(prompt, str):
+                raise AlignError(f"{key}: {label} row {i + 1}: chat_prompt needs a string 'prompt' column, "
+                                 f"got {type(prompt).__name__} (columns: {sorted(row)})")
+            system = [{"role": "system", "content": chat_prompt}] if isinstance(chat_prompt, str) else []
+            row["prompt"] = system + [{"role": "user", "content": prompt}]
+        out.append(row)
+    return out
 
 
 def _read_source(path: str, name, split, key) -> list[dict]:

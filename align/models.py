@@ -100,6 +100,8 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
                       trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **extra)
         if head != "causal_lm":
             kwargs["num_labels"] = 1
+        if cfg.quantization.load_in_4bit:
+            kwargs.update(quantization_kwargs(cfg, trainable=trainable, adapter=bool(adapter_of)))
         try:
             with _without_zero3_init() if not trainable else nullcontext():
                 model = auto.from_pretrained(source, **kwargs)
@@ -108,13 +110,17 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         if adapter_of:
             from peft import PeftModel
 
+            if cfg.quantization.load_in_4bit and trainable:
+                _prepare_kbit(model, cfg)
             model = PeftModel.from_pretrained(model, name, is_trainable=trainable)
     if head != "causal_lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise AlignError(f"model.name_or_path: the tokenizer has {len(tokenizer)} tokens but the model's "
                          f"embedding has {model.get_input_embeddings().num_embeddings}")
-    if cfg.gradient_checkpointing and trainable:
+    if cfg.quantization.load_in_4bit and trainable and not adapter_of:
+        _prepare_kbit(model, cfg)
+    elif cfg.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled and trainable and not adapter_of:
@@ -123,6 +129,53 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def quantization_kwargs(cfg: ModelConfig, *, trainable: bool = True, adapter: bool = False) -> dict:
+    """`from_pretrained` arguments loading the base weights in 4 bits (QLoRA, Dettmers et al. 2023).
+
+    transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_compute_dtype=bfloat16, bnb_4bit_use_double_quant=True)` by default (the QLoRA
+    paper's settings; `model.quantization` changes them), with the whole model on this
+    process's GPU (`device_map`), as bitsandbytes needs and as TRL does for QLoRA. Trainable
+    only through a LoRA adapter (`model.lora.enabled`, or a PEFT adapter folder).
+
+    NOT VERIFIED HERE: this machine has no GPU and no bitsandbytes; only the configuration and
+    the error paths are tested (tests/test_real_recipes.py). Not supported with DeepSpeed ZeRO-3
+    (whose sharding would need `bnb_4bit_quant_storage`): refused.
+    """
+    q = cfg.quantization
+    if trainable and not cfg.lora.enabled and not adapter:
+        raise AlignError("model.quantization.load_in_4bit: 4-bit weights cannot be trained; QLoRA trains a LoRA "
+                         "adapter on top: set model.lora.enabled: true")
+    if builtin.is_builtin(cfg.name_or_path):
+        raise AlignError(f"model.quantization.load_in_4bit: needs a pretrained model, not {cfg.name_or_path}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise AlignError("model.quantization.load_in_4bit: needs bitsandbytes and a CUDA GPU "
+                         "(pip install bitsandbytes)") from None
+    if zero3_enabled():
+        raise AlignError("model.quantization.load_in_4bit: not supported under DeepSpeed ZeRO-3 here; use "
+                         "launch/single_gpu.yaml or launch/multi_gpu.yaml (each GPU holds the 4-bit model)")
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+                                bnb_4bit_use_double_quant=q.double_quant)
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
+
+
+def _prepare_kbit(model, cfg: ModelConfig) -> None:
+    """PEFT's `prepare_model_for_kbit_training`: freezes the base, casts the non-quantised weights
+    (norms, embeddings) to fp32, makes the inputs require grad for gradient checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
 
 
 def _wrap_lora(model, cfg: ModelConfig, head: str):

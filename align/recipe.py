@@ -35,6 +35,20 @@ class LoraConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """QLoRA (Dettmers et al. 2023): the frozen base weights stored in 4 bits (bitsandbytes), a LoRA
+    adapter trained on top in `compute_dtype`. Needs a CUDA GPU and `pip install bitsandbytes`."""
+
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """NF4 (4-bit NormalFloat, the QLoRA paper's data type) or plain FP4."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype the 4-bit weights are dequantised to for each matmul."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (QLoRA's double quantisation: ~0.4 bits/parameter saved)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny"
     """A hub id, a local folder (full model or PEFT adapter), or builtin:tiny / builtin:small."""
@@ -55,13 +69,25 @@ class ModelConfig:
     from_recipe: str | None = None
     """A recipe that produces `name_or_path` (its output_dir), run first when that folder has no model yet:
     e.g. a DPO recipe names the tiny SFT recipe, so it trains the SFT model it starts from when missing."""
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """`quantization: {load_in_4bit: true}` loads the base model in 4 bits for QLoRA (`align.models`)."""
+
+    def validate(self) -> None:
+        if self.quantization.load_in_4bit and not self.lora.enabled:
+            raise AlignError("quantization.load_in_4bit: 4-bit weights cannot be trained; QLoRA trains a LoRA "
+                             "adapter on top: set model.lora.enabled: true")
+        if self.quantization.load_in_4bit and self.name_or_path.startswith("builtin:"):
+            raise AlignError("quantization.load_in_4bit: needs a pretrained model (a folder or hub id), "
+                             f"not {self.name_or_path}")
 
 
 @dataclass
 class DataConfig:
     train: Any = None
     """Training data: a local .jsonl/.json/.jsonl.gz/.parquet/.csv file, a datasets name, a mapping
-    {path, name, split, take}, or a list of these (a mixture, concatenated)."""
+    {path, name, split, take, columns, chat_prompt}, or a list of these (a mixture, concatenated).
+    `columns: {question: prompt}` renames columns as rows are read; `chat_prompt: true` (or a system
+    prompt string) makes a string `prompt` a chat conversation (`align.data`)."""
     eval: Any = None
     """Held-out data in the same forms (optional)."""
     max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))

@@ -81,10 +81,76 @@ def length_penalty(prompts, completions, *, max_chars: int = 32, **_) -> list[fl
     return [-min(len(c) / max_chars, 1.0) for c in completions]
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_FINAL = re.compile(r"####\s*(?:" + _NUMBER.pattern + r")\s*$")  # `#### <number>` ending a completion
+
+
+def final_number(text: str) -> str | None:
+    r"""The final answer of a GSM8K-style solution: the first number after the last `####` if there
+    is one, else the last number in the text; thousands commas and a trailing `.0…` dropped. None: no number.
+
+    >>> final_number("48/2 = <<48/2=24>>24 clips in May.\n#### 72")
+    '72'
+    >>> final_number("So the total is $1,234.50, i.e. 1234.5")
+    '1234.5'
+    >>> final_number("#### -3.00 apples"), final_number("no digits"), final_number("answer: 5.")
+    ('-3', None, '5')
+    """
+    text = str(text)
+    tail = text.rsplit("####", 1)[1] if "####" in text else None
+    found = _NUMBER.search(tail) if tail is not None else None
+    if found is None:
+        numbers = _NUMBER.findall(text)
+        if not numbers:
+            return None
+        number = numbers[-1]
+    else:
+        number = found.group()
+    number = number.replace(",", "")
+    if number.lstrip("-").startswith("."):  # ".5" -> "0.5"
+        number = number.replace(".", "0.", 1)
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+        number = "0" if number in ("", "-") else number
+    return "0" if number == "-0" else number
+
+
+def math_answer(prompts, completions, *, answer=None, **_) -> list[float]:
+    """1.0 where the completion's final number equals the reference's (GSM8K: the number after `####`).
+
+    Both sides go through `final_number` (after the last `####`, else the last number; commas
+    stripped), as the GSM8K accuracy is usually scored (Cobbe et al. 2021; DeepSeekMath's rule-based
+    reward). The reference is the `answer` column (required).
+
+    >>> math_answer(["q"] * 4, ["... so 18 in all. #### 18", "It is 1,000", "#### 17", "no idea"],
+    ...             answer=["#### 18", "#### 1000", "... #### 18", "#### 3"])
+    [1.0, 1.0, 0.0, 0.0]
+    """
+    if answer is None:
+        raise AlignError("reward function math_answer: needs an 'answer' column with the reference solution "
+                         "(GSM8K: text ending with '#### <number>')")
+    out = []
+    for c, r in zip(completions, answer):
+        ref = final_number(_text(r))
+        out.append(float(ref is not None and final_number(c) == ref))
+    return out
+
+
+def math_format(prompts, completions, **_) -> list[float]:
+    r"""1.0 where the completion states its answer as GSM8K does: `#### <number>` at the end.
+
+    >>> math_format(["q"] * 3, ["2 + 2 = 4\n#### 4", "#### four", "4"])
+    [1.0, 0.0, 0.0]
+    """
+    return [float(_FINAL.search(c.strip()) is not None) for c in completions]
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "format": format_reward,
     "length": length_penalty,
+    "math_answer": math_answer,
+    "math_format": math_format,
 }
 """Names a recipe can use in its reward list; `package.module:function` names any other callable."""
 
