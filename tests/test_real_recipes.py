@@ -203,3 +203,28 @@ def test_grpo_runs_on_a_gsm8k_shaped_file(tmp_path):
     step = next(r for r in logged if "train/reward" in r)
     assert "rewards/math_answer" in step and "rewards/math_format" in step
     assert step["train/reward"] == pytest.approx(step["rewards/math_answer"] + 0.2 * step["rewards/math_format"])
+
+
+def test_qlora_preparation_on_a_stand_in_model():
+    """The non-bitsandbytes half of the QLoRA path on CPU: a bf16 model flagged as 4-bit goes through
+    PEFT's prepare_model_for_kbit_training (frozen base, fp32 norms/embeddings, checkpointing on) and
+    LoRA; only the adapter gets gradients. (The 4-bit weights themselves need a GPU: not run here.)"""
+    import torch
+
+    from align import builtin
+    from align.recipe import LoraConfig, ModelConfig
+
+    tok = builtin.load_tokenizer()
+    plain = ModelConfig(name_or_path="builtin:tiny", dtype="bfloat16", gradient_checkpointing=False)
+    model = models.load_model(plain, tok, trainable=True)
+    model.is_loaded_in_4bit = True  # what transformers sets on a bitsandbytes model
+    cfg = ModelConfig(name_or_path="builtin:tiny", dtype="bfloat16", gradient_checkpointing=True,
+                      lora=LoraConfig(enabled=True, r=4, alpha=8.0))
+    models._prepare_kbit(model, cfg)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+    assert model.is_activation_checkpointing and model.config.use_cache is False
+    model = models._wrap_lora(model, cfg, "causal_lm")
+    ids = torch.tensor([tok("1+2=3")["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n for n in grads)
