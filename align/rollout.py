@@ -220,7 +220,8 @@ def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple
     when all B prompts differ (nothing to share).
 
     A GRPO batch repeats every prompt G times; its prompt tokens need one forward per
-    distinct prompt, whose keys/values every copy then reads (`inverse` selects them).
+    distinct prompt (sampling: its cache is selected for every copy; scoring: a group is
+    one row, `grouped_rows`).
     """
     rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], 1)  # (B, 2P)
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
@@ -255,7 +256,10 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int
 
     `generate`'s semantics without its per-token machinery: one prompt forward (shared by
     repeated prompts), then one cached forward per new token at position "real tokens so
-    far"; stops when every row has produced EOS or after max_new_tokens.
+    far"; stops when every row has produced EOS or after max_new_tokens. The model's own
+    generation_config (a hub model's repetition penalty, suppressed tokens, ...) is not
+    read: only the recipe's settings shape the distribution, which is the one the
+    log-prob forward scores.
     """
     logits, cache = _prompt_pass(model, ids, mask, unique_prompts(ids, mask))  # (B, V)
     B = ids.shape[0]
