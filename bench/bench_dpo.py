@@ -14,7 +14,10 @@ beta, learning rate and fp32. Three systems, each run in its own process:
 - `trl-precompute`: `DPOTrainer(precompute_ref_log_probs=True)`;
 - `align-2row` (not run by default): `align` with `data.shared_prompt=false`, each pair as two
   rows [prompt, chosen], [prompt, rejected] instead of one shared-prompt row (the A/B of
-  prefix sharing).
+  prefix sharing);
+- `align-defaults`, `trl-defaults` (not run by default): each tool's own defaults instead of
+  fp32 without checkpointing: bf16 autocast where native (this CPU: AVX512-BF16) and gradient
+  checkpointing on both sides (TRL: a reference model run every step).
 
 The epoch time is measured from building the trainer/stage (tokenization and the
 reference pass included, and loading the model from its folder) to the end of training,
@@ -39,7 +42,7 @@ from pathlib import Path
 from common import emit, probe_clean, rotating_reps, rss_mb  # shared protocol helpers (bench/common.py)
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-SYSTEMS = ["align", "trl", "trl-precompute", "align-2row"]
+SYSTEMS = ["align", "trl", "trl-precompute", "align-2row", "align-defaults", "trl-defaults"]
 LR = 1e-6
 
 
@@ -97,8 +100,9 @@ def child(system: str, work: Path, batch: int, max_length: int, beta: float) -> 
             "stage=dpo", f"output_dir={work / f'out-align-{os.getpid()}'}", f"model.name_or_path={work / 'model'}",
             f"data.train={work / 'pairs.jsonl'}", f"data.max_length={max_length}", f"train.batch_size={batch}",
             f"train.max_steps={steps}", f"train.lr={LR}", "train.save_steps=100000", "train.log_steps=100000",
-            "train.progress_bar=false", "train.mixed_precision=\"no\"", "train.warmup_steps=0", f"dpo.beta={beta}",
-            "eval.generate=false", f"data.shared_prompt={str(system == 'align').lower()}"])
+            "train.progress_bar=false", "train.warmup_steps=0", f"dpo.beta={beta}", "eval.generate=false",
+            f"data.shared_prompt={str(system != 'align-2row').lower()}",
+            *([] if system == "align-defaults" else ['train.mixed_precision="no"', "model.gradient_checkpointing=false"])])
         start = time.perf_counter()
         run(recipe)
         seconds = time.perf_counter() - start
@@ -110,8 +114,9 @@ def child(system: str, work: Path, batch: int, max_length: int, beta: float) -> 
         rows = [json.loads(line) for line in (work / "pairs.jsonl").open()]
         config = DPOConfig(
             output_dir=str(work / f"out-{system}"), per_device_train_batch_size=batch, max_length=max_length,
-            beta=beta, learning_rate=LR, num_train_epochs=1, max_steps=steps, use_cpu=not cuda, bf16=False,
-            gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=100000,
+            beta=beta, learning_rate=LR, num_train_epochs=1, max_steps=steps, use_cpu=not cuda,
+            **({} if system == "trl-defaults" else {"bf16": False, "gradient_checkpointing": False}),
+            save_strategy="no", report_to="none", logging_steps=100000,
             disable_tqdm=True, precompute_ref_log_probs=system == "trl-precompute", dataloader_num_workers=0,
             lr_scheduler_type="cosine")
         start = time.perf_counter()
@@ -171,11 +176,12 @@ def main() -> None:
             summary[system] = (min(r["seconds"] for r in kept), min(r["peak_mb"] for r in kept))
             print(f"{system:17s} {summary[system][0]:10.2f}            {summary[system][1]:8.1f}   "
                   f"{len([r for r in rs if clean(r)])}/{len(rs)}")
-        if "align" in summary:
-            for peer in ("trl", "trl-precompute", "align-2row"):
-                if peer in summary:
-                    print(f"align vs {peer}: {summary[peer][0] / summary['align'][0]:.2f}x speed, "
-                          f"{summary['align'][1] / summary[peer][1]:.2f}x peak memory")
+        pairs = [("align", peer) for peer in ("trl", "trl-precompute", "align-2row")]
+        pairs += [("align-defaults", peer) for peer in ("trl-defaults", "trl", "trl-precompute")]
+        for ours, peer in pairs:
+            if ours in summary and peer in summary:
+                print(f"{ours} vs {peer}: {summary[peer][0] / summary[ours][0]:.2f}x speed, "
+                      f"{summary[ours][1] / summary[peer][1]:.2f}x peak memory")
 
 
 if __name__ == "__main__":
