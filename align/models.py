@@ -121,7 +121,10 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
     if cfg.quantization.load_in_4bit and trainable and not adapter_of:
         _prepare_kbit(model, cfg)
     elif cfg.gradient_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled and trainable and not adapter_of:
         model = _wrap_lora(model, cfg, head)
