@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 import sys
 import types
@@ -161,7 +162,7 @@ def test_decode_loop_gives_generates_tokens_greedy_and_gumbel_sampled(tiny):
 
 
 def test_decode_loop_stops_when_every_row_ended(tiny, monkeypatch):
-    model, _ = tiny
+    model = copy.deepcopy(tiny[0])  # its head gets a bias below: keep the shared model as it is
     ids, pmask = ro.left_pad([[1, 20], [1, 30, 31]], 0)
     calls = []
     real = model.forward
@@ -181,8 +182,7 @@ def test_decode_loop_stops_when_every_row_ended(tiny, monkeypatch):
 def test_shared_prompt_forward_equals_the_single_forward_values_and_gradients(tiny, monkeypatch, temperature,
                                                                               checkpointing):
     """A GRPO group as one row (prompt once, copies kept apart by a 4D mask) == the separate rows."""
-    model, _ = tiny
-    model = model.train()
+    model = copy.deepcopy(tiny[0]).train()  # train mode and checkpointing: not on the shared model
     if checkpointing:
         model.gradient_checkpointing_enable()
     prompts = [[1, 20, 21, 22]] * 3 + [[1, 30]] * 2
