@@ -477,6 +477,26 @@ def without_causal_padding_mask(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
+def prefix_sharing_mask(segments: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """The 4D attention mask of rows that share a prefix: (N, T) segment ids -> (N, 1, T, T) bool.
+
+    Segment 0 is the shared prefix (a prompt); every other id is one continuation (a pair's
+    chosen or rejected answer, one of a GRPO group's completions). A query attends to an
+    earlier-or-same key that is real (`real`, (N, T) bool; default all) and lies in the prefix
+    or in the query's own segment, so each continuation's logits equal those of the row
+    [prefix, continuation] alone. Every query also sees itself: no row is empty (an empty
+    softmax row would put NaNs into the backward pass). True = may attend.
+    """
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    query, key = segments[:, :, None], segments[:, None, :]  # (N, T, 1), (N, 1, T)
+    allowed = causal & ((key == 0) | (key == query))  # (N, T, T)
+    if real is not None:
+        allowed &= real[:, None, :]
+    allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
+    return allowed[:, None]
+
+
 def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False) -> dict[str, torch.Tensor]:
     """Stack examples into tensors.
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data import IGNORE, Rows, encode_prompt_completion, is_conversational
+from align.data import IGNORE, Rows, encode_prompt_completion, is_conversational, prefix_sharing_mask
 from align.errors import AlignError
 
 ASSISTANT_MARKER = "Assistant:"
@@ -204,8 +204,7 @@ def collate_pairs(examples: list[dict], pad_id: int, *, padding_side: str = "rig
     return batch
 
 
-# segment ids of a shared-prompt row
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # segment ids; PROMPT = 0 is the shared prefix of prefix_sharing_mask
 
 
 def shared_pair_width(example: dict) -> int:
@@ -224,8 +223,9 @@ def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.T
 
     input_ids, position_ids, segments (PROMPT/CHOSEN/REJECTED/PAD): (B, T) with
     T = max(P + C + R); position_ids [0..P+C-1, P..P+R-1, then the pads' own];
-    attention_mask: (B, 1, T, T) bool, True = may attend (causal, and no REJECTED query
-    sees a CHOSEN key; a pad query sees every earlier token: no row is empty);
+    attention_mask: (B, 1, T, T) bool from `align.data.prefix_sharing_mask` (PROMPT = 0 is the
+    shared prefix: chosen sees prompt + chosen, rejected prompt + rejected, pads the prompt and
+    the pads; every query sees itself);
     prompt_last, chosen_last, rejected_last: (B,) index of the last prompt / chosen /
     rejected token; margin: (B,) when the pairs have margins.
 
@@ -252,10 +252,7 @@ def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.T
         segments[b, :p] = PROMPT
         position_ids[b, p + c:] -= c  # rejected continue the prompt; pads continue after them
         ends[:, b] = torch.tensor([p - 1, p + c - 1, p + c + r - 1])
-    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
-    query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
-    allowed = causal & ~((query == REJECTED) & (key == CHOSEN))  # (B, T, T)
-    batch = {"input_ids": input_ids, "attention_mask": allowed[:, None], "position_ids": position_ids,
+    batch = {"input_ids": input_ids, "attention_mask": prefix_sharing_mask(segments), "position_ids": position_ids,
              "segments": segments, "prompt_last": ends[0], "chosen_last": ends[1], "rejected_last": ends[2]}
     if examples and "margin" in examples[0]:
         batch["margin"] = torch.tensor([ex.get("margin", 0.0) for ex in examples], dtype=torch.float32)

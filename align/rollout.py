@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 import torch
 
+from align.data import prefix_sharing_mask
 from align.losses import token_logprobs
 
 
@@ -361,12 +362,8 @@ def grouped_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion
     key_ok[rows, cols] = mask[:, :C1].bool()
     segment[rows, cols] = rank[:, None] + 1
     positions[rows, cols] = position_ids_of(full_mask)[:, P: P + C1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
-    query, key = segment[:, :, None], segment[:, None, :]  # (U, T, 1), (U, 1, T)
-    allowed = causal & key_ok[:, None, :] & ((key == 0) | (key == query))  # (U, T, T)
-    allowed |= torch.eye(T, dtype=torch.bool, device=device)
     columns = torch.cat([torch.full((B, 1), P - 1, device=device), cols], 1)  # (B, C): token t read at column
-    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": allowed[:, None],
+    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": prefix_sharing_mask(segment, key_ok),
             "rows": rows, "columns": columns}
 
 
