@@ -20,7 +20,8 @@ def _reduce_sum(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(t, reduction="sum").tolist()
 
 
-def _shard(n: int, accelerator) -> range:
+def shard(n: int, accelerator) -> range:
+    """This process's items of n: every num_processes-th from its index (all of them without one)."""
     if accelerator is None:
         return range(n)
     return range(accelerator.process_index, n, accelerator.num_processes)
@@ -37,7 +38,7 @@ def eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, acce
 def _eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None) -> float:
     was_training = model.training
     model.eval()
-    mine = [examples[i] for i in _shard(len(examples), accelerator)]
+    mine = [examples[i] for i in shard(len(examples), accelerator)]
     mine.sort(key=lambda e: len(e["input_ids"]))
     total, count = 0.0, 0.0
     device = next(model.parameters()).device
@@ -68,7 +69,7 @@ def _greedy_completions(model, tokenizer, prompts: list, *, max_new_tokens: int,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    indices = list(_shard(len(prompts), accelerator))
+    indices = list(shard(len(prompts), accelerator))
     encoded = {i: encode_prompt(tokenizer, prompts[i]) for i in indices}
     indices.sort(key=lambda i: len(encoded[i]))
     out = {}

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from align.data import is_right_padded
+from align.evaluate import shard
 from align.preference_data import (
     collate_pairs,
     collate_shared_pairs,
@@ -102,12 +103,6 @@ def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             scores.gather(1, batch["rejected_last"][:, None]).squeeze(1).float())
 
 
-def _shard(n: int, accelerator) -> list[int]:
-    if accelerator is None:
-        return list(range(n))
-    return list(range(accelerator.process_index, n, accelerator.num_processes))
-
-
 @torch.no_grad()
 def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int,
                 accelerator=None, shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +120,7 @@ def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    mine = _shard(len(examples), accelerator)
+    mine = list(shard(len(examples), accelerator))
     mine.sort(key=lambda i: -width(examples[i]))
     per_process = math.ceil(len(examples) / (accelerator.num_processes if accelerator is not None else 1))
     rows = torch.full((per_process, 3), -1.0, dtype=torch.float64)  # (index, r_chosen, r_rejected)

@@ -330,7 +330,7 @@ class GRPOStage:
         """Mean over held-out prompts of the sequence KL estimate sum_t (log pi - log ref) of a sample."""
         acc = self.accelerator
         n = min(self.args.eval_kl_prompts, len(self.eval_prompt_ids))
-        mine = list(range(acc.process_index, n, acc.num_processes))
+        mine = list(evaluate.shard(n, acc))
         out = rollout(model, [self.eval_prompt_ids[i] for i in mine], sampling=self.sampling,
                       eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                       ref_model=self.ref_model, generator_seed=self.recipe.seed + 17, row_ids=mine)

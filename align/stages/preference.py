@@ -221,9 +221,9 @@ def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, ac
     """
     n = len(examples)
     out = torch.zeros(n, 2, dtype=torch.float64)
-    process, processes = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    processes = 1 if accelerator is None else accelerator.num_processes
     collate, width = (collate_shared_pairs, shared_pair_width) if shared_prompt else (collate_pairs, pair_length)
-    mine = sorted(range(process, n, processes), key=lambda i: width(examples[i]))
+    mine = sorted(evaluate.shard(n, accelerator), key=lambda i: width(examples[i]))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -236,7 +236,7 @@ def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, ac
         out[chunk, 0] = lp["chosen"].double().cpu()
         out[chunk, 1] = lp["rejected"].double().cpu()
     model.train(was_training)
-    if accelerator is not None and processes > 1:
+    if processes > 1:
         out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
     return out
 
@@ -387,8 +387,7 @@ class PreferenceStage:
         unwrapped.eval()
         device = next(unwrapped.parameters()).device
         width = shared_pair_width if self.shared_prompt else pair_length
-        mine = sorted(range(acc.process_index, len(self.eval_examples), acc.num_processes),
-                      key=lambda i: width(self.eval_examples[i]))
+        mine = sorted(evaluate.shard(len(self.eval_examples), acc), key=lambda i: width(self.eval_examples[i]))
         bs = self.recipe.eval.batch_size
         loss, correct, margin = 0.0, 0.0, 0.0
         for start in range(0, len(mine), bs):
