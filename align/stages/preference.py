@@ -162,7 +162,7 @@ def pair_logps(model, batch: dict, *, nll_on_prompt: bool = False) -> dict[str, 
         return _shared_pair_logps(model, batch, nll_on_prompt=nll_on_prompt)
     # right-padded rows need no mask under causal attention (see data.without_causal_padding_mask)
     inputs = without_causal_padding_mask({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
-    logits = model(**inputs).logits  # (2B, T, V)
+    logits = model(**inputs, use_cache=False).logits  # (2B, T, V)
     targets = batch["labels"][:, 1:]  # (2B, T-1) completion tokens, -100 elsewhere
     completion = targets != -100
     if nll_on_prompt:
