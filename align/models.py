@@ -204,8 +204,30 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, accelerator=None) -> 
     `get_state_dict` gathers the full weights from every process's shards; under ZeRO-1/2
     every process holds whole parameters and the module saves itself (accelerate's cloned
     ZeRO-2 state dict would break tied weights apart and write lm_head twice).
+
+    The saved config has `use_cache: true` whatever training set (gradient checkpointing
+    turns the cache off on the training model): the saved model is for generation, and
+    `from_pretrained(...).generate()` without a KV cache recomputes every prefix.
     """
     out_dir = Path(out_dir)
+    config = getattr(accelerator.unwrap_model(model) if accelerator is not None else model, "config", None)
+    with _cache_on_in(config):
+        _save(model, tokenizer, out_dir, accelerator)
+
+
+@contextmanager
+def _cache_on_in(config):
+    training_value = getattr(config, "use_cache", None)
+    if training_value is False:
+        config.use_cache = True
+    try:
+        yield
+    finally:
+        if training_value is False:
+            config.use_cache = False
+
+
+def _save(model, tokenizer, out_dir: Path, accelerator) -> None:
     if accelerator is not None:
         unwrapped = accelerator.unwrap_model(model)
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
