@@ -53,7 +53,7 @@ keeps its gradient buckets, a second copy of the gradients (+ P_t w; accelerate'
 
 Activations of the largest micro-batch: R rows x T tokens (R = train.batch_size; x2 for
 pair stages, chosen and rejected in one forward; T = the longest sample of the data sample
-capped at data.max_length, data.max_length when packing or when the data is not local;
+capped at data.max_length, data.max_length when SFT packs or when the data is not local;
 PPO/GRPO: longest prompt + max_new_tokens). Saved per token per decoder layer, Llama-style
 block with a flash/sdpa attention kernel (no T x T scores):
 
@@ -422,7 +422,8 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     # activations of the largest micro-batch
     rows = t.batch_size * (2 if stage in PAIR_STAGES else 1)
     tokens = rows * seq_len
-    ckpt = recipe.model.gradient_checkpointing or par.activation_checkpointing
+    # the estimate is per GPU, where `auto` checkpoints (align.device)
+    ckpt = recipe.model.gradient_checkpointing in (True, "auto") or par.activation_checkpointing
     eager = (recipe.model.attn_implementation or "sdpa") == "eager"
     acts = activation_bytes(shape, tokens, seq_len, act, checkpointing=ckpt, eager=eager)
     logits = logits_bytes(shape, tokens) if stage != "reward" else 0.0
@@ -754,7 +755,7 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
             "in the Hugging Face cache): memory estimate skipped; pass --model-config path/to/config.json")
     else:
         shape = model_shape(config, m, head="score" if recipe.stage == "reward" else "causal_lm")
-        if seq_len is None or recipe.data.packing:
+        if seq_len is None or (recipe.data.packing and recipe.stage == "sft"):
             seq_len = recipe.data.max_length
         if recipe.stage in ONLINE_STAGES:
             seq_len += recipe.stage_args.max_new_tokens

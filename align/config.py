@@ -34,7 +34,8 @@ from align.errors import AlignError
 # field constraints
 # ---------------------------------------------------------------------------
 def positive(what: str = "value") -> dict:
-    return {"check": lambda v: v > 0, "expect": f"{what} > 0"}
+    """A number > 0 (a word such as `auto`, where the type allows one, is not checked)."""
+    return {"check": lambda v: isinstance(v, str) or v > 0, "expect": f"{what} > 0"}
 
 
 def non_negative(what: str = "value") -> dict:

@@ -497,10 +497,13 @@ def prefix_sharing_mask(segments: torch.Tensor, real: torch.Tensor | None = None
     return allowed[:, None]
 
 
-def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False) -> dict[str, torch.Tensor]:
+def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False,
+            width: int | None = None) -> dict[str, torch.Tensor]:
     """Stack examples into tensors.
 
-    Padded (default): right-padded (B, T) input_ids / labels / attention_mask.
+    Padded (default): right-padded (B, T) input_ids / labels / attention_mask, T the
+    longest example or `width` if that is more (packed rows come at data.max_length: every
+    micro-batch then has the same shape, so the allocator reuses the same blocks each step).
     Padding-free, or packed rows: examples concatenated into one (1, sum T) row with
     position_ids restarting at each sample and no attention_mask; transformers then
     keeps attention within each sample.
@@ -513,7 +516,7 @@ def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False) ->
             positions += ex.get("position_ids") or list(range(len(ex["input_ids"])))
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions])}
-    width = max(len(ex["input_ids"]) for ex in examples)
+    width = max([len(ex["input_ids"]) for ex in examples] + [width or 0])
     B = len(examples)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE, dtype=torch.long)

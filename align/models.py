@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from align import builtin
+from align.device import gradient_checkpointing
 from align.errors import AlignError
 from align.recipe import ModelConfig
 
@@ -120,7 +121,7 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
                          f"embedding has {model.get_input_embeddings().num_embeddings}")
     if cfg.quantization.load_in_4bit and trainable and not adapter_of:
         _prepare_kbit(model, cfg)
-    elif cfg.gradient_checkpointing and trainable:
+    elif gradient_checkpointing(cfg.gradient_checkpointing) and trainable:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -175,9 +176,10 @@ def _prepare_kbit(model, cfg: ModelConfig) -> None:
     (norms, embeddings) to fp32, makes the inputs require grad for gradient checkpointing."""
     from peft import prepare_model_for_kbit_training
 
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+    checkpointing = gradient_checkpointing(cfg.gradient_checkpointing)
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                     gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.gradient_checkpointing:
+    if checkpointing:
         model.config.use_cache = False
 
 
@@ -188,7 +190,7 @@ def _wrap_lora(model, cfg: ModelConfig, head: str):
     task_type = TaskType.CAUSAL_LM if head == "causal_lm" else TaskType.SEQ_CLS
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=lora.target_modules, task_type=task_type)
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing(cfg.gradient_checkpointing):
         model.enable_input_require_grads()
     return get_peft_model(model, peft_config)
 

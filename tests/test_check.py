@@ -301,7 +301,8 @@ def long_rows(n=32):
 def memory_recipes(tmp_path, model: str, batch_size: int, steps: int,
                    stages=("sft", "reward", "dpo")) -> list[dict]:
     data = write_jsonl(tmp_path / "long.jsonl", long_rows())
-    common = {"model": {"name_or_path": model}, "seed": 0,
+    # checkpointing as on a GPU (what the estimate models; `auto` turns it off on a CPU)
+    common = {"model": {"name_or_path": model, "gradient_checkpointing": True}, "seed": 0,
               "data": {"train": data, "max_length": 256},
               "train": {"max_steps": steps, "batch_size": batch_size, "lr": 1e-4, "mixed_precision": "no",
                         "save_steps": 1000, "log_steps": 1, "progress_bar": False},

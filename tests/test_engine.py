@@ -58,8 +58,10 @@ def test_token_budget_micro_batches_train_the_same_and_bound_each_forward(tmp_pa
         seen.append(tuple(batch["input_ids"].shape))
         return original(self, model, batch)
 
-    whole = tiny_sft_recipe(tmp_path / "whole", **{"train.batch_size": 8})
-    budget = tiny_sft_recipe(tmp_path / "budget", **{"train.batch_size": 8, "train.micro_batch_tokens": 30})
+    # unpacked rows of uneven widths (packed rows all have data.max_length = 32 > the budget)
+    whole = tiny_sft_recipe(tmp_path / "whole", **{"train.batch_size": 8, "data.packing": False})
+    budget = tiny_sft_recipe(tmp_path / "budget", **{"train.batch_size": 8, "train.micro_batch_tokens": 30,
+                                                     "data.packing": False})
     _run(whole)
     monkeypatch.setattr(SFTStage, "loss", spy)
     _run(budget)

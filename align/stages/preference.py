@@ -53,6 +53,7 @@ import torch
 from align import config as cfg
 from align import evaluate, models
 from align.data import load_rows, without_causal_padding_mask
+from align.device import micro_batch_tokens
 from align.errors import AlignError
 from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
 from align.preference_data import (
@@ -279,7 +280,7 @@ class PreferenceStage:
             self.examples, [width(e) for e in self.examples], batch_size=recipe.train.batch_size,
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
-            collate_fn=self._collate, weight_fn=lambda e: 1, max_tokens=recipe.train.micro_batch_tokens,
+            collate_fn=self._collate, weight_fn=lambda e: 1, max_tokens=micro_batch_tokens(recipe),
             rows_per_example=1 if self.shared_prompt else 2)
 
     # -- data and reference ------------------------------------------------------------

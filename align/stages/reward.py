@@ -30,6 +30,7 @@ import torch
 from align import config as cfg
 from align import models
 from align.data import load_rows
+from align.device import micro_batch_tokens
 from align.evaluate_rm import pair_rewards, score_pairs
 from align.losses import bradley_terry_loss
 from align.preference_data import (
@@ -86,7 +87,7 @@ class RewardStage:
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=recipe.data.group_by_length,
             collate_fn=lambda exs: collate(exs, self.pad_id), weight_fn=lambda e: 1,
-            max_tokens=recipe.train.micro_batch_tokens, widths=[widths(e) for e in train.examples],
+            max_tokens=micro_batch_tokens(recipe), widths=[widths(e) for e in train.examples],
             rows_per_example=rows,
         )
 

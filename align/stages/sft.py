@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align import evaluate, models
+from align.device import micro_batch_tokens
 from align.data import IGNORE, collate, load_rows, pack, tokenize_sft, without_causal_padding_mask
 from align.losses import nll_sum
 from align.recipe import Recipe
@@ -34,16 +35,21 @@ class SFTStage:
         examples = trainset.examples
         if data.packing:
             examples = pack(examples, data.max_length)
+        # packed rows are collated at full width: micro-batches of one fixed shape let the allocator
+        # reuse the same blocks every step (on HH-RLHF rows 98% full, CPU peak RSS 0.68x: bench_sft.py)
+        fixed_width = data.max_length if data.packing and not data.padding_free else None
         self.pad_id = self.tokenizer.pad_token_id
+        lengths = [len(e["input_ids"]) for e in examples]
         self.batches = OfflineBatches(
-            examples, [len(e["input_ids"]) for e in examples], batch_size=recipe.train.batch_size,
+            examples, lengths, batch_size=recipe.train.batch_size,
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
             # packed rows stay (B, max_length) rows: one concatenated row would make CPU sdpa build a dense
             # (sum T)^2 block mask (2.5x slower, 1.7x the memory at 8 x 512); padding_free asks for that row
-            collate_fn=lambda exs: collate(exs, self.pad_id, padding_free=data.padding_free),
+            collate_fn=lambda exs: collate(exs, self.pad_id, padding_free=data.padding_free, width=fixed_width),
             weight_fn=lambda e: sum(1 for label in e["labels"][1:] if label != IGNORE),
-            max_tokens=recipe.train.micro_batch_tokens,
+            max_tokens=micro_batch_tokens(recipe),
+            widths=[fixed_width] * len(examples) if fixed_width else lengths,
         )
         self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
         if data.eval is not None:
