@@ -15,8 +15,8 @@ seen is discarded and retried (see `bench/common.py`).
     first trained. The figure is the median time of the steps after `--a-warmup`:
     - `plain`: a plain loop on prebuilt (B, T) tensors: forward, summed cross-entropy /
       token count, backward, clip_grad_norm_(1.0), AdamW step, zero_grad, loss.item();
-    - `align`: `align.engine.run(load_recipe(...))` in fp32 without checkpointing (like the plain
-      loop), the real engine path on a JSONL
+    - `align`: `align.engine.run(load_recipe(...))` in fp32 without checkpointing, the whole batch
+      in one forward and no packing (like the plain loop), the real engine path on a JSONL
       (stage sft, its defaults + the batch, length, lr and steps); per-step time read
       from `log.jsonl` (`train.log_steps=1`: tokens / train/tokens_per_second), which
       covers all of align's per-step work: batch selection, collate, loss weights,
@@ -30,20 +30,22 @@ seen is discarded and retried (see `bench/common.py`).
     wall time from building the trainer/stage (model load and tokenization included)
     to the end of training (align: `engine.run`, which also writes the final model;
     TRL: `SFTTrainer(...)` + `train()`, no save), and peak resident memory:
-    - `align`: align's defaults: bf16 autocast where the CPU/GPU computes bf16 natively
-      (`train.mixed_precision: auto`; this machine's CPU has AVX512-BF16), gradient
-      checkpointing, padded micro-batches sorted by length, no attention mask for
-      right-padded rows (exact under causal attention);
-    - `align-packing`: + `data.packing=true` (not a default);
-    - `align-fp32`: `train.mixed_precision="no"`, no checkpointing (align's defaults before
-      2026-11-25); `align-packing-fp32`: the same, packed;
-    - `align-bf16-mbt1024` (opt-in): bf16, no checkpointing, at most 1,024 padded tokens per
-      forward (`train.micro_batch_tokens`): memory bounded by smaller micro-batches instead;
+    - `align`: align's defaults: packing (rows of max_length, one fixed shape), bf16 autocast
+      where the CPU/GPU computes bf16 natively (`train.mixed_precision: auto`; this machine's CPU
+      has AVX512-BF16), and `auto` memory settings, which on a CPU mean no gradient checkpointing
+      and forward passes of at most 1,024 tokens (`align.device`; on a GPU: checkpointing);
+    - `align-ckpt`: + `model.gradient_checkpointing=true` (TRL's way of bounding memory: recompute,
+      the whole batch in one forward);
+    - `align-padded`: + `data.packing=false` (padded micro-batches sorted by length, no attention
+      mask for right-padded rows);
+    - `align-fp32` (opt-in): `train.mixed_precision="no"`, no checkpointing;
     - `align-padding-free` (opt-in): `data.padding_free=true`;
     - `trl`: `SFTConfig` defaults (bf16 autocast, gradient checkpointing, padded
       batches) + `use_cpu=True` (required on CPU);
-    - `trl-fp32`: + `bf16=False, gradient_checkpointing=False`;
-    - `trl-packing` (opt-in): `trl-fp32` + `packing=True` (TRL's BFD packing, padding-free).
+    - `trl-fp32` (opt-in): + `bf16=False, gradient_checkpointing=False`;
+    - `trl-packing` (opt-in): `trl-fp32` + `packing=True` (TRL's BFD packing, padding-free);
+    - `trl-as-align` (opt-in): TRL given align's CPU memory strategy: `packing=True`,
+      `gradient_checkpointing=False`, micro-batches of 2 rows x 4 accumulation steps (bf16 as default).
     align trains ceil(rows / 8) steps of 8 (packed) rows: its epoch drops a last incomplete
     batch, so the last step takes a few rows of the next epoch (more work than TRL's partial
     last batch, never less). Tokens trained are printed.
@@ -72,20 +74,21 @@ from common import (HH, child_env, clean_rounds, emit, interleaved, machine_load
 A_SYSTEMS = ["plain", "align", "trl", "trl-defaults"]
 # system -> recipe overrides on top of align's defaults (part b)
 FP32 = ['train.mixed_precision="no"', "model.gradient_checkpointing=false"]  # fp32, keep activations
-ALIGN_B = {"align": [],  # defaults: bf16 autocast where native (this CPU: AVX512-BF16), checkpointing
-           "align-packing": ["data.packing=true"],
+ALIGN_B = {"align": [],  # defaults: packing; bf16 autocast where native; on a CPU no checkpointing, <= 1,024 tokens
+           "align-ckpt": ["model.gradient_checkpointing=true"],
+           "align-padded": ["data.packing=false"],
            "align-fp32": FP32,
-           "align-packing-fp32": ["data.packing=true", *FP32],
-           "align-bf16-mbt1024": ["model.gradient_checkpointing=false", "train.micro_batch_tokens=1024"],
            "align-padding-free": ["data.padding_free=true"]}
-B_SYSTEMS = [*ALIGN_B, "trl", "trl-fp32", "trl-packing"]
+B_SYSTEMS = [*ALIGN_B, "trl", "trl-fp32", "trl-packing", "trl-as-align"]
 # system -> SFTConfig settings on top of TRL's defaults (use_cpu is added on a CPU-only machine)
 TRL_SETTINGS = {
     "trl": {"bf16": False, "gradient_checkpointing": False},  # part (a): like for like
     "trl-defaults": {},
 }
 TRL_B = {"trl": {}, "trl-fp32": {"bf16": False, "gradient_checkpointing": False},
-         "trl-packing": {"bf16": False, "gradient_checkpointing": False, "packing": True}}
+         "trl-packing": {"bf16": False, "gradient_checkpointing": False, "packing": True},
+         "trl-as-align": {"gradient_checkpointing": False, "packing": True, "per_device_train_batch_size": 2,
+                          "gradient_accumulation_steps": 4}}
 LR = 1e-4
 
 
@@ -126,7 +129,7 @@ def prepare(work: Path, args) -> dict:
     packed = pack(examples, args.max_length)
     tokens = sum(len(e["input_ids"]) for e in examples)
     return {"params": params, "b_samples": len(examples), "b_tokens": tokens, "b_packed_rows": len(packed),
-            "b_steps": {name: math.ceil((len(packed) if "data.packing=true" in overrides else len(examples))
+            "b_steps": {name: math.ceil((len(examples) if "data.packing=false" in overrides else len(packed))
                                         / args.batch) for name, overrides in ALIGN_B.items()}}
 
 
@@ -201,7 +204,7 @@ def child_a(system: str, work: Path, args) -> dict:
 
         run(align_recipe(work, out, "fixed.jsonl", [
             f"data.max_length={args.seq}", f"train.batch_size={args.batch}", f"train.max_steps={steps}",
-            f"train.lr={LR}", "train.log_steps=1", *FP32]))
+            f"train.lr={LR}", "train.log_steps=1", "train.micro_batch_tokens=null", "data.packing=false", *FP32]))
         records = [json.loads(line) for line in (out / "log.jsonl").open()]
         rates = [r["train/tokens_per_second"] for r in records if "train/tokens_per_second" in r]
         times = [args.batch * args.seq / rate for rate in rates]
@@ -274,8 +277,8 @@ def child_b(system: str, work: Path, args) -> dict:
         seconds = time.perf_counter() - start
         steps = args.b_steps
     else:
-        config = trl_config(work, out, TRL_B[system], per_device_train_batch_size=args.batch,
-                            max_length=args.max_length, num_train_epochs=1)
+        settings = {"per_device_train_batch_size": args.batch, **TRL_B[system]}
+        config = trl_config(work, out, settings, max_length=args.max_length, num_train_epochs=1)
         trainer = trl_trainer(work, "hh.jsonl", config)
         result = trainer.train()
         seconds = time.perf_counter() - start
@@ -297,7 +300,7 @@ def main() -> None:
     parser.add_argument("--a-systems", default="plain,align,trl")
     parser.add_argument("--b-rows", type=int, default=96, help="(b) dialogues in the pass")
     parser.add_argument("--max-length", type=int, default=512, help="(b) truncation length (tokens)")
-    parser.add_argument("--b-systems", default="align,align-packing,align-fp32,trl,trl-fp32")
+    parser.add_argument("--b-systems", default="align,align-ckpt,align-padded,trl")
     parser.add_argument("--throttle", type=float, default=0.6, help="discard rounds with a probe below this x best")
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
