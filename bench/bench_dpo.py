@@ -16,8 +16,10 @@ beta, learning rate and fp32. Three systems, each run in its own process:
   rows [prompt, chosen], [prompt, rejected] instead of one shared-prompt row (the A/B of
   prefix sharing);
 - `align-defaults`, `trl-defaults` (not run by default): each tool's own defaults instead of
-  fp32 without checkpointing: bf16 autocast where native (this CPU: AVX512-BF16) and gradient
-  checkpointing on both sides (TRL: a reference model run every step).
+  fp32 without checkpointing: bf16 autocast where native (this CPU: AVX512-BF16) on both sides;
+  TRL checkpoints and runs a reference model every step; align on a CPU does not checkpoint and
+  cuts each step into forwards of at most 1,024 tokens (`align/device.py`; on a GPU it checkpoints).
+  `align` (fp32, no checkpointing) gets the same 1,024-token forwards on a CPU.
 
 The epoch time is measured from building the trainer/stage (tokenization and the
 reference pass included, and loading the model from its folder) to the end of training,

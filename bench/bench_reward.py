@@ -8,8 +8,9 @@ HH-RLHF harmless-base test pairs from ../shared/data, implicit-prompt transcript
 where both sides fit 1024 tokens so TRL's default length filter and align's
 max_length=1024 both keep every pair untruncated), each tool with its defaults:
 
-- `align`: `stage: reward` as the schema defaults it (batch 8 pairs, fp32 on CPU,
-  length-grouped batches, chosen and rejected in one forward);
+- `align`: `stage: reward` as the schema defaults it (batch 8 pairs, bf16 autocast where the
+  CPU computes it natively, on a CPU no checkpointing and forwards of at most 1,024 tokens
+  (`align/device.py`), chosen and rejected in one shared-prompt row);
 - `trl`: `RewardConfig()` defaults (batch 8 pairs, gradient checkpointing, bf16,
   random batches), plus `use_cpu=True` on a CPU-only machine (required there);
 - `trl-fp32`: the same with `bf16=False, gradient_checkpointing=False` (like for like
