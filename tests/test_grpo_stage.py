@@ -82,11 +82,31 @@ def test_reference_loaded_only_with_beta(tmp_path):
     assert build(tmp_path, beta=0.04).ref_model is not None
 
 
+def last_token_is_a_digit(prompts, completions, **_) -> list[float]:
+    return [1.0 if c.strip()[-1:].isdigit() else 0.0 for c in completions]
+
+
+def test_eval_task_accuracy_is_the_grpo_accuracy_function(tmp_path, monkeypatch):
+    """eval/task_accuracy averages `grpo.accuracy` over the greedy completions (exact match by default)."""
+    from align import evaluate
+
+    completions = ["the sum is 42", "42", "no idea", "7"] * 4  # 16 eval prompts
+    monkeypatch.setattr(evaluate, "greedy_completions", lambda *a, **k: dict(enumerate(completions)))
+    default = build(tmp_path / "default", reward_funcs=["exact_match"]).evaluate(None)
+    custom = build(tmp_path / "custom", reward_funcs=["exact_match"],
+                   accuracy="test_grpo_stage:last_token_is_a_digit").evaluate(None)
+    assert custom["eval/task_accuracy"] == 0.75
+    assert default["eval/task_accuracy"] < 0.75  # the eval answers are not 42 and 7 everywhere
+    assert custom["eval/reward"] == default["eval/reward"]  # the reward is unchanged
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(AlignError, match="multiple of grpo.num_generations"):
         build(tmp_path, num_generations=5)
     with pytest.raises(AlignError, match="reward function"):
         build(tmp_path, reward_funcs=["exact_mtch"])
+    with pytest.raises(AlignError, match="reward function 'exact_mtch'"):
+        build(tmp_path, accuracy="exact_mtch")
 
 
 def test_short_run_moves_reward_up(tmp_path):

@@ -38,7 +38,8 @@ no policy gradient: they are counted (`train/zero_std_groups` per step,
 Logs `train/reward` (and `rewards/<function>`), `train/reward_std`, `train/kl` (token mean
 of k3), `losses/clipfrac`, `objective/entropy`, `train/completion_length`,
 `train/ended` (share of completions that produced EOS); evaluation `eval/task_accuracy`
-(greedy exact match), `eval/reward` (mean reward of the greedy completions) and, with a
+(mean of the `grpo.accuracy` function over greedy completions: exact match by default),
+`eval/reward` (mean reward of the greedy completions) and, with a
 reference, `eval/kl` (sequence KL to the reference, summed log-ratio of sampled
 completions). At the end the curves are plotted to `grpo_curves.png` and `grpo_kl.png`.
 """
@@ -96,6 +97,10 @@ class GRPOArgs:
     """Built-in names (exact_match, format, length) or package.module:function."""
     reward_weights: list[float] | None = None
     """One weight per reward function (default 1 each)."""
+    accuracy: str = "exact_match"
+    """The reward function (a name as in reward_funcs) whose mean over held-out greedy completions is
+    eval/task_accuracy: exact_match for answer-only completions; math_answer when the completion
+    reasons first and ends with its answer (GSM8K)."""
     missing_eos_penalty: float | None = field(default=None, metadata=cfg.non_negative("grpo.missing_eos_penalty"))
     """Subtracted from the reward of completions with no EOS."""
     generation_batch_size: int = field(default=256, metadata=cfg.positive("grpo.generation_batch_size"))
@@ -143,6 +148,7 @@ class GRPOStage:
         self.reward_names = list(a.reward_funcs)
         self.reward_fns = [rewards.resolve(n) for n in self.reward_names]
         self.reward_fn = rewards.weighted_sum(self.reward_fns, a.reward_weights)
+        self.accuracy_fn = rewards.resolve(a.accuracy)
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
         disable_dropout(self.model)
@@ -316,7 +322,7 @@ class GRPOStage:
         texts = [completions[i] for i in mine]
         columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
         reward = self.reward_fn([r["prompt"] for r in rows], texts, **columns)
-        correct = rewards.exact_match([r["prompt"] for r in rows], texts, **columns)
+        correct = self.accuracy_fn([r["prompt"] for r in rows], texts, **columns)
         total, right, count = evaluate._reduce_sum(acc, [sum(reward), sum(correct), float(len(rows))])
         metrics = {"eval/reward": total / max(count, 1.0), "eval/task_accuracy": right / max(count, 1.0)}
         if self._has_reference() and self.args.eval_kl_prompts:
