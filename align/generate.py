@@ -5,7 +5,8 @@ message list) or a `messages` column (the conversation so far; a final assistant
 dropped so the model answers it). Each output row is the input row plus `completion`
 (and `sample` when `--num-samples` > 1). Temperature 0 is greedy decoding. Under
 `accelerate launch` each process samples its share and the main process writes all rows,
-in input order.
+in input order. Sampling is keyed by (prompt, sample) and the seed, so the same command gives
+the same rows whatever the batch size or the number of processes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from align.engine import distributed_state
 from align.errors import AlignError
 from align.io_utils import atomic_write_text
 from align.recipe import ModelConfig
-from align.rollout import SamplingConfig, completion_mask, left_pad, sample
+from align.rollout import SamplingConfig, completion_mask, left_pad, row_keys, sample
 
 
 def prompt_of(row: dict, where: str):
@@ -32,6 +33,30 @@ def prompt_of(row: dict, where: str):
         messages = row["messages"]
         return messages[:-1] if messages[-1].get("role") == "assistant" else messages
     raise AlignError(f"--prompts: {where} has columns {sorted(row)}; expected prompt or messages")
+
+
+def sample_jobs(model, tokenizer, rows, jobs: list[tuple[int, int]], *, sampling: SamplingConfig, num_samples: int,
+                seed: int, do_sample: bool) -> dict[tuple[int, int], str]:
+    """Completion text of each (row index, sample index) job: this process's share of `align generate`.
+
+    Each job samples with its own key (from the seed and its index i x num_samples + s), so what it
+    samples depends neither on the batch it lands in nor on how the jobs are dealt out to processes.
+    """
+    encoded = [encode_prompt(tokenizer, prompt_of(rows.rows[i], rows.where(i)), rows.where(i)) for i, _ in jobs]
+    keys = row_keys(seed, [i * num_samples + s for i, s in jobs]) if do_sample else None
+    order = sorted(range(len(jobs)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
+    by_job = {}
+    for start in range(0, len(order), sampling.batch_size):
+        chunk = order[start: start + sampling.batch_size]
+        ids, mask = left_pad([encoded[k] for k in chunk], tokenizer.pad_token_id)
+        out = sample(model, ids, mask, sampling=sampling, eos_id=tokenizer.eos_token_id,
+                     pad_id=tokenizer.pad_token_id, do_sample=do_sample,
+                     keys=keys[chunk] if keys is not None else None)
+        keep, _ = completion_mask(out, tokenizer.eos_token_id)
+        for row, k in enumerate(chunk):
+            n = int(keep[row].sum())
+            by_job[jobs[k]] = tokenizer.decode(out[row, :n].tolist(), skip_special_tokens=True)
+    return by_job
 
 
 def generate(model_path: str, prompts_path: str, *, output: str | None = None, max_new_tokens: int = 64,
@@ -50,22 +75,10 @@ def generate(model_path: str, prompts_path: str, *, output: str | None = None, m
     rows = load_rows(prompts_path, key="--prompts")
     jobs = [(i, s) for i in range(len(rows.rows)) for s in range(num_samples)]
     mine = jobs[state.process_index:: state.num_processes]
-    encoded = [encode_prompt(tokenizer, prompt_of(rows.rows[i], rows.where(i)), rows.where(i)) for i, _ in mine]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, top_p=top_p,
                               top_k=top_k, batch_size=batch_size)
-    torch.manual_seed(seed + state.process_index)
-    texts = []
-    order = sorted(range(len(mine)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
-    by_job = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        ids, mask = left_pad([encoded[k] for k in chunk], tokenizer.pad_token_id)
-        out = sample(model, ids, mask, sampling=sampling, eos_id=tokenizer.eos_token_id,
-                     pad_id=tokenizer.pad_token_id, do_sample=temperature > 0)
-        keep, _ = completion_mask(out, tokenizer.eos_token_id)
-        for row, k in enumerate(chunk):
-            n = int(keep[row].sum())
-            by_job[mine[k]] = tokenizer.decode(out[row, :n].tolist(), skip_special_tokens=True)
+    by_job = sample_jobs(model, tokenizer, rows, mine, sampling=sampling, num_samples=num_samples, seed=seed,
+                         do_sample=temperature > 0)
     texts = [(job, by_job[job]) for job in mine]
     if state.num_processes > 1:
         texts = gather_object(texts)

@@ -48,6 +48,30 @@ def test_generate_sampling_several_per_prompt_is_seeded(tmp_path):
     assert len({r["completion"] for r in outs[0]}) > 1  # an untrained model samples different texts
 
 
+def test_generate_sampling_does_not_depend_on_the_batch_or_the_processes(tmp_path):
+    """Each (prompt, sample) job has its own key: the second of two processes (jobs 1, 3, 5, ...) samples
+    what one process samples for those jobs, and batch size 1 what batch size 16 does."""
+    from align.data import Rows
+    from align.generate import sample_jobs
+    from align.rollout import SamplingConfig
+
+    model, tok, _ = _saved_model(tmp_path)
+    tok.padding_side = "left"
+    rows = Rows([{"prompt": f"{a}+{b}="} for a, b in [(1, 1), (12, 34), (99, 99), (5, 7), (40, 2)]],
+                [("p", i + 1) for i in range(5)])
+    jobs = [(i, s) for i in range(5) for s in range(3)]
+
+    def run(share, batch):
+        return sample_jobs(model, tok, rows, share, sampling=SamplingConfig(max_new_tokens=5, batch_size=batch),
+                           num_samples=3, seed=5, do_sample=True)
+
+    whole = run(jobs, 16)
+    second_process = run(jobs[1::2], 16)
+    assert second_process == {job: whole[job] for job in jobs[1::2]}
+    assert run(jobs, 1) == whole
+    assert len(set(whole.values())) > 5  # an untrained model samples different texts
+
+
 def test_generate_bad_prompts_file(tmp_path, capsys):
     _, _, path = _saved_model(tmp_path)
     (tmp_path / "p.jsonl").write_text(json.dumps({"question": "1+1"}) + "\n")
