@@ -124,9 +124,10 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = field(default=100, metadata=cfg.positive("train.max_steps"))
-    """Optimizer steps. Each step consumes batch_size x grad_accum x processes samples."""
+    """Optimizer steps. Each step consumes batch_size x grad_accum x processes samples (packed rows when
+    SFT packs, the default)."""
     batch_size: int = field(default=8, metadata=cfg.positive("train.batch_size"))
-    """Samples per micro-batch per process."""
+    """Samples (SFT with data.packing: rows of data.max_length) per micro-batch per process."""
     grad_accum: int = field(default=1, metadata=cfg.positive("train.grad_accum"))
     micro_batch_tokens: int | Literal["auto"] | None = field(default="auto",
                                                             metadata=cfg.positive("train.micro_batch_tokens"))
