@@ -35,6 +35,9 @@ class SFTStage:
         examples = trainset.examples
         if data.packing:
             examples = pack(examples, data.max_length)
+            filled = sum(len(e["input_ids"]) for e in examples) / (len(examples) * data.max_length)
+            accelerator.print(f"data.train: {len(trainset)} samples packed into {len(examples)} rows of "
+                              f"data.max_length={data.max_length} tokens, {filled:.0%} full (data.packing)")
         # packed rows are collated at full width: micro-batches of one fixed shape let the allocator
         # reuse the same blocks every step (on HH-RLHF rows 98% full, CPU peak RSS 0.68x: bench_sft.py)
         fixed_width = data.max_length if data.packing and not data.padding_free else None
