@@ -226,6 +226,7 @@ class PPOStage(GRPOStage):
         self._beta_before = (-1, a.kl_coef)  # (generation, beta before that rollout's controller update)
         self.reward_names = ["reward_model"]
         self.reward_fn = self._score_texts
+        self.accuracy_fn = rewards.exact_match  # eval/task_accuracy (GRPOStage.evaluate), as train/task_accuracy
         self._cache = None
 
     # -- rollout ---------------------------------------------------------------------------
