@@ -152,7 +152,10 @@ def _log(run_dir) -> list[dict]:
 
 def _assert_same_run(one, two, *, rel=1e-4):
     """Same final weights (1e-4 relative), same log records and final metrics."""
-    assert max_relative_difference(weights(one), weights(two)) < rel
+    difference = max_relative_difference(weights(one), weights(two))
+    print(f"{one.parent.name}/{one.name} vs {two.parent.name}/{two.name}: max relative weight difference "
+          f"{difference:.1e}")  # the figure for reports (pytest -s)
+    assert difference < rel
     log_one, log_two = _log(one), _log(two)
     assert [r["step"] for r in log_one] == [r["step"] for r in log_two]
     for a, b in zip(log_one, log_two):
