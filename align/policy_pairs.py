@@ -21,8 +21,8 @@ Here the labeller is simulated by a reward function (`align.rewards`, default
 A recipe asks for it under `data.from_policy`; `align.engine.run` writes the files before
 the stage starts when they are missing (as `model.from_recipe` trains a missing model),
 after training the policy by `policy_recipe` when its folder is missing too. Existing
-files are used as they are: delete them to rebuild. Deterministic for a given policy,
-seed and process count (each process samples its share with seed + rank).
+files are used as they are: delete them to rebuild. Deterministic for a given policy and
+seed, whatever the number of processes (every (prompt, sample) has its own sampling key).
 """
 
 from __future__ import annotations
