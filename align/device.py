@@ -18,13 +18,18 @@ cheaper depends on the device:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 CPU_MICRO_BATCH_TOKENS = 1024
 
 
 def has_accelerator() -> bool:
-    """A CUDA (or ROCm) GPU, an Intel XPU or an Apple MPS device is there to train on."""
+    """A CUDA (or ROCm) GPU, an Intel XPU or an Apple MPS device is there to train on (and the run was
+    not told to use the CPU: `accelerate launch --cpu` / ACCELERATE_USE_CPU=true)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
     if torch.cuda.is_available():
         return True
     xpu = getattr(torch, "xpu", None)

@@ -37,6 +37,14 @@ def test_auto_with_a_gpu_checkpoints_and_keeps_one_forward(tmp_path, with_gpu):
     assert device.micro_batch_tokens(r) is None
 
 
+def test_a_run_told_to_use_the_cpu_counts_as_cpu_even_with_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
+    assert device.has_accelerator()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate launch --cpu, or the two-process CPU launch
+    assert not device.has_accelerator()
+
+
 @pytest.mark.parametrize("overrides, checkpointing, budget", [
     ({"model.gradient_checkpointing": True}, True, None),  # checkpointing bounds the activations already
     ({"model.gradient_checkpointing": False, "train.micro_batch_tokens": None}, False, None),
