@@ -100,6 +100,7 @@ from typing import Callable
 
 from align import builtin
 from align.data import FILE_SUFFIXES, IGNORE, SFT_FORMATS, Rows, detect_format, encode_prompt, load_rows
+from align.device import gradient_checkpointing
 from align.errors import AlignError
 from align.recipe import ModelConfig, Recipe, load_recipe
 
@@ -422,8 +423,9 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     # activations of the largest micro-batch
     rows = t.batch_size * (2 if stage in PAIR_STAGES else 1)
     tokens = rows * seq_len
-    # the estimate is per GPU, where `auto` checkpoints (align.device)
-    ckpt = recipe.model.gradient_checkpointing in (True, "auto") or par.activation_checkpointing
+    # the estimate is per GPU
+    ckpt = gradient_checkpointing(recipe.model.gradient_checkpointing, on_accelerator=True) \
+        or par.activation_checkpointing
     eager = (recipe.model.attn_implementation or "sdpa") == "eager"
     acts = activation_bytes(shape, tokens, seq_len, act, checkpointing=ckpt, eager=eager)
     logits = logits_bytes(shape, tokens) if stage != "reward" else 0.0

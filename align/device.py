@@ -39,10 +39,11 @@ def has_accelerator() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def gradient_checkpointing(setting) -> bool:
-    """`model.gradient_checkpointing`: true/false as set; auto: on with an accelerator, off on a CPU."""
+def gradient_checkpointing(setting, *, on_accelerator: bool | None = None) -> bool:
+    """`model.gradient_checkpointing`: true/false as set; auto: on with an accelerator, off on a CPU.
+    `on_accelerator` answers for another machine than this one (`align check` estimates for a GPU)."""
     if setting == "auto":
-        return has_accelerator()
+        return has_accelerator() if on_accelerator is None else on_accelerator
     return bool(setting)
 
 

@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from align import models
 from align.data import encode_prompt, load_rows
 from align.engine import distributed_state

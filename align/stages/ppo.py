@@ -226,7 +226,7 @@ class PPOStage(GRPOStage):
         self._beta_before = (-1, a.kl_coef)  # (generation, beta before that rollout's controller update)
         self.reward_names = ["reward_model"]
         self.reward_fn = self._score_texts
-        self.accuracy_fn = rewards.exact_match  # eval/task_accuracy (GRPOStage.evaluate), as train/task_accuracy
+        self.accuracy_fn = rewards.exact_match  # train/task_accuracy here, eval/task_accuracy in GRPOStage.evaluate
         self._cache = None
 
     # -- rollout ---------------------------------------------------------------------------
@@ -270,8 +270,8 @@ class PPOStage(GRPOStage):
         advantages, returns = advantages * mask, returns * mask
         seq_kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), mask, dim=-1)  # (B,)
         texts = out.texts(self.tokenizer)
-        correct = rewards.exact_match([r["prompt"] for r in rows], texts,
-                                      **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+        correct = self.accuracy_fn([r["prompt"] for r in rows], texts,
+                                   **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
         B = len(rows)
         kl_global = evaluate._reduce_sum(acc, [seq_kl.sum().item(), float(B)])
         beta_used = self.kl_ctl.beta
