@@ -281,6 +281,10 @@ def _tokenize_messages(tokenizer, messages, where) -> tuple[list[int], list[int]
             continue
         start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
         upto = chat_ids(tokenizer, messages[: i + 1])
+        if full[: len(upto)] != upto and upto[-1:] == [tokenizer.eos_token_id]:
+            # a template that closes the whole conversation with EOS (Phi-3's) renders it after every
+            # prefix it is given, but in the full conversation only after the last turn
+            upto = upto[:-1]
         if full[: len(upto)] != upto:
             raise AlignError(f"{where}: the chat template renders turn {i} differently once later turns follow "
                              "(boundary drift); the loss mask would be wrong")

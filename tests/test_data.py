@@ -56,6 +56,24 @@ def test_conversational_messages_mask_every_assistant_turn(tmp_path, tok):
     assert trained == [None] * 6 + ["2", "<eos>"] + [None] * 5 + ["4", "<eos>"]
 
 
+def test_template_closing_the_conversation_with_eos_masks_each_turn(tmp_path, tok):
+    """Phi-3's template ends a conversation rendered without a generation prompt with EOS: the EOS follows
+    only the last turn in the full conversation, so an earlier turn ends at its own end, not in drift."""
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+    phi3 = builtin.load_tokenizer()
+    phi3.chat_template = template
+    messages = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    rows = _rows(tmp_path, [{"messages": messages}])
+    ex = tokenize_sft(rows, phi3, max_length=64, truncation="keep_start", key="data.train").examples[0]
+    tokens = _chars(phi3, ex["input_ids"])
+    assert tokens == ["<|user|>", "1", "+", "1", "\n", "<|assistant|>", "2", "\n",
+                      "<|user|>", "2", "+", "2", "\n", "<|assistant|>", "4", "\n", "<eos>"]
+    trained = [t if label != IGNORE else None for t, label in zip(tokens, ex["labels"])]
+    assert trained == [None] * 6 + ["2", "\n"] + [None] * 6 + ["4", "\n", "<eos>"]
+
+
 def test_conversational_prompt_completion(tmp_path, tok):
     rows = _rows(tmp_path, [{"prompt": [{"role": "user", "content": "9+9"}],
                              "completion": [{"role": "assistant", "content": "18"}]}])
