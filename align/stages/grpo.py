@@ -32,8 +32,8 @@ optimizer steps, its old log-probs computed once at sampling time; the clip then
 a frozen copy of the starting policy (for a LoRA policy: the same weights with the
 adapter disabled). Groups whose rewards are all equal get zero advantage and contribute
 no policy gradient: they are counted (`train/zero_std_groups` per step,
-`train/frac_zero_std_groups`). Dropout is switched off in the policy (TRL's
-`disable_dropout`), so rollout and training forwards compute the same function.
+`train/frac_zero_std_groups`). Dropout is off (`model.disable_dropout`, the default in
+every stage), so rollout and training forwards compute the same function.
 
 Logs `train/reward` (and `rewards/<function>`), `train/reward_std`, `train/kl` (token mean
 of k3), `losses/clipfrac`, `objective/entropy`, `train/completion_length`,
@@ -111,17 +111,6 @@ class GRPOArgs:
     """Write grpo_curves.png and grpo_kl.png into output_dir at the end."""
 
 
-def disable_dropout(model) -> None:
-    """Set every dropout probability to 0 (TRL's disable_dropout), so sampling and training agree."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
-
-
 def batch_weight(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> float:
     """A micro-batch's share of the step's loss normaliser under `aggregation` (see TOKEN_AGGREGATIONS)."""
     return aggregate_token_losses(torch.zeros(mask.shape), mask, aggregation=aggregation,
@@ -151,7 +140,6 @@ class GRPOStage:
         self.accuracy_fn = rewards.resolve(a.accuracy)
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
-        disable_dropout(self.model)
         self.ref_model = None
         if a.beta > 0 and not models.is_peft(self.model):
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)

@@ -76,7 +76,7 @@ from align.losses import (
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
-from align.stages.grpo import GRPOStage, disable_dropout, plot_run, sampling_config
+from align.stages.grpo import GRPOStage, plot_run, sampling_config
 
 
 @dataclass
@@ -215,10 +215,9 @@ class PPOStage(GRPOStage):
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
         policy = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
-        value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype)
+        value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype,
+                                disable_dropout=recipe.model.disable_dropout)
         value = models.load_model(value_cfg, self.tokenizer, head="score", seed=recipe.seed)
-        disable_dropout(policy)
-        disable_dropout(value)
         self.model = PolicyAndValue(policy, value)
         self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
         self.ref_model.to(accelerator.device)
