@@ -71,8 +71,10 @@ from align.rollout import Rollout, SamplingConfig, completion_logprobs, rollout
 
 @dataclass
 class GRPOArgs:
-    num_generations: int = field(default=8, metadata=cfg.positive("grpo.num_generations"))
-    """G: completions sampled per prompt (a group)."""
+    num_generations: int = field(default=8, metadata=cfg.at_least(
+        2, "grpo.num_generations", "advantages compare a completion with the others of its group: one alone has "
+        "no baseline (zero advantage, or NaN when scaled by the group's std)"))
+    """G: completions sampled per prompt (a group), at least 2."""
     max_new_tokens: int = field(default=8, metadata=cfg.positive("grpo.max_new_tokens"))
     """Longest completion (TRL's max_completion_length; dr_grpo's constant normaliser)."""
     temperature: float = field(default=1.0, metadata=cfg.positive("grpo.temperature"))
