@@ -29,8 +29,8 @@ spent, as TRL does). With `num_iterations: k` a rollout is reused for k consecut
 optimizer steps, its old log-probs computed once at sampling time; the clip then acts.
 
 `beta: 0` (TRL's default) loads no reference model at all and logs no KL; beta > 0 loads
-a frozen copy of the starting policy (for a LoRA policy: the same weights with the
-adapter disabled). Groups whose rewards are all equal get zero advantage and contribute
+a frozen copy of the starting policy (for a new LoRA adapter: the same weights with the
+adapter disabled; starting from a trained adapter folder: a frozen base + that adapter). Groups whose rewards are all equal get zero advantage and contribute
 no policy gradient: they are counted (`train/zero_std_groups` per step,
 `train/frac_zero_std_groups`). Dropout is off (`model.disable_dropout`, the default in
 every stage), so rollout and training forwards compute the same function.
@@ -143,10 +143,16 @@ class GRPOStage:
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
         self.ref_model = None
-        if a.beta > 0 and not models.is_peft(self.model):
+        if a.beta > 0 and not self._reference_is_base_model():
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
             self.ref_model.to(accelerator.device)
         self._cache: tuple[int, list[dict]] | None = None
+
+    def _reference_is_base_model(self) -> bool:
+        """Whether the starting policy is its base model with the adapter disabled: a NEW LoRA adapter (its B
+        matrices start at zero), so the reference costs no second model. A policy that starts from a trained
+        adapter folder is base + adapter: its reference is a frozen copy of that (a second base in memory)."""
+        return models.is_peft(self.model) and not models._adapter_base(self.recipe.model.name_or_path)
 
     def _load_prompts(self, recipe: Recipe) -> None:
         """Left-padding tokenizer (EOS required), training prompts and held-out prompts (shared with PPO)."""
