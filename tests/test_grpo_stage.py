@@ -165,3 +165,14 @@ def test_grpo_from_an_adapter_folder_uses_the_starting_policy_as_reference(tmp_p
     run(load_recipe(None, data=recipe))
     first = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()][1]
     assert first["train/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_runs_under_the_policys_autocast(tmp_path):
+    """Under bf16 autocast the rollout's reference log-probs come from the same bf16 computation as the
+    training forward: the step-0 KL is exactly 0 (not so while the rollout ran in fp32)."""
+    recipe = grpo_recipe(tmp_path / "out", beta=0.1, num_generations=4)
+    recipe["train"].update(max_steps=1, batch_size=16, mixed_precision="bf16")
+    recipe["eval"]["generate"] = False
+    run(load_recipe(None, data=recipe))
+    first = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()][1]
+    assert first["train/kl"] == 0.0

@@ -276,7 +276,11 @@ class GRPOStage:
     def micro_batches(self, step: int) -> list[dict]:
         generation = step // self.args.num_iterations
         if self._cache is None or self._cache[0] != generation:
-            self._cache = (generation, self.split(*self.make_rollout(generation), self.recipe.train.batch_size))
+            # under the training forward's autocast: the old and reference log-probs (and the reward model)
+            # are the same computation as the loss's, so the step-0 ratio is 1 and the KL 0 under bf16 too
+            with self.accelerator.autocast():
+                rollout_batch = self.make_rollout(generation)
+            self._cache = (generation, self.split(*rollout_batch, self.recipe.train.batch_size))
         batches = [dict(b) for b in self._cache[1]]
         if step % self.args.num_iterations:
             batches[0].pop("_metrics", None)  # rollout statistics counted once per rollout
