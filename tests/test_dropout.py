@@ -11,11 +11,12 @@ import json
 
 import pytest
 import torch
-from helpers import save_dropout_model
 
 from align import models
 from align.engine import run
 from align.recipe import ModelConfig, load_recipe
+
+from helpers import save_dropout_model
 
 
 def _train_mode_forwards(folder, **cfg):
