@@ -524,11 +524,13 @@ def _pair_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, ke
     from align.preference_data import tokenize_preferences
 
     truncation = getattr(recipe.stage_args, "prompt_truncation", "keep_start")
+    scores_tokens = recipe.stage != "reward"
     samples = []
     for i, row in enumerate(rows.rows):
         one = Rows([row], [rows.origins[i]])
         try:
-            full = tokenize_preferences(one, tokenizer, max_length=10**9, key=key).examples[0]
+            full = tokenize_preferences(one, tokenizer, max_length=10**9, key=key,
+                                        scores_tokens=scores_tokens).examples[0]
         except AlignError as err:
             if DRIFT_WORDS in str(err):
                 report.warn("template_drift", str(err))
@@ -538,7 +540,7 @@ def _pair_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, ke
             raise
         try:
             cut = tokenize_preferences(one, tokenizer, max_length=recipe.data.max_length, key=key,
-                                       prompt_truncation=truncation).examples[0]
+                                       prompt_truncation=truncation, scores_tokens=scores_tokens).examples[0]
         except AlignError:  # no completion token left within max_length
             cut = {"prompt_ids": full["prompt_ids"][: recipe.data.max_length], "chosen_ids": [], "rejected_ids": []}
         sides = []

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--split", help="split of a datasets name or folder (e.g. test, or test[1800:])")
+    p.add_argument("--split", help="split of a datasets name or folder (e.g. test, or test[1800:]), or a slice of a file's rows (train[1800:])")
     p.add_argument("--prompt-truncation", choices=["keep_end", "keep_start"], default="keep_end",
                    help="a pair longer than --max-length: cut the start of the prompt (keep_end) or the answers' ends")
 

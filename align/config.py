@@ -38,6 +38,10 @@ def positive(what: str = "value") -> dict:
     return {"check": lambda v: isinstance(v, str) or v > 0, "expect": f"{what} > 0"}
 
 
+def at_least(low: int, what: str = "value", why: str = "") -> dict:
+    return {"check": lambda v: v >= low, "expect": f"{what} >= {low}" + (f" ({why})" if why else "")}
+
+
 def non_negative(what: str = "value") -> dict:
     return {"check": lambda v: v >= 0, "expect": f"{what} >= 0"}
 

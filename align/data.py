@@ -140,12 +140,27 @@ def _read_source(path: str, name, split, key) -> list[dict]:
     if local.suffix and any(str(local).endswith(s) for s in FILE_SUFFIXES):
         if not local.is_file():
             raise AlignError(f"{key}: file {path} not found")
-        return _read_file(local)
+        return _slice(_read_file(local), split, key)
     if local.exists():
         if local.is_dir():
             return _read_datasets(path, name, split or "train", key)
         raise AlignError(f"{key}: {path} has an unsupported extension; expected one of {', '.join(FILE_SUFFIXES)}")
     return _read_datasets(path, name, split or "train", key)
+
+
+def _slice(rows: list[dict], split, key) -> list[dict]:
+    """A file's rows sliced as `datasets` slices a split: "train[:1800]", "test[1800:]", "[100:200]"
+    (the name before the brackets means nothing for one file); no brackets: every row."""
+    if split is None or "[" not in str(split):
+        return rows
+    inside = str(split)[str(split).index("[") + 1:]
+    try:
+        if not inside.endswith("]") or inside.count(":") != 1:
+            raise ValueError
+        start, stop = (int(x) if x.strip() else None for x in inside[:-1].split(":"))
+    except ValueError:
+        raise AlignError(f"{key}: split {split!r}; expected a slice such as 'train[:1800]' or 'train[1800:]'") from None
+    return rows[start:stop]
 
 
 def _read_file(path: Path) -> list[dict]:

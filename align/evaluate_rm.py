@@ -264,7 +264,7 @@ def evaluate_reward_model(model_path: str, data, *, output: str | None = None, p
     cfg = ModelConfig(name_or_path=model_path)
     tokenizer = models.load_tokenizer(cfg)
     pairs = tokenize_preferences(load_rows(data, key="--data"), tokenizer, max_length=max_length, key="--data",
-                                 prompt_truncation=prompt_truncation)
+                                 prompt_truncation=prompt_truncation, scores_tokens=False)
     model = models.load_model(cfg, tokenizer, head="score", trainable=False).to(accelerator.device)
     chosen, rejected = score_pairs(model, pairs.examples, tokenizer.pad_token_id, batch_size=batch_size,
                                    accelerator=accelerator)

@@ -111,9 +111,13 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         if adapter_of:
             from peft import PeftModel
 
+            if cfg.disable_dropout:
+                disable_dropout(model)
             if cfg.quantization.load_in_4bit and trainable:
                 _prepare_kbit(model, cfg)
             model = PeftModel.from_pretrained(model, name, is_trainable=trainable)
+    if cfg.disable_dropout and not adapter_of:  # (an adapter's base was done before wrapping, above)
+        disable_dropout(model)  # before LoRA wraps it: the adapter's own lora.dropout is the recipe's choice
     if head != "causal_lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -133,6 +137,27 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+# float attributes that a module reads at forward time as a dropout probability or training-time noise:
+# attention modules copy `config.attention_dropout` at construction (Llama, Qwen, Mistral, Gemma, Phi-3,
+# MoE families), Mixtral's router adds `jitter_noise` in train mode
+_TRAINING_NOISE = ("jitter_noise", "dropout_p")
+
+
+def disable_dropout(model) -> None:
+    """Make the model's train-mode forward deterministic: every `nn.Dropout` gets p = 0 and every float
+    attribute a module reads as a dropout probability (`attention_dropout`, `*_dropout`) or as router
+    noise is set to 0 (TRL's `disable_dropout` does the first only, and leaves attention dropout on).
+
+    The config is left as it is, so a saved model keeps the dropout its author gave it.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and (name.endswith("dropout") or name in _TRAINING_NOISE):
+                setattr(module, name, 0.0)
 
 
 def quantization_kwargs(cfg: ModelConfig, *, trainable: bool = True, adapter: bool = False) -> dict:

@@ -70,13 +70,20 @@ class PreferenceSet:
     dropped_empty: int = 0
     truncated: int = 0
     source: str = ""
+    empty_prompts: int = 0
+    """Pairs with no prompt token (an implicit split with no shared beginning, a tokenizer without BOS):
+    the first token of each answer has nothing before it and is not scored."""
 
     def __len__(self):
         return len(self.examples)
 
     def summary(self) -> str:
-        return (f"{len(self.examples)} pairs kept; {self.dropped_identical} dropped as identical after truncation, "
+        text = (f"{len(self.examples)} pairs kept; {self.dropped_identical} dropped as identical after truncation, "
                 f"{self.dropped_empty} with no completion token left, {self.truncated} truncated")
+        if self.empty_prompts:
+            text += (f"; {self.empty_prompts} with an empty prompt (no shared beginning and no BOS token: "
+                     f"the first token of each answer is not scored)")
+        return text
 
 
 def _row_parts(row: dict, where: str):
@@ -128,13 +135,17 @@ def _keep_prompt_end(prompt_ids: list[int], longest: int, max_length: int, bos_i
 
 
 def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str,
-                         prompt_truncation: str = "keep_start") -> PreferenceSet:
+                         prompt_truncation: str = "keep_start", scores_tokens: bool = True) -> PreferenceSet:
     """Tokenize every pair. Too-long pairs lose the end of their completions; with
     prompt_truncation="keep_end" the prompt first loses its beginning (the end of a long
-    dialogue, next to the answers, survives) so that the completions fit."""
+    dialogue, next to the answers, survives) so that the completions fit.
+
+    `scores_tokens` (the DPO family): a pair must keep a scored token on each side; with an
+    empty prompt an answer's first token is not scored, so a one-token answer is dropped.
+    A reward model reads the last token only and needs one token a side."""
     if prompt_truncation not in PROMPT_TRUNCATION:
         raise AlignError(f"{key}: prompt truncation {prompt_truncation!r}; expected one of {PROMPT_TRUNCATION}")
-    examples, identical, empty, truncated = [], 0, 0, 0
+    examples, identical, empty, truncated, empty_prompts = [], 0, 0, 0, 0
     for i, row in enumerate(rows.rows):
         where = f"{key}: {rows.where(i)}"
         prompt, chosen, rejected = _row_parts(row, where)
@@ -151,7 +162,10 @@ def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str,
         if cut or len(chosen_ids) > room or len(rejected_ids) > room:
             truncated += 1
         chosen_ids, rejected_ids = chosen_ids[: max(room, 0)], rejected_ids[: max(room, 0)]
-        if not chosen_ids or not rejected_ids:
+        # with an empty prompt (no BOS) an answer's first token has nothing before it and is not scored
+        least = 2 if scores_tokens and not prompt_ids else 1
+        empty_prompts += not prompt_ids
+        if len(chosen_ids) < least or len(rejected_ids) < least:
             empty += 1
             continue
         if chosen_ids == rejected_ids:
@@ -164,7 +178,7 @@ def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str,
             example["subset"] = str(row["subset"])
         examples.append(example)
     name = rows.origins[0][0]
-    result = PreferenceSet(examples, identical, empty, truncated, name)
+    result = PreferenceSet(examples, identical, empty, truncated, name, empty_prompts)
     if not examples:
         raise AlignError(f"{key}: no usable pair in {name} ({result.summary()}); check data.max_length")
     return result

@@ -66,6 +66,11 @@ class ModelConfig:
     """Token to pad with when the tokenizer has none (else loading fails with a clear error)."""
     chat_template: str | None = None
     """A Jinja chat template to use when the tokenizer has none."""
+    disable_dropout: bool = True
+    """Switch off every dropout of the model (TRL's `disable_dropout`, on by default here in every stage):
+    the reference log-probs, rollout log-probs and training forwards then compute the same function, so
+    the step-0 policy/reference ratios are exactly 1. A LoRA adapter's own `lora.dropout` is kept.
+    false: keep the model's dropout (its config's values)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     from_recipe: str | None = None
     """A recipe that produces `name_or_path` (its output_dir), run first when that folder has no model yet:

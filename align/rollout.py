@@ -24,7 +24,7 @@ A rollout of B prompts is
    pass and, with top-k/top-p, from the warped distribution). Logits are divided by
    the sampling temperature before the softmax, as TRL does, so the log-probs are those
    of the distribution the tokens were drawn from. Dropout is the caller's business:
-   the online stages switch it off in the policy (TRL's `disable_dropout`), so the
+   the loader switches it off (`model.disable_dropout`, on by default), so the
    rollout-time log-probs and the training forward see the same function.
 
 Reproducible across world sizes. A completion depends only on the model, its prompt,

@@ -38,3 +38,25 @@ def weights(output_dir) -> dict[str, torch.Tensor]:
 def max_relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
+
+
+def save_dropout_model(folder, arch: str = "gpt2", p: float = 0.1):
+    """A tiny random model with dropout p everywhere (GPT-2: resid/embd/attn; Llama: attention_dropout,
+    which the attention modules copy at construction) and the built-in tokenizer, saved to `folder`."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from align import builtin
+
+    tok = builtin.load_tokenizer()
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=p, embd_pdrop=p,
+                            attn_pdrop=p, **ids)
+    else:
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=2, attention_dropout=p, **ids)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return pathlib.Path(folder)

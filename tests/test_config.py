@@ -70,3 +70,11 @@ def test_every_shipped_llm_recipe_validates():
             continue  # pipelines have their own schema
         recipe = load_recipe(path)
         assert recipe.stage and recipe.output_dir, path
+
+
+def test_grpo_needs_two_completions_a_group():
+    """One completion a group has no baseline: zero advantage, or NaN under scale_rewards: group."""
+    with pytest.raises(AlignError, match=r"grpo.num_generations >= 2"):
+        load_recipe(None, ["stage=grpo", "output_dir=x", "grpo.num_generations=1"])
+    ok = load_recipe(None, ["stage=grpo", "output_dir=x", "data.train=p.jsonl", "grpo.num_generations=2"])
+    assert ok.stage_args.num_generations == 2

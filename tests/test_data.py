@@ -258,3 +258,15 @@ def test_right_padded_batches_drop_the_mask_without_changing_a_real_logit():
     assert torch.allclose(masked[real], unmasked[real], atol=1e-5)
     left = dict(batch, attention_mask=batch["attention_mask"].flip(-1))
     assert without_causal_padding_mask(left) is left  # left padding keeps its mask
+
+
+def test_a_local_file_takes_a_split_slice(tmp_path):
+    from align.data import load_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(10)))
+    assert [r["i"] for r in load_rows({"path": str(path), "split": "test[7:]"}, key="data.eval").rows] == [7, 8, 9]
+    assert [r["i"] for r in load_rows({"path": str(path), "split": "train[:2]"}, key="data.train").rows] == [0, 1]
+    assert len(load_rows({"path": str(path), "split": "train"}, key="data.train").rows) == 10
+    with pytest.raises(AlignError, match=r"data.train: split 'train\[a:\]'; expected a slice"):
+        load_rows({"path": str(path), "split": "train[a:]"}, key="data.train")

@@ -133,3 +133,46 @@ def test_tiny_grpo_recipe_meets_its_target(tmp_path):
     assert metrics["eval/task_accuracy"] >= metrics["eval/task_accuracy_start"] + 0.10, metrics
     assert metrics["eval/kl"] < 1.0, metrics
     assert (tmp_path / "grpo" / "grpo_curves.png").is_file() and (tmp_path / "grpo" / "grpo_kl.png").is_file()
+
+
+def _trained_adapter_folder(tmp_path):
+    """A base model folder and a LoRA adapter on it whose weights are far from zero (an SFT LoRA output)."""
+    from align import models
+    from align.recipe import ModelConfig
+
+    tok = models.load_tokenizer(ModelConfig(name_or_path="builtin:tiny"))
+    base = tmp_path / "base"
+    models.save_pretrained(models.load_model(ModelConfig(name_or_path="builtin:tiny"), tok), tok, base)
+    cfg = ModelConfig(name_or_path=str(base))
+    cfg.lora.enabled, cfg.lora.r = True, 4
+    policy = models.load_model(cfg, tok, seed=0)
+    with torch.no_grad():
+        for param in policy.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.3)
+    models.save_pretrained(policy, tok, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_grpo_from_an_adapter_folder_uses_the_starting_policy_as_reference(tmp_path):
+    """Starting from an SFT LoRA adapter folder, the reference is base + that adapter, not the base model
+    (adapter disabled): before the fix the step-0 KL was ~1 nat and beta pulled the policy to the base."""
+    adapter = _trained_adapter_folder(tmp_path)
+    recipe = grpo_recipe(tmp_path / "out", beta=0.1, num_generations=4)
+    recipe["model"] = {"name_or_path": str(adapter)}
+    recipe["train"].update(max_steps=1, batch_size=16)
+    recipe["eval"]["generate"] = False
+    run(load_recipe(None, data=recipe))
+    first = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()][1]
+    assert first["train/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_runs_under_the_policys_autocast(tmp_path):
+    """Under bf16 autocast the rollout's reference log-probs come from the same bf16 computation as the
+    training forward: the step-0 KL is exactly 0 (not so while the rollout ran in fp32)."""
+    recipe = grpo_recipe(tmp_path / "out", beta=0.1, num_generations=4)
+    recipe["train"].update(max_steps=1, batch_size=16, mixed_precision="bf16")
+    recipe["eval"]["generate"] = False
+    run(load_recipe(None, data=recipe))
+    first = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()][1]
+    assert first["train/kl"] == 0.0

@@ -141,3 +141,39 @@ def test_resumed_run_continues_with_the_adapted_beta(tmp_path, monkeypatch, shar
     assert [b for _, b in betas("resumed")] == pytest.approx([0.1 * 0.84**k for k in range(4)])
     assert [b for _, b in betas("straight")] == pytest.approx([0.1 * 0.84**k for k in range(4)])
     assert max_relative_difference(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-5
+
+
+def test_reference_runs_under_the_policys_autocast(tmp_path, sharp_reward_model):
+    """Under bf16 autocast the rollout's old and reference log-probs are the training forward's own
+    computation: at step 0 the policy/old ratio and the KL to the reference are exactly 0."""
+    recipe = _beta_recipe(tmp_path / "out", sharp_reward_model, max_steps=1, mixed_precision="bf16")
+    run(recipe)
+    first = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()][1]
+    assert first["train/kl"] == 0.0
+    assert first["losses/approx_kl"] == 0.0
+
+
+def test_eval_reward_scores_the_generated_ids_with_the_missing_eos_penalty(tmp_path, sharp_reward_model):
+    """eval/reward reads the greedy token ids as a rollout is scored: a completion cut by max_new_tokens gets
+    the missing-EOS penalty. Before the fix the text was tokenized again with an EOS appended, so a cut answer
+    scored as a finished one and the penalty never applied (the two runs below gave the same eval/reward)."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from align.rollout import rollout
+
+    def stage(penalty):
+        recipe = _beta_recipe(tmp_path / f"p{penalty}", sharp_reward_model)
+        recipe.stage_args.missing_eos_penalty = penalty
+        recipe.eval.max_new_tokens = 2
+        return ppo.PPOStage(recipe, Accelerator(cpu=True))
+
+    plain, penalised = stage(0.0), stage(5.0)
+    greedy = rollout(plain.model.policy, plain.eval_prompt_ids, sampling=replace(plain.sampling, max_new_tokens=2),
+                     eos_id=plain.tokenizer.eos_token_id, pad_id=plain.tokenizer.pad_token_id, policy_logprobs=False,
+                     do_sample=False)
+    unfinished = (~greedy.ended).float().mean().item()
+    assert unfinished > 0  # a random model does not end within 2 tokens
+    drop = plain.evaluate(plain.model)["eval/reward"] - penalised.evaluate(penalised.model)["eval/reward"]
+    assert drop == pytest.approx(5.0 * unfinished, abs=1e-4)

@@ -72,6 +72,36 @@ def test_pair_logps_equal_the_two_row_layout(nll_on_prompt):
     assert shared["rejected_n"].tolist() == [len(p["rejected_ids"]) for p in pairs]
 
 
+def _single_row_logp(model, prompt: list[int], completion: list[int]) -> tuple[float, int]:
+    """Summed log-prob of the completion tokens given what precedes each, from an unpadded one-row forward
+    of prompt + completion, and how many were scored: a row's first token has no position before it, so
+    with an empty prompt the completion's first token is not scored (there is nothing to predict it from)."""
+    tokens = prompt + completion
+    logps = model(torch.tensor([tokens])).logits[0].log_softmax(-1)  # (T, V)
+    scored = range(max(1, len(prompt)), len(tokens))
+    return sum(logps[j - 1, tokens[j]].item() for j in scored), len(scored)
+
+
+def test_empty_prompt_pairs_match_a_single_row_forward():
+    """An implicit-prompt pair with no shared beginning and a tokenizer without BOS (Qwen, GPT-2) has an
+    empty prompt. Before the fix the shared layout read the first rejected token from the row's LAST
+    column (prompt_last = -1): -13.58 over 3 tokens where the two-row layout gave -9.08 over 2."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config()).eval()
+    pairs = [{"prompt_ids": [], "chosen_ids": [7, 8, 9, 2], "rejected_ids": [11, 12, 2]},
+             {"prompt_ids": [], "chosen_ids": [13, 2], "rejected_ids": [14, 15, 16, 17, 2]},
+             {"prompt_ids": [1, 5], "chosen_ids": [6, 2], "rejected_ids": [9, 2]}]
+    with torch.no_grad():
+        two = pair_logps(model, collate_pairs(pairs, 0))
+        shared = pair_logps(model, collate_shared_pairs(pairs, 0))
+        for i, pair in enumerate(pairs):
+            for side in ("chosen", "rejected"):
+                expected, n = _single_row_logp(model, pair["prompt_ids"], pair[f"{side}_ids"])
+                for layout in (two, shared):
+                    assert layout[side][i].item() == pytest.approx(expected, abs=1e-5), (i, side)
+                    assert layout[f"{side}_n"][i].item() == n, (i, side)
+
+
 def test_pair_rewards_equal_the_two_row_layout():
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(_config(num_labels=1)).eval()
@@ -137,3 +167,24 @@ def test_a_training_step_is_the_same_in_both_layouts(tmp_path, stage, extra):
     start = models.load_model(ModelConfig(name_or_path="builtin:tiny"), builtin.load_tokenizer(), seed=0,
                               head="score" if stage == "reward" else "causal_lm").state_dict()
     assert any(not torch.equal(value, start[name]) for name, value in two.items() if name in start)
+
+
+def test_empty_prompt_pairs_are_counted_and_unscorable_ones_dropped():
+    """No BOS and no shared beginning: the prompt is empty. The summary says so; a pair cut to one token a
+    side has nothing left to score for the DPO family (dropped) but still has a last token for a reward model."""
+    from tokenizers import processors
+
+    from align import builtin
+    from align.data import Rows
+    from align.errors import AlignError
+    from align.preference_data import tokenize_preferences
+
+    tok = builtin.load_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")  # no BOS
+    rows = Rows([{"chosen": "Sure thing.", "rejected": "No way."}], [("pairs.jsonl", 1)])
+    kept = tokenize_preferences(rows, tok, max_length=64, key="data.train")
+    assert kept.examples[0]["prompt_ids"] == [] and kept.empty_prompts == 1
+    assert "1 with an empty prompt" in kept.summary()
+    with pytest.raises(AlignError, match="no usable pair"):
+        tokenize_preferences(rows, tok, max_length=1, key="data.train")
+    assert len(tokenize_preferences(rows, tok, max_length=1, key="data.train", scores_tokens=False)) == 1

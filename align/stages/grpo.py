@@ -29,11 +29,11 @@ spent, as TRL does). With `num_iterations: k` a rollout is reused for k consecut
 optimizer steps, its old log-probs computed once at sampling time; the clip then acts.
 
 `beta: 0` (TRL's default) loads no reference model at all and logs no KL; beta > 0 loads
-a frozen copy of the starting policy (for a LoRA policy: the same weights with the
-adapter disabled). Groups whose rewards are all equal get zero advantage and contribute
+a frozen copy of the starting policy (for a new LoRA adapter: the same weights with the
+adapter disabled; starting from a trained adapter folder: a frozen base + that adapter). Groups whose rewards are all equal get zero advantage and contribute
 no policy gradient: they are counted (`train/zero_std_groups` per step,
-`train/frac_zero_std_groups`). Dropout is switched off in the policy (TRL's
-`disable_dropout`), so rollout and training forwards compute the same function.
+`train/frac_zero_std_groups`). Dropout is off (`model.disable_dropout`, the default in
+every stage), so rollout and training forwards compute the same function.
 
 Logs `train/reward` (and `rewards/<function>`), `train/reward_std`, `train/kl` (token mean
 of k3), `losses/clipfrac`, `objective/entropy`, `train/completion_length`,
@@ -71,8 +71,10 @@ from align.rollout import Rollout, SamplingConfig, completion_logprobs, rollout
 
 @dataclass
 class GRPOArgs:
-    num_generations: int = field(default=8, metadata=cfg.positive("grpo.num_generations"))
-    """G: completions sampled per prompt (a group)."""
+    num_generations: int = field(default=8, metadata=cfg.at_least(
+        2, "grpo.num_generations", "advantages compare a completion with the others of its group: one alone has "
+        "no baseline (zero advantage, or NaN when scaled by the group's std)"))
+    """G: completions sampled per prompt (a group), at least 2."""
     max_new_tokens: int = field(default=8, metadata=cfg.positive("grpo.max_new_tokens"))
     """Longest completion (TRL's max_completion_length; dr_grpo's constant normaliser)."""
     temperature: float = field(default=1.0, metadata=cfg.positive("grpo.temperature"))
@@ -111,17 +113,6 @@ class GRPOArgs:
     """Write grpo_curves.png and grpo_kl.png into output_dir at the end."""
 
 
-def disable_dropout(model) -> None:
-    """Set every dropout probability to 0 (TRL's disable_dropout), so sampling and training agree."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
-
-
 def batch_weight(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> float:
     """A micro-batch's share of the step's loss normaliser under `aggregation` (see TOKEN_AGGREGATIONS)."""
     return aggregate_token_losses(torch.zeros(mask.shape), mask, aggregation=aggregation,
@@ -151,12 +142,17 @@ class GRPOStage:
         self.accuracy_fn = rewards.resolve(a.accuracy)
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
-        disable_dropout(self.model)
         self.ref_model = None
-        if a.beta > 0 and not models.is_peft(self.model):
+        if a.beta > 0 and not self._reference_is_base_model():
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
             self.ref_model.to(accelerator.device)
         self._cache: tuple[int, list[dict]] | None = None
+
+    def _reference_is_base_model(self) -> bool:
+        """Whether the starting policy is its base model with the adapter disabled: a NEW LoRA adapter (its B
+        matrices start at zero), so the reference costs no second model. A policy that starts from a trained
+        adapter folder is base + adapter: its reference is a frozen copy of that (a second base in memory)."""
+        return models.is_peft(self.model) and not models._adapter_base(self.recipe.model.name_or_path)
 
     def _load_prompts(self, recipe: Recipe) -> None:
         """Left-padding tokenizer (EOS required), training prompts and held-out prompts (shared with PPO)."""
@@ -280,7 +276,11 @@ class GRPOStage:
     def micro_batches(self, step: int) -> list[dict]:
         generation = step // self.args.num_iterations
         if self._cache is None or self._cache[0] != generation:
-            self._cache = (generation, self.split(*self.make_rollout(generation), self.recipe.train.batch_size))
+            # under the training forward's autocast: the old and reference log-probs (and the reward model)
+            # are the same computation as the loss's, so the step-0 ratio is 1 and the KL 0 under bf16 too
+            with self.accelerator.autocast():
+                rollout_batch = self.make_rollout(generation)
+            self._cache = (generation, self.split(*rollout_batch, self.recipe.train.batch_size))
         batches = [dict(b) for b in self._cache[1]]
         if step % self.args.num_iterations:
             batches[0].pop("_metrics", None)  # rollout statistics counted once per rollout

@@ -55,7 +55,7 @@ objective the proxy stands for), `train/completion_length`, `objective/entropy`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -76,7 +76,7 @@ from align.losses import (
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
-from align.stages.grpo import GRPOStage, disable_dropout, plot_run, sampling_config
+from align.stages.grpo import GRPOStage, plot_run, sampling_config
 
 
 @dataclass
@@ -215,31 +215,18 @@ class PPOStage(GRPOStage):
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
         policy = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
-        value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype)
+        value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype,
+                                disable_dropout=recipe.model.disable_dropout)
         value = models.load_model(value_cfg, self.tokenizer, head="score", seed=recipe.seed)
-        disable_dropout(policy)
-        disable_dropout(value)
         self.model = PolicyAndValue(policy, value)
         self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
         self.ref_model.to(accelerator.device)
         self.kl_ctl = AdaptiveKL(a.kl_coef, a.target_kl, a.kl_horizon)
         self._beta_before = (-1, a.kl_coef)  # (generation, beta before that rollout's controller update)
-        self.reward_names = ["reward_model"]
-        self.reward_fn = self._score_texts
-        self.accuracy_fn = rewards.exact_match  # train/task_accuracy here, eval/task_accuracy in GRPOStage.evaluate
+        self.accuracy_fn = rewards.exact_match  # train/task_accuracy and eval/task_accuracy
         self._cache = None
 
     # -- rollout ---------------------------------------------------------------------------
-    def _score_texts(self, prompts, completions, **_):
-        """Reward-model score of text completions (for eval/reward on greedy completions)."""
-        from align.data import encode_prompt
-        from align.rollout import left_pad
-
-        ids = [encode_prompt(self.tokenizer, p) + self.tokenizer(c, add_special_tokens=False)["input_ids"]
-               + [self.tokenizer.eos_token_id] for p, c in zip(prompts, completions)]
-        input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id)
-        return self.reward_model.score(input_ids, mask).tolist()
-
     def make_rollout(self, generation: int) -> tuple[dict, dict]:
         a, acc = self.args, self.accelerator
         indices = self._step_prompts(generation)
@@ -298,7 +285,8 @@ class PPOStage(GRPOStage):
         per_rollout = a.ppo_epochs * a.num_mini_batches
         generation, k = divmod(step, per_rollout)
         if self._cache is None or self._cache[0] != generation:
-            self._cache = (generation, *self.make_rollout(generation))
+            with self.accelerator.autocast():  # the loss's computation (see GRPOStage.micro_batches)
+                self._cache = (generation, *self.make_rollout(generation))
         _, data, metrics = self._cache
         epoch, minibatch = divmod(k, a.num_mini_batches)
         rows = self._minibatch_rows(generation, epoch, minibatch)
@@ -370,10 +358,39 @@ class PPOStage(GRPOStage):
 
     def evaluate(self, model) -> dict:
         with models.gathered(model, self.accelerator) as whole:  # ZeRO-3: gathered once for the evaluation
-            return super().evaluate(whole.policy)
+            with self.accelerator.autocast():
+                metrics = self._greedy_metrics(whole.policy) if self.eval_rows and self.recipe.eval.generate else {}
+            if metrics and self.args.eval_kl_prompts:
+                metrics["eval/kl"] = self._eval_kl(whole.policy)
+        return metrics
 
-    def _has_reference(self) -> bool:
-        return True
+    def _greedy_metrics(self, policy) -> dict:
+        """eval/task_accuracy and eval/reward of greedy completions of the held-out prompts.
+
+        The reward model scores the generated token ids as a rollout's are scored (prompt + completion up to
+        its first EOS, `missing_eos_penalty` when there is none), not the text decoded and tokenized again:
+        a completion cut by max_new_tokens is not made to look finished by an appended EOS.
+        """
+        ev, acc = self.recipe.eval, self.accelerator
+        mine = list(evaluate.shard(len(self.eval_prompt_ids), acc))
+        if not mine:  # more processes than held-out prompts
+            return dict(zip(("eval/reward", "eval/task_accuracy"), self._reduce_means(0.0, 0.0, 0.0)))
+        greedy = replace(self.sampling, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+        out = rollout(policy, [self.eval_prompt_ids[i] for i in mine], sampling=greedy,
+                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+                      policy_logprobs=False, do_sample=False)
+        score = rewards.missing_eos_penalty(self.reward_model.score_rollout(out), out.ended,
+                                            self.args.missing_eos_penalty)
+        rows = [self.eval_rows[i] for i in mine]
+        correct = self.accuracy_fn([r["prompt"] for r in rows], out.texts(self.tokenizer),
+                                   **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+        reward, accuracy = self._reduce_means(score.sum().item(), float(sum(correct)), float(len(mine)))
+        return {"eval/reward": reward, "eval/task_accuracy": accuracy}
+
+    def _reduce_means(self, *sums_and_count: float) -> list[float]:
+        """Sums over every process divided by the global count (the last value)."""
+        *sums, count = evaluate._reduce_sum(self.accelerator, list(sums_and_count))
+        return [total / max(count, 1.0) for total in sums]
 
     def save(self, out_dir, accelerator) -> None:
         from pathlib import Path

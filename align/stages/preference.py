@@ -188,7 +188,9 @@ def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, 
 
     Position t predicts token t+1 as usual for the prompt and chosen tokens and for every
     rejected token but the first; the first rejected token follows the prompt, so it is
-    predicted from the last prompt position (`prompt_last`) — an explicit gather.
+    predicted from the last prompt position (`prompt_last`) — an explicit gather. With an
+    empty prompt there is no such position and the first rejected token is not scored, as
+    the first chosen token is not: what a row of its own gives (`rejected_n` counts it so).
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], use_cache=False).logits  # (B, T, V)
@@ -201,10 +203,15 @@ def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, 
     token_lp = token_logprobs(logits[:, :-1], scored)  # (B, T-1)
     rows = torch.arange(ids.shape[0], device=ids.device)
     first = ids[rows, batch["chosen_last"] + 1]  # (B,) the first rejected token
-    first_lp = token_logprobs(logits[rows, batch["prompt_last"]][:, None], first[:, None])[:, 0]  # (B,)
+    # an empty prompt (no BOS, no shared beginning) leaves nothing to predict the first answer token from,
+    # as in a row of its own: it is not scored (the chosen side's first token is not either)
+    has_prompt = batch["prompt_last"] >= 0  # (B,)
+    first_lp = token_logprobs(logits[rows, batch["prompt_last"].clamp(min=0)][:, None], first[:, None])[:, 0]
+    first_lp = torch.where(has_prompt, first_lp, torch.zeros_like(first_lp))  # (B,)
     chosen = (token_lp * chosen_m).sum(-1)
     out = {"chosen": chosen, "rejected": (token_lp * rejected_m).sum(-1) + first_lp,
-           "chosen_n": chosen_m.sum(-1).to(chosen.dtype), "rejected_n": (rejected_m.sum(-1) + 1).to(chosen.dtype),
+           "chosen_n": chosen_m.sum(-1).to(chosen.dtype),
+           "rejected_n": (rejected_m.sum(-1) + has_prompt).to(chosen.dtype),
            "chosen_nll": -(token_lp * nll_m).sum(-1) / nll_m.sum(-1).clamp(min=1)}
     if "ref_chosen_logps" in batch:
         out["ref_chosen"], out["ref_rejected"] = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -286,7 +293,7 @@ class PreferenceStage:
     # -- data and reference ------------------------------------------------------------
     def _tokenize(self, rows, key):
         tokenized = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length, key=key)
-        if tokenized.dropped_identical or tokenized.dropped_empty or tokenized.truncated:
+        if tokenized.dropped_identical or tokenized.dropped_empty or tokenized.truncated or tokenized.empty_prompts:
             self.accelerator.print(f"{key}: {tokenized.summary()}")
         return tokenized
 

@@ -93,7 +93,7 @@ class RewardStage:
 
     def _tokenize(self, spec, key):
         pairs = tokenize_preferences(load_rows(spec, key=key), self.tokenizer, max_length=self.recipe.data.max_length,
-                                     key=key, prompt_truncation=self.args.prompt_truncation)
+                                     key=key, prompt_truncation=self.args.prompt_truncation, scores_tokens=False)
         self.accelerator.print(f"{key}: {pairs.summary()}")
         return pairs
 
