@@ -220,6 +220,16 @@ def _wrap_lora(model, cfg: ModelConfig, head: str):
     return get_peft_model(model, peft_config)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generated completion: the tokenizer's EOS, then every EOS id of the model's
+    generation config, the set `generate` stops at (Gemma 2 instruct ends a turn with <end_of_turn>,
+    Llama 3.1 Instruct with any of <|end_of_text|>, <|eom_id|>, <|eot_id|>). TRL 1.16's GRPOTrainer
+    stops at the same set."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 

@@ -142,6 +142,7 @@ class GRPOStage:
         self.accuracy_fn = rewards.resolve(a.accuracy)
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.stop_ids = models.stop_token_ids(self.model, self.tokenizer)
         self.ref_model = None
         if a.beta > 0 and not self._reference_is_base_model():
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
@@ -223,7 +224,7 @@ class GRPOStage:
         indices = self._step_prompts(generation)
         rows = [self.rows[i] for i in indices for _ in range(G)]  # (B,) groups contiguous
         prompts = [self.prompt_ids[i] for i in indices for _ in range(G)]
-        out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.tokenizer.eos_token_id,
+        out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.stop_ids,
                       pad_id=self.tokenizer.pad_token_id, accelerator=acc, ref_model=self.ref_model,
                       policy_logprobs=a.num_iterations > 1, **self.rollout_seed(generation, len(prompts)))
         if a.beta > 0 and self.ref_model is None:  # LoRA: the reference is the base model, adapter disabled
@@ -338,7 +339,7 @@ class GRPOStage:
         n = min(self.args.eval_kl_prompts, len(self.eval_prompt_ids))
         mine = list(evaluate.shard(n, acc))
         out = rollout(model, [self.eval_prompt_ids[i] for i in mine], sampling=self.sampling,
-                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+                      eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                       ref_model=self.ref_model, generator_seed=self.recipe.seed + 17, row_ids=mine)
         if out.ref_logprobs is None:  # LoRA: adapter disabled
             from align.rollout import score_logprobs

@@ -215,6 +215,7 @@ class PPOStage(GRPOStage):
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
         policy = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.stop_ids = models.stop_token_ids(policy, self.tokenizer)
         value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype,
                                 disable_dropout=recipe.model.disable_dropout)
         value = models.load_model(value_cfg, self.tokenizer, head="score", seed=recipe.seed)
@@ -233,7 +234,7 @@ class PPOStage(GRPOStage):
         rows = [self.rows[i] for i in indices]
         with models.gathered(self.model, acc) as whole:  # ZeRO-3: the engine's parameters gathered to generate
             out = rollout(whole.policy, [self.prompt_ids[i] for i in indices], sampling=self.sampling,
-                          eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+                          eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                           ref_model=self.ref_model, policy_logprobs=False,
                           **self.rollout_seed(generation, len(indices)))
         mask = out.completion_mask
@@ -377,7 +378,7 @@ class PPOStage(GRPOStage):
             return dict(zip(("eval/reward", "eval/task_accuracy"), self._reduce_means(0.0, 0.0, 0.0)))
         greedy = replace(self.sampling, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
         out = rollout(policy, [self.eval_prompt_ids[i] for i in mine], sampling=greedy,
-                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+                      eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                       policy_logprobs=False, do_sample=False)
         score = rewards.missing_eos_penalty(self.reward_model.score_rollout(out), out.ended,
                                             self.args.missing_eos_penalty)
