@@ -37,7 +37,7 @@ TRAINED_TURNS = {  # what align's data layer trains on in TWO_TURNS: each reply 
     "qwen2": "It is 5.<|im_end|>\nIt is 6.<|im_end|>\n",
     "mistral": " It is 5.</s> It is 6.</s>",
     "gemma2": "It is 5.<end_of_turn>\nIt is 6.<end_of_turn>\n",
-    "phi3": None,  # its template ends a conversation with EOS, an earlier turn not: refused (boundary drift)
+    "phi3": "It is 5.<|end|>\nIt is 6.<|end|>\n<|endoftext|>",  # the EOS its template closes a conversation with
     "gpt2": " It is 5.<|endoftext|> It is 6.<|endoftext|>",
 }
 TRAINED_TURNS["qwen3_moe"] = TRAINED_TURNS["qwen2"]
