@@ -37,9 +37,9 @@ from align.preference_data import (
     collate_pairs,
     collate_shared_pairs,
     pair_length,
+    pair_truncation,
     shared_pair_width,
     supports_shared_prompt,
-    pair_truncation,
     tokenize_preferences,
 )
 from align.recipe import Recipe
