@@ -521,9 +521,9 @@ def _cut(ids, labels, where, max_length) -> Sample:
 
 def _pair_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key: str) -> list[Sample]:
     """The chosen side of each pair (prompt + chosen; its `rejected` beside it), truncated as the stage truncates."""
-    from align.preference_data import tokenize_preferences
+    from align.preference_data import pair_truncation, tokenize_preferences
 
-    truncation = getattr(recipe.stage_args, "prompt_truncation", "keep_start")
+    truncation = pair_truncation(recipe)
     scores_tokens = recipe.stage != "reward"
     samples = []
     for i, row in enumerate(rows.rows):

@@ -291,20 +291,31 @@ def _tokenize_messages(tokenizer, messages, where) -> tuple[list[int], list[int]
         raise AlignError(f"{where}: no assistant message to train on")
     full = chat_ids(tokenizer, messages)
     labels = [IGNORE] * len(full)
+    special = set(tokenizer.all_special_ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        upto = chat_ids(tokenizer, messages[: i + 1])
-        if full[: len(upto)] != upto and upto[-1:] == [tokenizer.eos_token_id]:
-            # a template that closes the whole conversation with EOS (Phi-3's) renders it after every
-            # prefix it is given, but in the full conversation only after the last turn
-            upto = upto[:-1]
-        if full[: len(upto)] != upto:
+        prompt = chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        start, end = len(prompt), _turn_end(full, chat_ids(tokenizer, messages[: i + 1]), special)
+        if end is None or end <= start or full[:start] != prompt:
             raise AlignError(f"{where}: the chat template renders turn {i} differently once later turns follow "
                              "(boundary drift); the loss mask would be wrong")
-        labels[start: len(upto)] = full[start: len(upto)]
+        labels[start:end] = full[start:end]
     return full, labels
+
+
+def _turn_end(full: list[int], upto: list[int], special: set[int]) -> int | None:
+    """Where a conversation rendered up to an assistant turn (`upto`) ends inside the whole one (`full`).
+
+    `upto` must be a prefix of `full`, except for special tokens a template adds only when the
+    conversation ends there: Phi-3's template closes a conversation with EOS after the last
+    `<|end|>`, which an earlier turn does not have. None when the rendering really differs (a
+    template that rewrites earlier turns, e.g. dropping their reasoning).
+    """
+    n = 0
+    while n < min(len(full), len(upto)) and full[n] == upto[n]:
+        n += 1
+    return n if all(t in special for t in upto[n:]) else None
 
 
 def tokenize_sft_row(tokenizer, row: dict, fmt: str, where: str) -> tuple[list[int], list[int]]:

@@ -35,6 +35,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -378,145 +379,176 @@ def _finished_metrics(out: Path, max_steps: int) -> dict | None:
     return metrics if metrics.get("train/steps", -1) >= max_steps else None
 
 
+@dataclass
+class _Loop:
+    """What one training run's steps share: the prepared model and optimizer, the logs, the running sums."""
+
+    stage: object
+    recipe: Recipe
+    accelerator: object
+    model: object
+    optimizer: object
+    deepspeed: bool
+    out: Path
+    log: JsonlLog | None = None
+    sums: MetricSums = field(default_factory=MetricSums)
+    tokens_since: int = 0
+    time_since: float = field(default_factory=time.perf_counter)
+
+
 def train(stage, recipe: Recipe, accelerator) -> dict:
     """Train `stage` as `recipe` says; returns the final metrics (also in metrics.json)."""
     from tqdm.auto import tqdm
 
-    out = Path(recipe.output_dir)
+    loop = _prepare(stage, recipe, accelerator)
     tcfg = recipe.train
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
-    model = stage.model
-    optimizer = make_optimizer(model, tcfg)
-    deepspeed = uses_deepspeed(accelerator)
-    if deepspeed:
-        configure_deepspeed(accelerator, tcfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # train mode: from_pretrained returns eval mode, where dropout and gradient checkpointing are silently off
-    model.train()
-    stage.model = model
-
-    # -- resume ------------------------------------------------------------
-    start_step, start_metrics = 0, None
-    found = checkpoints(out)
-    if found:
-        step, path = found[-1]
-        accelerator.load_state(str(path))
-        state = _read_state(path)
-        if "stage" in state and hasattr(stage, "load_checkpoint_state"):
-            stage.load_checkpoint_state(state["stage"])
-        start_step, start_metrics = state["step"], state.get("metrics_start")
-        accelerator.print(f"resuming from {path} (step {start_step} of {tcfg.max_steps})")
-    if accelerator.is_main_process:
-        log = JsonlLog(out / "log.jsonl", resume_step=start_step if found else None)
+    start_step, start_metrics = _resume(loop)
     if [t for t in tcfg.report_to if t != "none"]:
-        accelerator.init_trackers(out.name, config=_flat(recipe_to_dict(recipe)))
-
-    # -- evaluation before the first step ------------------------------------
+        accelerator.init_trackers(loop.out.name, config=_flat(recipe_to_dict(recipe)))
     if start_metrics is None:
-        start_metrics = stage.evaluate(model)
-        if accelerator.is_main_process:
-            log.write(0, start_metrics)
-            accelerator.log(start_metrics, step=0)
-        _print_metrics(accelerator, "before training", start_metrics)
-
+        start_metrics = _evaluate(loop, 0, "before training")
     previous_handlers = _Stop.install()
-    sums = MetricSums()
-    tokens_since, time_since = 0, time.perf_counter()
     bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (accelerator.is_main_process and tcfg.progress_bar),
                desc=f"{recipe.stage}", dynamic_ncols=True)
     step = start_step
     try:
         while step < tcfg.max_steps:
-            # 1. this step's micro-batches; one all-reduce gives the global weight that normalises
-            #    their loss, and whether any process was asked to stop
-            micro = stage.micro_batches(step)
-            global_weight, stop = _reduce_step_header(accelerator, sum(b["_weight"] for b in micro), _Stop.requested)
-            if stop:
-                save_checkpoint(accelerator, out, step, _trainer_state(stage, step, start_metrics),
-                                tcfg.save_total_limit)
-                accelerator.print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same "
-                                  f"command to resume")
-                raise SystemExit(143)
-            if global_weight <= 0:
-                raise AlignError(f"train step {step + 1}: the batch has no trainable tokens")
-            scale = accelerator.num_processes / global_weight
-            # 2. forward/backward each micro-batch; DDP synchronises gradients on the last one only,
-            #    DeepSpeed reduces, clips and steps at the boundary the engine marks (the last one)
-            lr = set_lr(optimizer, step, tcfg)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                last = i == len(micro) - 1
-                with (accelerator.no_sync(model) if not last and accelerator.num_processes > 1 and not deepspeed
-                      else nullcontext()):
-                    with accelerator.autocast():
-                        loss_sum, metrics = stage.loss(model, batch)
-                    if deepspeed:
-                        accelerator.deepspeed_engine_wrapped.backward(loss_sum * scale, sync_gradients=last)
-                    else:
-                        accelerator.backward(loss_sum * scale)
-                step_loss += loss_sum.detach().float()
-                sums.add(metrics)
-                tokens_since += batch["_tokens"]
-            step_loss = step_loss.item()
-            if not math.isfinite(step_loss):
-                raise AlignError(f"train step {step + 1}: the loss is {step_loss} (not finite); "
-                                 f"lower train.lr or check the data (last good checkpoint kept)")
-            # 3. clip, step
-            grad_norm = None
-            if tcfg.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stage.after_step(step)
+            lr, step_loss, grad_norm = _optimizer_step(loop, step, start_metrics)
             step += 1
-            # summed over processes this is the step's loss, counted once per step
-            sums.add({"train/loss": (step_loss / global_weight, 1.0 / accelerator.num_processes)})
-            # 4. log, evaluate, checkpoint
-            if step % tcfg.log_steps == 0 or step == tcfg.max_steps:
-                elapsed = time.perf_counter() - time_since
-                record = sums.read(accelerator)
-                record["train/lr"] = lr
-                record["train/tokens_per_second"] = tokens_since * accelerator.num_processes / max(elapsed, 1e-9)
-                if grad_norm is not None:
-                    record["train/grad_norm"] = float(grad_norm)
-                tokens_since, time_since = 0, time.perf_counter()
-                if accelerator.is_main_process:
-                    log.write(step, record)
-                    accelerator.log(record, step=step)
-                    bar.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                    tok_s=f"{record['train/tokens_per_second']:.0f}")
-            if recipe.eval.steps and step % recipe.eval.steps == 0 and step < tcfg.max_steps:
-                evaluated = stage.evaluate(model)
-                if accelerator.is_main_process:
-                    log.write(step, evaluated)
-                    accelerator.log(evaluated, step=step)
-            bar.update(1)
-            if step % tcfg.save_steps == 0 and step < tcfg.max_steps:
-                save_checkpoint(accelerator, out, step, _trainer_state(stage, step, start_metrics),
-                                tcfg.save_total_limit)
+            _after_step(loop, step, lr, step_loss, grad_norm, start_metrics, bar)
     finally:
         bar.close()
         _Stop.restore(previous_handlers)
+    return _finish(loop, step, start_metrics)
 
-    # -- final evaluation and save ---------------------------------------------
-    final = stage.evaluate(model)
-    _print_metrics(accelerator, "after training", final)
+
+def _prepare(stage, recipe: Recipe, accelerator) -> _Loop:
+    """Write config.yaml, build the optimizer, let accelerate wrap model and optimizer (DDP/DeepSpeed/FSDP)."""
+    out = Path(recipe.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    optimizer = make_optimizer(stage.model, recipe.train)
+    deepspeed = uses_deepspeed(accelerator)
+    if deepspeed:
+        configure_deepspeed(accelerator, recipe.train)
+    model, optimizer = accelerator.prepare(stage.model, optimizer)
+    # train mode: from_pretrained returns eval mode, where dropout and gradient checkpointing are silently off
+    model.train()
+    stage.model = model
+    return _Loop(stage, recipe, accelerator, model, optimizer, deepspeed, out)
+
+
+def _resume(loop: _Loop) -> tuple[int, dict | None]:
+    """Load the newest checkpoint if there is one: -> (the step to continue from, the evaluation before step 1)."""
+    start_step, start_metrics = 0, None
+    found = checkpoints(loop.out)
+    if found:
+        step, path = found[-1]
+        loop.accelerator.load_state(str(path))
+        state = _read_state(path)
+        if "stage" in state and hasattr(loop.stage, "load_checkpoint_state"):
+            loop.stage.load_checkpoint_state(state["stage"])
+        start_step, start_metrics = state["step"], state.get("metrics_start")
+        loop.accelerator.print(f"resuming from {path} (step {start_step} of {loop.recipe.train.max_steps})")
+    if loop.accelerator.is_main_process:
+        loop.log = JsonlLog(loop.out / "log.jsonl", resume_step=start_step if found else None)
+    return start_step, start_metrics
+
+
+def _evaluate(loop: _Loop, step: int, title: str | None = None) -> dict:
+    """The stage's evaluation, written to log.jsonl and the trackers (and printed when titled)."""
+    metrics = loop.stage.evaluate(loop.model)
+    if loop.accelerator.is_main_process:
+        loop.log.write(step, metrics)
+        loop.accelerator.log(metrics, step=step)
+    if title:
+        _print_metrics(loop.accelerator, title, metrics)
+    return metrics
+
+
+def _optimizer_step(loop: _Loop, step: int, start_metrics: dict) -> tuple[float, float, float | None]:
+    """One optimizer step over the step's micro-batches: -> (lr, summed loss / global weight, grad norm)."""
+    acc, tcfg, model = loop.accelerator, loop.recipe.train, loop.model
+    # 1. this step's micro-batches; one all-reduce gives the global weight that normalises their loss,
+    #    and whether any process was asked to stop
+    micro = loop.stage.micro_batches(step)
+    global_weight, stop = _reduce_step_header(acc, sum(b["_weight"] for b in micro), _Stop.requested)
+    if stop:
+        save_checkpoint(acc, loop.out, step, _trainer_state(loop.stage, step, start_metrics), tcfg.save_total_limit)
+        acc.print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+        raise SystemExit(143)
+    if global_weight <= 0:
+        raise AlignError(f"train step {step + 1}: the batch has no trainable tokens")
+    scale = acc.num_processes / global_weight
+    # 2. forward/backward each micro-batch; DDP synchronises gradients on the last one only,
+    #    DeepSpeed reduces, clips and steps at the boundary the engine marks (the last one)
+    lr = set_lr(loop.optimizer, step, tcfg)
+    step_loss = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        last = i == len(micro) - 1
+        with acc.no_sync(model) if not last and acc.num_processes > 1 and not loop.deepspeed else nullcontext():
+            with acc.autocast():
+                loss_sum, metrics = loop.stage.loss(model, batch)
+            if loop.deepspeed:
+                acc.deepspeed_engine_wrapped.backward(loss_sum * scale, sync_gradients=last)
+            else:
+                acc.backward(loss_sum * scale)
+        step_loss += loss_sum.detach().float()
+        loop.sums.add(metrics)
+        loop.tokens_since += batch["_tokens"]
+    step_loss = step_loss.item()
+    if not math.isfinite(step_loss):
+        raise AlignError(f"train step {step + 1}: the loss is {step_loss} (not finite); "
+                         f"lower train.lr or check the data (last good checkpoint kept)")
+    # 3. clip, step
+    grad_norm = None
+    if tcfg.max_grad_norm is not None:
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm))
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.stage.after_step(step)
+    return lr, step_loss / global_weight, grad_norm
+
+
+def _after_step(loop: _Loop, step: int, lr: float, loss: float, grad_norm, start_metrics: dict, bar) -> None:
+    """Log every train.log_steps, evaluate every eval.steps, checkpoint every train.save_steps."""
+    tcfg, acc = loop.recipe.train, loop.accelerator
+    # summed over processes this is the step's loss, counted once per step
+    loop.sums.add({"train/loss": (loss, 1.0 / acc.num_processes)})
+    if step % tcfg.log_steps == 0 or step == tcfg.max_steps:
+        elapsed = time.perf_counter() - loop.time_since
+        record = loop.sums.read(acc)
+        record["train/lr"] = lr
+        record["train/tokens_per_second"] = loop.tokens_since * acc.num_processes / max(elapsed, 1e-9)
+        if grad_norm is not None:
+            record["train/grad_norm"] = grad_norm
+        loop.tokens_since, loop.time_since = 0, time.perf_counter()
+        if acc.is_main_process:
+            loop.log.write(step, record)
+            acc.log(record, step=step)
+            bar.set_postfix(loss=f"{record['train/loss']:.4f}", tok_s=f"{record['train/tokens_per_second']:.0f}")
+    if loop.recipe.eval.steps and step % loop.recipe.eval.steps == 0 and step < tcfg.max_steps:
+        _evaluate(loop, step)
+    bar.update(1)
+    if step % tcfg.save_steps == 0 and step < tcfg.max_steps:
+        save_checkpoint(acc, loop.out, step, _trainer_state(loop.stage, step, start_metrics), tcfg.save_total_limit)
+
+
+def _finish(loop: _Loop, step: int, start_metrics: dict) -> dict:
+    """Final evaluation, the model in Hugging Face format, metrics.json."""
+    acc = loop.accelerator
+    final = _evaluate(loop, step, "after training")
     metrics = dict(final)
     metrics.update({f"{k}_start": v for k, v in start_metrics.items()})
     metrics["train/steps"] = step
-    if accelerator.is_main_process:
-        log.write(step, final)
-        accelerator.log(final, step=step)
-    stage.save(out, accelerator)
-    if accelerator.is_main_process:
-        atomic_write_json(out / "metrics.json", metrics)
-    accelerator.wait_for_everyone()
-    if [t for t in tcfg.report_to if t != "none"]:
-        accelerator.end_training()
+    loop.stage.save(loop.out, acc)
+    if acc.is_main_process:
+        atomic_write_json(loop.out / "metrics.json", metrics)
+    acc.wait_for_everyone()
+    if [t for t in loop.recipe.train.report_to if t != "none"]:
+        acc.end_training()
     return metrics
 
 

@@ -124,6 +124,13 @@ def _check_roles(prompt, chosen, rejected, where):
 PROMPT_TRUNCATION = ("keep_start", "keep_end")
 
 
+def pair_truncation(recipe) -> str:
+    """A recipe's rule for too-long pairs: `data.prompt_truncation`, or the deprecated `reward.prompt_truncation`
+    when a recipe still sets it."""
+    old = getattr(recipe.stage_args, "prompt_truncation", None)
+    return old if old is not None else recipe.data.prompt_truncation
+
+
 def _keep_prompt_end(prompt_ids: list[int], longest: int, max_length: int, bos_id) -> list[int]:
     """The prompt cut from the left to leave room for the longer completion (its first
     half of max_length at least); a leading BOS is kept."""

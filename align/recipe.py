@@ -101,6 +101,11 @@ class DataConfig:
     truncation: Literal["keep_start", "drop"] = "keep_start"
     """keep_start: cut the end of too-long samples; drop: drop them. Either way a sample left with
     no trainable token is dropped and counted, and the run fails if every sample is dropped."""
+    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    """Preference pairs (reward, DPO, SimPO, ORPO) longer than max_length: keep_end first cuts the BEGINNING
+    of the prompt (a long dialogue keeps its last turns, next to the answers), then the ends of the answers;
+    keep_start cuts only the ends of the answers (a long prompt can leave no answer token: the pair is
+    dropped and counted)."""
     packing: bool = True
     """SFT: concatenate whole samples into rows of max_length (best-fit decreasing; position_ids restart
     at each sample, so attention and the loss stay within it). Rows, not samples, then fill batch_size.

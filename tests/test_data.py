@@ -56,22 +56,36 @@ def test_conversational_messages_mask_every_assistant_turn(tmp_path, tok):
     assert trained == [None] * 6 + ["2", "<eos>"] + [None] * 5 + ["4", "<eos>"]
 
 
-def test_template_closing_the_conversation_with_eos_masks_each_turn(tmp_path, tok):
-    """Phi-3's template ends a conversation rendered without a generation prompt with EOS: the EOS follows
-    only the last turn in the full conversation, so an earlier turn ends at its own end, not in drift."""
-    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
-    phi3 = builtin.load_tokenizer()
-    phi3.chat_template = template
+# Phi-3-mini's template: turns end with <|end|>, and a conversation rendered WITHOUT a generation prompt ends
+# with EOS, which an earlier turn followed by later ones does not have (here "\n" stands for <|end|>)
+PHI3_LIKE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_template_that_closes_the_conversation_with_eos_trains_each_turn(tmp_path):
+    """Before the fix every multi-turn Phi-3 conversation was refused as boundary drift."""
+    tok = builtin.load_tokenizer()
+    tok.chat_template = PHI3_LIKE
     messages = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
                 {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
-    rows = _rows(tmp_path, [{"messages": messages}])
-    ex = tokenize_sft(rows, phi3, max_length=64, truncation="keep_start", key="data.train").examples[0]
-    tokens = _chars(phi3, ex["input_ids"])
-    assert tokens == ["<|user|>", "1", "+", "1", "\n", "<|assistant|>", "2", "\n",
-                      "<|user|>", "2", "+", "2", "\n", "<|assistant|>", "4", "\n", "<eos>"]
-    trained = [t if label != IGNORE else None for t, label in zip(tokens, ex["labels"])]
-    assert trained == [None] * 6 + ["2", "\n"] + [None] * 6 + ["4", "\n", "<eos>"]
+    ex = tokenize_sft(_rows(tmp_path, [{"messages": messages}]), tok, max_length=64, truncation="keep_start",
+                      key="data.train").examples[0]
+    trained = [t for t, label in zip(_chars(tok, ex["input_ids"]), ex["labels"]) if label != IGNORE]
+    assert trained == ["2", "\n", "4", "\n", "<eos>"]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_still_refused(tmp_path):
+    """A template that renders an earlier reply differently once later turns follow (as reasoning templates
+    drop earlier thinking) would misplace the mask: refused."""
+    tok = builtin.load_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if loop.last or m['role'] != "
+                         "'assistant' %}{{ m['content'] }}{% else %}{{ '...' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    messages = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    with pytest.raises(AlignError, match="boundary drift"):
+        tokenize_sft(_rows(tmp_path, [{"messages": messages}]), tok, max_length=64, truncation="keep_start",
+                     key="data.train")
 
 
 def test_conversational_prompt_completion(tmp_path, tok):

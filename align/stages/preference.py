@@ -64,6 +64,7 @@ from align.preference_data import (
     collate_shared_pairs,
     is_shared_batch,
     pair_length,
+    pair_truncation,
     shared_pair_width,
     supports_shared_prompt,
     tokenize_preferences,
@@ -292,7 +293,8 @@ class PreferenceStage:
 
     # -- data and reference ------------------------------------------------------------
     def _tokenize(self, rows, key):
-        tokenized = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length, key=key)
+        tokenized = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length, key=key,
+                                         prompt_truncation=pair_truncation(self.recipe))
         if tokenized.dropped_identical or tokenized.dropped_empty or tokenized.truncated or tokenized.empty_prompts:
             self.accelerator.print(f"{key}: {tokenized.summary()}")
         return tokenized

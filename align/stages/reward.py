@@ -37,6 +37,7 @@ from align.preference_data import (
     collate_pairs,
     collate_shared_pairs,
     pair_length,
+    pair_truncation,
     shared_pair_width,
     supports_shared_prompt,
     tokenize_preferences,
@@ -50,9 +51,8 @@ class RewardArgs:
     center_rewards_coefficient: float | None = field(default=None,
                                                      metadata=cfg.non_negative("reward.center_rewards_coefficient"))
     """c in + c·mean((r_chosen + r_rejected)²), pulling rewards towards mean zero (TRL's name; 0.01 is usual)."""
-    prompt_truncation: Literal["keep_start", "keep_end"] = "keep_end"
-    """A pair longer than data.max_length: keep_end cuts the beginning of the prompt first (a long dialogue
-    keeps its end, next to the answers); keep_start cuts only the ends of the answers."""
+    prompt_truncation: Literal["keep_start", "keep_end"] | None = None
+    """Deprecated: `data.prompt_truncation` (the same rule for every pair stage). Set, it still wins."""
 
 
 def pair_tokens(example: dict) -> int:
@@ -64,6 +64,9 @@ class RewardStage:
     def __init__(self, recipe: Recipe, accelerator):
         self.recipe, self.accelerator = recipe, accelerator
         self.args: RewardArgs = recipe.stage_args
+        if self.args.prompt_truncation is not None:
+            accelerator.print("reward.prompt_truncation is deprecated: use data.prompt_truncation (the same rule for "
+                              "every pair stage)")
         self.tokenizer = models.load_tokenizer(recipe.model)
         self.pad_id = self.tokenizer.pad_token_id
         train = self._tokenize(recipe.data.train, "data.train")
@@ -93,7 +96,7 @@ class RewardStage:
 
     def _tokenize(self, spec, key):
         pairs = tokenize_preferences(load_rows(spec, key=key), self.tokenizer, max_length=self.recipe.data.max_length,
-                                     key=key, prompt_truncation=self.args.prompt_truncation, scores_tokens=False)
+                                     key=key, prompt_truncation=pair_truncation(self.recipe), scores_tokens=False)
         self.accelerator.print(f"{key}: {pairs.summary()}")
         return pairs
 
