@@ -204,3 +204,21 @@ def test_runs_with_different_precisions_follow_each_other_in_one_process(tmp_pat
     _run(tiny_sft_recipe(tmp_path / "bf16", **{"train.mixed_precision": "bf16", "train.max_steps": 1}))
     _run(tiny_sft_recipe(tmp_path / "fp32", **{"train.mixed_precision": "no", "train.max_steps": 1}))
     assert (tmp_path / "fp32/model.safetensors").is_file()
+
+
+def test_every_stage_provides_what_the_engine_needs():
+    """Each registered stage class implements the Stage protocol's methods, and none subclasses another stage
+    (they share by composition)."""
+    import inspect
+
+    from align.stages import STAGES, Stage
+
+    methods = [name for name, _ in inspect.getmembers(Stage, inspect.isfunction) if not name.startswith("_")]
+    assert set(methods) == {"micro_batches", "loss", "after_step", "evaluate", "save"}
+    classes = {spec.cls for spec in STAGES.values()}
+    for cls in classes:
+        for name in methods:
+            assert callable(getattr(cls, name, None)), (cls.__name__, name)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == list(
+                inspect.signature(getattr(Stage, name)).parameters), (cls.__name__, name)
+        assert not any(other in cls.__mro__[1:] for other in classes), cls.__name__

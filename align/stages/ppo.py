@@ -76,7 +76,7 @@ from align.losses import (
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
-from align.stages.grpo import GRPOStage, plot_run, sampling_config
+from align.stages.online import PromptSource, eval_kl, plot_run, sampling_config
 
 
 @dataclass
@@ -195,8 +195,9 @@ def global_explained_variance(accelerator, predicted, target, mask) -> float:
     return float("nan") if var_target == 0 else 1.0 - var_resid / var_target
 
 
-class PPOStage(GRPOStage):
-    """Reuses GRPOStage's prompt loading, prompt scheduling and evaluation; its own rollout and loss."""
+class PPOStage:
+    """PPO's rollout, advantages and loss; prompts, their schedule and eval/kl shared with GRPO by composition
+    (`align.stages.online`)."""
 
     def __init__(self, recipe: Recipe, accelerator):
         from align.engine import ensure_model
@@ -205,8 +206,8 @@ class PPOStage(GRPOStage):
         self.args: PPOArgs = recipe.stage_args
         a, t = self.args, recipe.train
         self.per_step = t.batch_size * t.grad_accum  # prompts per optimizer step per process
-        self.prompts_per_process = self.per_step * a.num_mini_batches  # one rollout batch
-        self._load_prompts(recipe)
+        self.prompts = PromptSource(recipe, accelerator, self.per_step * a.num_mini_batches)  # one rollout batch
+        self.tokenizer = self.prompts.tokenizer
         self.sampling = sampling_config(a)
         rm_cfg = ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe,
                              dtype=recipe.model.dtype)
@@ -230,13 +231,13 @@ class PPOStage(GRPOStage):
     # -- rollout ---------------------------------------------------------------------------
     def make_rollout(self, generation: int) -> tuple[dict, dict]:
         a, acc = self.args, self.accelerator
-        indices = self._step_prompts(generation)
-        rows = [self.rows[i] for i in indices]
+        indices = self.prompts.step(generation)
+        rows = [self.prompts.rows[i] for i in indices]
         with models.gathered(self.model, acc) as whole:  # ZeRO-3: the engine's parameters gathered to generate
-            out = rollout(whole.policy, [self.prompt_ids[i] for i in indices], sampling=self.sampling,
+            out = rollout(whole.policy, [self.prompts.prompt_ids[i] for i in indices], sampling=self.sampling,
                           eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                           ref_model=self.ref_model, policy_logprobs=False,
-                          **self.rollout_seed(generation, len(indices)))
+                          **self.prompts.rollout_seed(generation, len(indices)))
         mask = out.completion_mask
         model = self.model
         with torch.no_grad():
@@ -259,7 +260,7 @@ class PPOStage(GRPOStage):
         seq_kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), mask, dim=-1)  # (B,)
         texts = out.texts(self.tokenizer)
         correct = self.accuracy_fn([r["prompt"] for r in rows], texts,
-                                   **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+                                   **self.prompts.columns(rows))
         B = len(rows)
         kl_global = evaluate._reduce_sum(acc, [seq_kl.sum().item(), float(B)])
         beta_used = self.kl_ctl.beta
@@ -286,7 +287,7 @@ class PPOStage(GRPOStage):
         per_rollout = a.ppo_epochs * a.num_mini_batches
         generation, k = divmod(step, per_rollout)
         if self._cache is None or self._cache[0] != generation:
-            with self.accelerator.autocast():  # the loss's computation (see GRPOStage.micro_batches)
+            with self.accelerator.autocast():  # the loss's computation (see align.stages.grpo.GRPOStage.micro_batches)
                 self._cache = (generation, *self.make_rollout(generation))
         _, data, metrics = self._cache
         epoch, minibatch = divmod(k, a.num_mini_batches)
@@ -357,12 +358,17 @@ class PPOStage(GRPOStage):
     def load_checkpoint_state(self, state: dict) -> None:
         self.kl_ctl.beta = float(state["kl_coef"])
 
+    def after_step(self, step: int) -> None:
+        pass
+
     def evaluate(self, model) -> dict:
         with models.gathered(model, self.accelerator) as whole:  # ZeRO-3: gathered once for the evaluation
             with self.accelerator.autocast():
-                metrics = self._greedy_metrics(whole.policy) if self.eval_rows and self.recipe.eval.generate else {}
+                metrics = (self._greedy_metrics(whole.policy) if self.prompts.eval_rows and self.recipe.eval.generate
+                           else {})
             if metrics and self.args.eval_kl_prompts:
-                metrics["eval/kl"] = self._eval_kl(whole.policy)
+                metrics["eval/kl"] = eval_kl(whole.policy, self.ref_model, self.prompts, self.sampling, self.stop_ids,
+                                               self.args.eval_kl_prompts)
         return metrics
 
     def _greedy_metrics(self, policy) -> dict:
@@ -373,18 +379,18 @@ class PPOStage(GRPOStage):
         a completion cut by max_new_tokens is not made to look finished by an appended EOS.
         """
         ev, acc = self.recipe.eval, self.accelerator
-        mine = list(evaluate.shard(len(self.eval_prompt_ids), acc))
+        mine = list(evaluate.shard(len(self.prompts.eval_prompt_ids), acc))
         if not mine:  # more processes than held-out prompts
             return dict(zip(("eval/reward", "eval/task_accuracy"), self._reduce_means(0.0, 0.0, 0.0)))
         greedy = replace(self.sampling, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
-        out = rollout(policy, [self.eval_prompt_ids[i] for i in mine], sampling=greedy,
+        out = rollout(policy, [self.prompts.eval_prompt_ids[i] for i in mine], sampling=greedy,
                       eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                       policy_logprobs=False, do_sample=False)
         score = rewards.missing_eos_penalty(self.reward_model.score_rollout(out), out.ended,
                                             self.args.missing_eos_penalty)
-        rows = [self.eval_rows[i] for i in mine]
+        rows = [self.prompts.eval_rows[i] for i in mine]
         correct = self.accuracy_fn([r["prompt"] for r in rows], out.texts(self.tokenizer),
-                                   **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+                                   **self.prompts.columns(rows))
         reward, accuracy = self._reduce_means(score.sum().item(), float(sum(correct)), float(len(mine)))
         return {"eval/reward": reward, "eval/task_accuracy": accuracy}
 
