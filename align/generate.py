@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from align import models
+from align.accel import distributed_state
 from align.data import encode_prompt, load_rows
-from align.engine import distributed_state
 from align.errors import AlignError
 from align.io_utils import atomic_write_text
 from align.recipe import ModelConfig

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 from align import config as cfg
 from align.errors import AlignError
-from align.policy_pairs import PolicyPairsConfig
 
 
 @dataclass
@@ -85,6 +84,32 @@ class ModelConfig:
         if self.quantization.load_in_4bit and self.name_or_path.startswith("builtin:"):
             raise AlignError("quantization.load_in_4bit: needs a pretrained model (a folder or hub id), "
                              f"not {self.name_or_path}")
+
+
+@dataclass
+class PolicySource:
+    prompts: Any = None
+    """Prompt rows (any source the data layer reads, with a `prompt` column)."""
+    output: str = ""
+    """The pairs file (.jsonl) to write."""
+
+
+@dataclass
+class PolicyPairsConfig:
+    policy: str = ""
+    """Folder of the policy to sample (e.g. the SFT model PPO starts from)."""
+    policy_recipe: str | None = None
+    """A recipe that trains `policy` when that folder has no model yet."""
+    train: PolicySource = field(default_factory=PolicySource)
+    eval: PolicySource | None = None
+    num_samples: int = field(default=4, metadata=cfg.positive("data.from_policy.num_samples"))
+    temperature: float = field(default=1.0, metadata=cfg.positive("data.from_policy.temperature"))
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("data.from_policy.max_new_tokens"))
+    pairs_per_prompt: int = field(default=1, metadata=cfg.positive("data.from_policy.pairs_per_prompt"))
+    label: str = "exact_match"
+    """The simulated labeller: a reward function of `align.rewards` (name or module:function); > 0.5 is correct."""
+    seed: int = 0
+    batch_size: int = field(default=512, metadata=cfg.positive("data.from_policy.batch_size"))
 
 
 @dataclass

@@ -91,15 +91,15 @@ def recipe_dict(stage: str, model_dir, rows: list[dict], tmp_path: Path, overrid
 
 
 def build_stage(recipe: dict):
-    """The recipe's stage as `align.engine.run` builds it (accelerator, seed), before any step."""
+    """The recipe's stage as `align.planning.run` builds it (accelerator, seed), before any step."""
     from accelerate.utils import set_seed
 
-    from align import engine
+    from align import accel
     from align.recipe import load_recipe
     from align.stages import STAGES
 
     loaded = load_recipe(None, data=recipe)
-    accelerator = engine.make_accelerator(loaded.train, loaded.output_dir)
+    accelerator = accel.make_accelerator(loaded.train, loaded.output_dir)
     set_seed(loaded.seed)
     return STAGES[loaded.stage].cls(loaded, accelerator), loaded
 

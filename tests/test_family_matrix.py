@@ -1,7 +1,7 @@
 """Conformance matrix: every stage on every model family, reloaded the way a user reloads it.
 
 Each cell (stage x family, test id `sft-packed[qwen2]`) runs the real stage in-process from a
-recipe dict (the stage built as `align.engine.run` builds it, then the engine's `train`) for
+recipe dict (the stage built as `align.planning.run` builds it, then the engine's `train`) for
 TWO optimizer steps on six rows, from the tiny random-weight folder of the family
 (`tests/families.py`: its architecture, its tokenizer's conventions, its chat template). Then:
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from align.engine import run
 from align.errors import AlignError
+from align.planning import run
 from align.recipe import load_recipe
 
 from helpers import REPO

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from align.engine import run
 from align.losses import gae_advantages, whiten
+from align.planning import run
 from align.recipe import load_recipe
 from align.stages import ppo
 

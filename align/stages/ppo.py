@@ -200,8 +200,6 @@ class PPOStage:
     (`align.stages.online`)."""
 
     def __init__(self, recipe: Recipe, accelerator):
-        from align.engine import ensure_model
-
         self.recipe, self.accelerator = recipe, accelerator
         self.args: PPOArgs = recipe.stage_args
         a, t = self.args, recipe.train
@@ -209,9 +207,7 @@ class PPOStage:
         self.prompts = PromptSource(recipe, accelerator, self.per_step * a.num_mini_batches)  # one rollout batch
         self.tokenizer = self.prompts.tokenizer
         self.sampling = sampling_config(a)
-        rm_cfg = ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe,
-                             dtype=recipe.model.dtype)
-        ensure_model(rm_cfg)
+        rm_cfg = ModelConfig(name_or_path=a.reward_model, dtype=recipe.model.dtype)  # (made by the planning layer)
         self.reward_model = rewards.RewardModel(
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
