@@ -56,6 +56,7 @@ objective the proxy stands for), `train/completion_length`, `objective/entropy`,
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 import torch
@@ -67,12 +68,14 @@ from align.losses import (
     approx_kl,
     clipped_value_loss,
     entropy_from_logits,
+    explained_variance,
     gae_advantages,
     kl_penalty,
     masked_mean,
     masked_sum,
     ppo_clip_loss,
     token_logprobs,
+    whiten,
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
@@ -178,21 +181,14 @@ class AdaptiveKL:
         self.beta *= 1.0 + error * n / self.horizon
 
 
-def global_moments(accelerator, tensors: list[torch.Tensor], mask: torch.Tensor) -> list[tuple[float, float]]:
-    """(mean, variance) of each tensor's masked entries over every process's rollout (two all-reduces)."""
+def global_moments(accelerator, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, variance) of the masked entries of `x` over every process's rollout (two all-reduces): the
+    `moments` that `align.losses.whiten` and `explained_variance` take, so they see the global batch."""
     m = mask.double()
-    first = evaluate._reduce_sum(accelerator, [float((t.double() * m).sum()) for t in tensors] + [float(m.sum())])
-    count = max(first[-1], 1.0)
-    means = [total / count for total in first[:-1]]
-    squares = evaluate._reduce_sum(accelerator, [float((((t.double() - mu) ** 2) * m).sum())
-                                                 for t, mu in zip(tensors, means)])
-    return [(mu, sq / count) for mu, sq in zip(means, squares)]
-
-
-def global_explained_variance(accelerator, predicted, target, mask) -> float:
-    """`align.losses.explained_variance` over every process's rollout."""
-    (_, var_target), (_, var_resid) = global_moments(accelerator, [target, target - predicted], mask)
-    return float("nan") if var_target == 0 else 1.0 - var_resid / var_target
+    total, count = evaluate._reduce_sum(accelerator, [float((x.double() * m).sum()), float(m.sum())])
+    mean = total / max(count, 1.0)
+    squares, = evaluate._reduce_sum(accelerator, [float((((x.double() - mean) ** 2) * m).sum())])
+    return mean, squares / max(count, 1.0)
 
 
 class PPOStage:
@@ -249,9 +245,9 @@ class PPOStage:
         kl = kl_penalty(out.logprobs, out.ref_logprobs, estimator=a.kl_estimator) * mask  # (B, C)
         token_rewards, dones = kl_penalized_rewards(score, kl, mask, self.kl_ctl.beta)
         advantages, returns = gae_advantages(token_rewards, values, gamma=a.gamma, lam=a.lam, dones=dones)
-        if a.whiten_advantages:  # over the GLOBAL rollout batch, so the update does not depend on the split
-            (mean, var), = global_moments(acc, [advantages], mask)
-            advantages = (advantages - mean) * torch.rsqrt(torch.tensor(var + 1e-8))
+        over_processes = partial(global_moments, acc)  # the GLOBAL rollout batch: the update does not depend on the split
+        if a.whiten_advantages:
+            advantages = whiten(advantages, mask, moments=over_processes)
         advantages, returns = advantages * mask, returns * mask
         seq_kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), mask, dim=-1)  # (B,)
         texts = out.texts(self.tokenizer)
@@ -270,7 +266,7 @@ class PPOStage:
             "train/completion_length": (mask.sum().item(), B),
             "train/ended": (out.ended.sum().item(), B),
             "objective/kl_coef": (beta_used, 1),
-            "val/explained_variance": (global_explained_variance(acc, values, returns, mask), 1),
+            "val/explained_variance": (explained_variance(values, returns, mask, moments=over_processes), 1),
         }
         data = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
                 "completion_mask": mask, "old_logprobs": out.logprobs, "old_values": values,

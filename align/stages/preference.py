@@ -220,7 +220,7 @@ def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, 
 
 
 @torch.no_grad()
-def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
+def summed_pair_logps(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
                 shared_prompt: bool = False) -> torch.Tensor:
     """Summed completion log-probs of every pair under `model`: (N, 2) [chosen, rejected].
 
@@ -335,7 +335,7 @@ class PreferenceStage:
             for examples in (self.examples, self.eval_examples):
                 if not examples:
                     continue
-                scores = score_pairs(whole, examples, self.pad_id,
+                scores = summed_pair_logps(whole, examples, self.pad_id,
                                      batch_size=args.ref_batch_size or self.recipe.train.batch_size,
                                      accelerator=self.accelerator,
                                      shared_prompt=self.shared_prompt and supports_shared_prompt(whole))
