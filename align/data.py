@@ -87,6 +87,17 @@ def load_rows(spec: Any, *, key: str = "data.train") -> Rows:
     return Rows(rows, origins)
 
 
+def load_eval_rows(data) -> Rows | None:
+    """The held-out rows of a recipe's data section: `data.eval` cut to its first `data.eval_limit` rows (the
+    one place the limit applies, to raw rows, for every stage); None without `data.eval`."""
+    if data.eval is None:
+        return None
+    rows = load_rows(data.eval, key="data.eval")
+    if data.eval_limit is not None:
+        rows = Rows(rows.rows[: data.eval_limit], rows.origins[: data.eval_limit])
+    return rows
+
+
 def _parse_spec(spec, key):
     if isinstance(spec, str):
         return spec, None, None, None

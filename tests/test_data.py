@@ -284,3 +284,17 @@ def test_a_local_file_takes_a_split_slice(tmp_path):
     assert len(load_rows({"path": str(path), "split": "train"}, key="data.train").rows) == 10
     with pytest.raises(AlignError, match=r"data.train: split 'train\[a:\]'; expected a slice"):
         load_rows({"path": str(path), "split": "train[a:]"}, key="data.train")
+
+
+def test_eval_limit_applies_once_to_raw_rows(tmp_path):
+    """data.eval_limit keeps the first N held-out rows, for every stage, before tokenizing (the reward stage cut
+    its tokenized pairs instead)."""
+    from align.data import load_eval_rows
+    from align.recipe import DataConfig
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(10)))
+    rows = load_eval_rows(DataConfig(train="x", eval=str(path), eval_limit=3))
+    assert [r["i"] for r in rows.rows] == [0, 1, 2] and rows.where(2).endswith("row 3")
+    assert len(load_eval_rows(DataConfig(train="x", eval=str(path))).rows) == 10
+    assert load_eval_rows(DataConfig(train="x")) is None

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from align import evaluate, models
-from align.data import encode_prompt, load_rows
+from align.data import encode_prompt, load_eval_rows, load_rows
 from align.errors import AlignError
 from align.losses import kl_penalty, masked_sum
 from align.recipe import Recipe
@@ -43,16 +43,13 @@ class PromptSource:
         self.tokenizer = models.load_tokenizer(recipe.model, padding_side="left")
         if self.tokenizer.eos_token_id is None:
             raise AlignError("model: the tokenizer has no EOS token; completions could never end")
-        self.rows, self.prompt_ids = self._encode(recipe.data.train, "data.train")
+        self.rows, self.prompt_ids = self._encode(load_rows(recipe.data.train, key="data.train"), "data.train")
         self.eval_rows, self.eval_prompt_ids = [], []
-        if recipe.data.eval is not None:
-            self.eval_rows, self.eval_prompt_ids = self._encode(recipe.data.eval, "data.eval",
-                                                                limit=recipe.data.eval_limit)
+        eval_rows = load_eval_rows(recipe.data)
+        if eval_rows is not None:
+            self.eval_rows, self.eval_prompt_ids = self._encode(eval_rows, "data.eval")
 
-    def _encode(self, spec, key: str, limit: int | None = None) -> tuple[list[dict], list[list[int]]]:
-        rows = load_rows(spec, key=key)
-        if limit is not None:
-            rows.rows, rows.origins = rows.rows[:limit], rows.origins[:limit]
+    def _encode(self, rows, key: str) -> tuple[list[dict], list[list[int]]]:
         encoded = []
         for i, row in enumerate(rows.rows):
             if "prompt" not in row:

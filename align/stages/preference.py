@@ -52,7 +52,7 @@ import torch
 
 from align import config as cfg
 from align import evaluate, models
-from align.data import load_rows, without_causal_padding_mask
+from align.data import load_eval_rows, load_rows, without_causal_padding_mask
 from align.device import micro_batch_tokens
 from align.errors import AlignError
 from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
@@ -266,10 +266,8 @@ class PreferenceStage:
         train_set = self._tokenize(load_rows(data.train, key="data.train"), "data.train")
         self.examples = train_set.examples
         self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
-        if data.eval is not None:
-            rows = load_rows(data.eval, key="data.eval")
-            if data.eval_limit is not None:
-                rows.rows, rows.origins = rows.rows[: data.eval_limit], rows.origins[: data.eval_limit]
+        rows = load_eval_rows(data)
+        if rows is not None:
             self.eval_examples = self._tokenize(rows, "data.eval").examples
             if all("prompt" in r and "chosen" in r for r in rows.rows):
                 self.eval_prompts = [r["prompt"] for r in rows.rows]

@@ -29,7 +29,7 @@ import torch
 
 from align import config as cfg
 from align import models
-from align.data import load_rows
+from align.data import load_eval_rows, load_rows
 from align.device import micro_batch_tokens
 from align.evaluate_rm import pair_rewards, score_pairs
 from align.losses import bradley_terry_loss
@@ -69,12 +69,9 @@ class RewardStage:
                               "every pair stage)")
         self.tokenizer = models.load_tokenizer(recipe.model)
         self.pad_id = self.tokenizer.pad_token_id
-        train = self._tokenize(recipe.data.train, "data.train")
-        self.eval_examples = []
-        if recipe.data.eval is not None:
-            self.eval_examples = self._tokenize(recipe.data.eval, "data.eval").examples
-            if recipe.data.eval_limit is not None:
-                self.eval_examples = self.eval_examples[: recipe.data.eval_limit]
+        train = self._tokenize(load_rows(recipe.data.train, key="data.train"), "data.train")
+        eval_rows = load_eval_rows(recipe.data)
+        self.eval_examples = [] if eval_rows is None else self._tokenize(eval_rows, "data.eval").examples
         self.model = models.load_model(recipe.model, self.tokenizer, head="score", seed=recipe.seed)
         self.shared_prompt = recipe.data.shared_prompt and supports_shared_prompt(self.model)
         if recipe.data.shared_prompt and not self.shared_prompt:
@@ -94,8 +91,8 @@ class RewardStage:
             rows_per_example=rows,
         )
 
-    def _tokenize(self, spec, key):
-        pairs = tokenize_preferences(load_rows(spec, key=key), self.tokenizer, max_length=self.recipe.data.max_length,
+    def _tokenize(self, rows, key):
+        pairs = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length,
                                      key=key, prompt_truncation=pair_truncation(self.recipe), scores_tokens=False)
         self.accelerator.print(f"{key}: {pairs.summary()}")
         return pairs
