@@ -92,12 +92,16 @@ def plan(recipe: Recipe, *, why: str = "the recipe itself", made: frozenset[str]
         needed.append((ModelConfig(name_or_path=pairs.policy, from_recipe=pairs.policy_recipe),
                        "data.from_policy.policy_recipe"))
     for model, key in needed:
-        if model.from_recipe is None or has_model(model.name_or_path) or str(Path(model.name_or_path)) in made:
+        if model.from_recipe is None or str(Path(model.name_or_path)) in made:
             continue
         if model.from_recipe in _seen:
             raise AlignError(f"{key} of {where}: {model.from_recipe} needs itself "
                              f"({' -> '.join(_seen + (model.from_recipe,))})")
-        upstream = load_recipe(model.from_recipe, [f"output_dir={model.name_or_path}"])
+        # the upstream recipe trains with this recipe's seed: `seed=N` reaches every model a run makes
+        upstream = load_recipe(model.from_recipe, [f"output_dir={model.name_or_path}", f"seed={recipe.seed}"])
+        if has_model(model.name_or_path):
+            warn_if_made_otherwise(upstream, f"{key} of {where}")
+            continue
         steps += plan(upstream, why=f"{key} of {where} ({model.from_recipe} -> {model.name_or_path})", made=made,
                       _seen=_seen + (model.from_recipe,))
         made = made | {str(Path(model.name_or_path))}
@@ -197,6 +201,39 @@ def _missing_columns(row: dict, alternatives) -> str:
     closest = min(alternatives, key=lambda columns: sum(c not in row for c in columns))
     missing = [c for c in closest if c not in row]
     return f"missing column{'s' if len(missing) > 1 else ''} " + ", ".join(repr(c) for c in missing)
+
+
+def warn_if_made_otherwise(upstream: Recipe, why: str) -> list[str]:
+    """Say so when the model folder `upstream` would make exists but was made with other settings (an older
+    version of the recipe, another seed): it is reused as it is. Returns the differing keys."""
+    from align.recipe import recipe_to_dict
+
+    made = Path(upstream.output_dir) / "config.yaml"
+    if not made.is_file():
+        return []
+    try:
+        before = _flat(recipe_to_dict(load_recipe(made)))
+    except AlignError:  # written by a version whose keys this one no longer reads
+        before = {}
+    now = _flat(recipe_to_dict(upstream))
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith("train.progress"))
+    if differ:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        print(f"warning: {upstream.output_dir} ({why}) was made with other settings than the recipe gives now "
+              f"({shown}{more}); reusing it as it is; delete the folder (or point model.name_or_path elsewhere) "
+              f"to train it again", flush=True)
+    return differ
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _is_local(path: str) -> bool:

@@ -110,3 +110,28 @@ def test_align_has_no_import_cycle():
     for module in sorted(graph):
         visit(module, [])
     assert not {d for d in graph["align.recipe"] if d not in ("align.config", "align.errors", "align.stages")}
+
+
+def test_seed_reaches_the_upstream_recipes(tmp_path):
+    steps = plan(_dpo(tmp_path, "seed=3"))
+    assert [s.recipe.seed for s in steps] == [3, 3]
+
+
+def test_an_upstream_folder_made_with_other_settings_is_reused_with_a_warning(tmp_path, capsys):
+    import yaml
+
+    from align.recipe import recipe_to_dict
+
+    def make_sft(*overrides):
+        made = load_recipe(REPO / "recipes/tiny/sft-short.yaml", [f"output_dir={tmp_path / 'sft'}", *overrides])
+        (tmp_path / "sft").mkdir(exist_ok=True)
+        (tmp_path / "sft" / "config.json").write_text("{}")
+        (tmp_path / "sft" / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(made)))
+
+    make_sft()
+    assert [s.recipe.stage for s in plan(_dpo(tmp_path))] == ["dpo"]
+    assert "warning" not in capsys.readouterr().out  # made by the recipe as it is: silent
+    make_sft("train.max_steps=7")
+    assert [s.recipe.stage for s in plan(_dpo(tmp_path, "seed=2"))] == ["dpo"]  # reused, not retrained
+    out = capsys.readouterr().out
+    assert f"warning: {tmp_path / 'sft'}" in out and "seed: 0 -> 2" in out and "train.max_steps: 7 -> 400" in out
