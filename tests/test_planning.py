@@ -135,3 +135,18 @@ def test_an_upstream_folder_made_with_other_settings_is_reused_with_a_warning(tm
     assert [s.recipe.stage for s in plan(_dpo(tmp_path, "seed=2"))] == ["dpo"]  # reused, not retrained
     out = capsys.readouterr().out
     assert f"warning: {tmp_path / 'sft'}" in out and "seed: 0 -> 2" in out and "train.max_steps: 7 -> 400" in out
+
+
+def test_reading_a_recipe_imports_no_runtime_module():
+    """The schema (recipe, config, the stages' settings) is read and validated without importing models, data,
+    stages or torch (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    recipes = sorted(str(p) for p in (REPO / "recipes/tiny").glob("*.yaml") if p.stem != "pipeline")
+    code = ("import sys; from align.recipe import load_recipe; "
+            f"[load_recipe(path) for path in {recipes!r}]; "
+            "print(sorted(m for m in sys.modules if m.startswith('align') or m == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["align", "align.config", "align.errors", "align.recipe", "align.stage_settings",
+                         "align.stages"]

@@ -47,7 +47,10 @@ class StageSpec:
 
     @property
     def args_cls(self):
-        return getattr(import_module(self.module), self.args_name)
+        """The settings dataclass of the stage's section (the schema alone: no runtime module is imported)."""
+        from align import stage_settings
+
+        return getattr(stage_settings, self.args_name)
 
     @property
     def cls(self):

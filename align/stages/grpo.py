@@ -46,13 +46,10 @@ completions). At the end the curves are plotted to `grpo_curves.png` and `grpo_k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from align import config as cfg
 from align import evaluate, models, rewards
 from align.errors import AlignError
 from align.losses import (
@@ -64,51 +61,8 @@ from align.losses import (
 )
 from align.recipe import Recipe
 from align.rollout import Rollout, completion_logprobs, rollout, score_logprobs
+from align.stage_settings import GRPOArgs  # noqa: F401  (re-exported)
 from align.stages.online import PromptSource, eval_kl, plot_run, sampling_config
-
-
-@dataclass
-class GRPOArgs:
-    num_generations: int = field(default=8, metadata=cfg.at_least(
-        2, "grpo.num_generations", "advantages compare a completion with the others of its group: one alone has "
-        "no baseline (zero advantage, or NaN when scaled by the group's std)"))
-    """G: completions sampled per prompt (a group), at least 2."""
-    max_new_tokens: int = field(default=8, metadata=cfg.positive("grpo.max_new_tokens"))
-    """Longest completion (TRL's max_completion_length; dr_grpo's constant normaliser)."""
-    temperature: float = field(default=1.0, metadata=cfg.positive("grpo.temperature"))
-    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "grpo.top_p"))
-    top_k: int = field(default=0, metadata=cfg.non_negative("grpo.top_k"))
-    """0: no top-k filtering."""
-    beta: float = field(default=0.0, metadata=cfg.non_negative("grpo.beta"))
-    """Weight of the k3 KL to the reference. 0 loads no reference model."""
-    kl_ratio_correction: bool = True
-    """Multiply the KL term by the importance ratio (DeepSeek-V3.2's unbiased KL gradient; TRL 1.16's default
-    use_bias_correction_kl). False: DeepSeekMath's plain k3."""
-    clip_eps: float = field(default=0.2, metadata=cfg.positive("grpo.clip_eps"))
-    """Lower clip: the ratio is kept above 1 - clip_eps."""
-    clip_eps_high: float | None = field(default=None, metadata=cfg.positive("grpo.clip_eps_high"))
-    """Upper clip (DAPO's clip-higher, e.g. 0.28); None: clip_eps."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    """Token aggregation of the loss (see align.losses.TOKEN_AGGREGATIONS)."""
-    num_iterations: int = field(default=1, metadata=cfg.positive("grpo.num_iterations"))
-    """Optimizer steps per rollout batch (1: on-policy)."""
-    reward_funcs: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Built-in names (exact_match, format, length) or package.module:function."""
-    reward_weights: list[float] | None = None
-    """One weight per reward function (default 1 each)."""
-    accuracy: str = "exact_match"
-    """The reward function (a name as in reward_funcs) whose mean over held-out greedy completions is
-    eval/task_accuracy: exact_match for answer-only completions; math_answer when the completion
-    reasons first and ends with its answer (GSM8K)."""
-    missing_eos_penalty: float | None = field(default=None, metadata=cfg.non_negative("grpo.missing_eos_penalty"))
-    """Subtracted from the reward of completions with no EOS."""
-    generation_batch_size: int = field(default=256, metadata=cfg.positive("grpo.generation_batch_size"))
-    """Rows per generate call / scoring forward."""
-    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("grpo.eval_kl_prompts"))
-    """Held-out prompts sampled once each for eval/kl (with a reference only)."""
-    plot: bool = True
-    """Write grpo_curves.png and grpo_kl.png into output_dir at the end."""
 
 
 def batch_weight(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> float:

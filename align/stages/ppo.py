@@ -55,13 +55,11 @@ objective the proxy stands for), `train/completion_length`, `objective/entropy`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
-from typing import Literal
 
 import torch
 
-from align import config as cfg
 from align import evaluate, models, rewards
 from align.evaluate_rm import score_head
 from align.losses import (
@@ -79,42 +77,8 @@ from align.losses import (
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
+from align.stage_settings import PPOArgs  # noqa: F401  (re-exported)
 from align.stages.online import PromptSource, eval_kl, plot_run, sampling_config
-
-
-@dataclass
-class PPOArgs:
-    reward_model: str = "runs/tiny/reward"
-    """Folder (or hub id) of the reward model (reward stage output; same tokenizer as the policy)."""
-    reward_model_recipe: str | None = None
-    """A recipe that trains `reward_model` when that folder has no model yet."""
-    value_model: str | None = None
-    """Initialisation of the value model; None: the reward model (InstructGPT)."""
-    max_new_tokens: int = field(default=8, metadata=cfg.positive("ppo.max_new_tokens"))
-    temperature: float = field(default=1.0, metadata=cfg.positive("ppo.temperature"))
-    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "ppo.top_p"))
-    top_k: int = field(default=0, metadata=cfg.non_negative("ppo.top_k"))
-    kl_coef: float = field(default=0.05, metadata=cfg.non_negative("ppo.kl_coef"))
-    """beta (initial beta with the adaptive controller)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL in the reward (k1 is InstructGPT's log-ratio)."""
-    target_kl: float | None = field(default=None, metadata=cfg.positive("ppo.target_kl"))
-    """Adaptive beta toward this mean sequence KL (Ziegler et al. 2019); None: fixed beta."""
-    kl_horizon: int = field(default=10000, metadata=cfg.positive("ppo.kl_horizon"))
-    gamma: float = field(default=1.0, metadata=cfg.in_range(0.0, 1.0, "ppo.gamma"))
-    lam: float = field(default=0.95, metadata=cfg.in_range(0.0, 1.0, "ppo.lam"))
-    clip_eps: float = field(default=0.2, metadata=cfg.positive("ppo.clip_eps"))
-    clip_eps_value: float | None = field(default=0.2, metadata=cfg.positive("ppo.clip_eps_value"))
-    vf_coef: float = field(default=0.1, metadata=cfg.non_negative("ppo.vf_coef"))
-    whiten_advantages: bool = True
-    ppo_epochs: int = field(default=4, metadata=cfg.positive("ppo.ppo_epochs"))
-    num_mini_batches: int = field(default=1, metadata=cfg.positive("ppo.num_mini_batches"))
-    """Minibatches (optimizer steps) per epoch; a rollout batch is num_mini_batches x batch_size x grad_accum
-    prompts per process."""
-    missing_eos_penalty: float | None = field(default=1.0, metadata=cfg.non_negative("ppo.missing_eos_penalty"))
-    generation_batch_size: int = field(default=256, metadata=cfg.positive("ppo.generation_batch_size"))
-    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("ppo.eval_kl_prompts"))
-    plot: bool = True
 
 
 class PolicyAndValue(torch.nn.Module):

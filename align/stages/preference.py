@@ -45,12 +45,11 @@ prompts against their chosen answer, when the eval rows have an explicit prompt)
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
-from align import config as cfg
 from align import evaluate, models
 from align.data import load_eval_rows, load_rows, without_causal_padding_mask
 from align.device import micro_batch_tokens
@@ -70,48 +69,13 @@ from align.preference_data import (
     tokenize_preferences,
 )
 from align.recipe import Recipe
+from align.stage_settings import DPOArgs, ORPOArgs, SimPOArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches, tensors_only
 
 
 # ---------------------------------------------------------------------------
 # settings (one section per stage name)
 # ---------------------------------------------------------------------------
-@dataclass
-class DPOArgs:
-    beta: float = field(default=0.1, metadata=cfg.positive("dpo.beta"))
-    """Strength of the implicit KL constraint (IPO: its tau)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "dpo.label_smoothing"))
-    """sigmoid: conservative DPO; robust: the assumed label-flip rate."""
-    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("dpo.rpo_alpha"))
-    """Weight of the NLL of the chosen answer added to each pair's loss (RPO). 0: plain DPO."""
-    ref_model: str | None = None
-    """The reference: a local folder or hub id with the same tokenizer. None: the starting policy."""
-    precompute_ref_logps: bool = True
-    """Score the reference once before training. False (LoRA only): every step, adapter disabled."""
-    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("dpo.ref_batch_size"))
-    """Pairs per forward while precomputing the reference log-probs (None: train.batch_size, so the
-    precompute never needs more memory than a training step)."""
-
-
-@dataclass
-class SimPOArgs:
-    beta: float = field(default=2.0, metadata=cfg.positive("simpo.beta"))
-    gamma: float = field(default=0.5, metadata=cfg.non_negative("simpo.gamma"))
-    """Target reward margin (TRL's simpo_gamma)."""
-    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "simpo.label_smoothing"))
-    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("simpo.rpo_alpha"))
-    """Weight of the NLL of the chosen answer (TRL's cpo_alpha). 0: pure SimPO."""
-
-
-@dataclass
-class ORPOArgs:
-    lam: float = field(default=0.1, metadata=cfg.positive("orpo.lam"))
-    """Weight of the odds-ratio term (the paper's lambda, TRL's beta)."""
-    nll_on_prompt: bool = False
-    """NLL over prompt + chosen (TRL's ORPOTrainer) instead of the chosen completion only."""
-
-
 # ---------------------------------------------------------------------------
 # objectives: per-pair (losses, chosen_rewards, rejected_rewards) from the pair's log-probs
 # ---------------------------------------------------------------------------

@@ -22,12 +22,8 @@ Optional per-pair `margin` column and reward centering (`center_rewards_coeffici
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
-from align import config as cfg
 from align import models
 from align.data import load_eval_rows, load_rows
 from align.device import micro_batch_tokens
@@ -43,16 +39,8 @@ from align.preference_data import (
     tokenize_preferences,
 )
 from align.recipe import Recipe
+from align.stage_settings import RewardArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches
-
-
-@dataclass
-class RewardArgs:
-    center_rewards_coefficient: float | None = field(default=None,
-                                                     metadata=cfg.non_negative("reward.center_rewards_coefficient"))
-    """c in + c·mean((r_chosen + r_rejected)²), pulling rewards towards mean zero (TRL's name; 0.01 is usual)."""
-    prompt_truncation: Literal["keep_start", "keep_end"] | None = None
-    """Deprecated: `data.prompt_truncation` (the same rule for every pair stage). Set, it still wins."""
 
 
 def pair_tokens(example: dict) -> int:

@@ -9,8 +9,6 @@ Prompt tokens are never trained on (see `align.data` for how the mask is built);
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from align import evaluate, models
 from align.data import (
     IGNORE,
@@ -24,13 +22,8 @@ from align.data import (
 from align.device import micro_batch_tokens
 from align.losses import nll_sum
 from align.recipe import Recipe
+from align.stage_settings import SFTArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches, tensors_only
-
-
-@dataclass
-class SFTArgs:
-    completion_only_loss: bool = True
-    """Train on completion tokens only (prompt tokens masked). False: every token but the first."""
 
 
 class SFTStage:
