@@ -263,6 +263,15 @@ def chat_ids(tokenizer, messages, *, add_generation_prompt=False) -> list[int]:
     return list(ids)
 
 
+def cut_from_start(prompt_ids: list[int], budget: int, bos_id) -> list[int]:
+    """A prompt cut to its last `budget` tokens (a long dialogue keeps its latest turns, next to the answer);
+    a leading BOS is kept."""
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    head = prompt_ids[:1] if bos_id is not None and prompt_ids[:1] == [bos_id] else []
+    return head + prompt_ids[len(prompt_ids) - (budget - len(head)):]
+
+
 def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
     """Token ids of a prompt as generation sees it (chat template + generation prompt if conversational)."""
     if is_conversational(prompt):

@@ -122,7 +122,10 @@ class DataConfig:
     eval: Any = None
     """Held-out data in the same forms (optional)."""
     max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))
-    """Longest tokenized sample (prompt + completion); longer samples are truncated at the end."""
+    """Longest tokenized sequence the model is given to learn from: SFT, a sample (prompt + completion; with
+    packing, a row); reward and DPO family, one side of a pair (prompt + the longer answer); GRPO/PPO, a
+    prompt (completions add up to grpo/ppo.max_new_tokens). Too long: `data.prompt_truncation` cuts pair
+    and online prompts, `data.truncation` SFT samples."""
     truncation: Literal["keep_start", "drop"] = "keep_start"
     """keep_start: cut the end of too-long samples; drop: drop them. Either way a sample left with
     no trainable token is dropped and counted, and the run fails if every sample is dropped."""
@@ -130,7 +133,8 @@ class DataConfig:
     """Preference pairs (reward, DPO, SimPO, ORPO) longer than max_length: keep_end first cuts the BEGINNING
     of the prompt (a long dialogue keeps its last turns, next to the answers), then the ends of the answers;
     keep_start cuts only the ends of the answers (a long prompt can leave no answer token: the pair is
-    dropped and counted)."""
+    dropped and counted). GRPO/PPO prompts longer than max_length: keep_end cuts their beginning, keep_start
+    refuses them."""
     packing: bool = True
     """SFT: concatenate whole samples into rows of max_length (best-fit decreasing; position_ids restart
     at each sample, so attention and the loss stay within it). Rows, not samples, then fill batch_size.

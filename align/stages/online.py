@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from align import evaluate, models
-from align.data import encode_prompt, load_eval_rows, load_rows
+from align.data import cut_from_start, encode_prompt, load_eval_rows, load_rows
 from align.errors import AlignError
 from align.losses import kl_penalty, masked_sum
 from align.recipe import Recipe
@@ -50,16 +50,24 @@ class PromptSource:
             self.eval_rows, self.eval_prompt_ids = self._encode(eval_rows, "data.eval")
 
     def _encode(self, rows, key: str) -> tuple[list[dict], list[list[int]]]:
-        encoded = []
+        """Prompts as generation sees them; one longer than data.max_length is cut from its beginning
+        (`data.prompt_truncation: keep_end`, the default: a long dialogue keeps its latest turns) or refused."""
+        data, encoded, cut = self.recipe.data, [], 0
         for i, row in enumerate(rows.rows):
             if "prompt" not in row:
                 raise AlignError(f"{key}: {rows.where(i)} has no 'prompt' column ({self.recipe.stage} samples "
                                  f"completions for prompts; columns: {sorted(row)})")
             ids = encode_prompt(self.tokenizer, row["prompt"], rows.where(i))
-            if len(ids) > self.recipe.data.max_length:
-                raise AlignError(f"{key}: {rows.where(i)}: the prompt has {len(ids)} tokens, more than "
-                                 f"data.max_length={self.recipe.data.max_length}")
+            if len(ids) > data.max_length:
+                if data.prompt_truncation != "keep_end":
+                    raise AlignError(f"{key}: {rows.where(i)}: the prompt has {len(ids)} tokens, more than "
+                                     f"data.max_length={data.max_length} (data.prompt_truncation: keep_end cuts "
+                                     "long prompts from their beginning instead)")
+                ids, cut = cut_from_start(ids, data.max_length, self.tokenizer.bos_token_id), cut + 1
             encoded.append(ids)
+        if cut:
+            self.accelerator.print(f"{key}: {cut} of {len(encoded)} prompts longer than data.max_length="
+                                   f"{data.max_length} cut from their beginning (data.prompt_truncation: keep_end)")
         return rows.rows, encoded
 
     def step(self, generation: int) -> list[int]:
