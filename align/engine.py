@@ -162,6 +162,10 @@ def warn_if_world_size_differs(accelerator) -> None:
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate set up no "
             f"distributed training (gradients would not be synchronised); on CPU set ACCELERATE_USE_CPU=true "
             f"(ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} -m align ...)")
+    if (launched > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ) and accelerator.is_main_process:
+        kind = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
+        print(f"accelerate launch: world size {accelerator.num_processes} ({kind} on {accelerator.device.type}); "
+              f"a global batch is train.batch_size x train.grad_accum x {accelerator.num_processes}", flush=True)
     asked = requested_processes()
     if asked is not None and asked != accelerator.num_processes:
         print(f"\n*** WARNING: accelerate launch asked for {asked} processes but this run has "
@@ -578,5 +582,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _print_metrics(accelerator, title: str, metrics: dict) -> None:
     if metrics:
-        shown = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+        shown = "  ".join(f"{k}={_shown(k, v, metrics)}" for k, v in sorted(metrics.items()))
         accelerator.print(f"[{title}] {shown}")
+
+
+def _shown(name: str, value, metrics: dict) -> str:
+    """A metric as printed; a pair accuracy where every pair ties (DPO before its first step) reads "ties"."""
+    if name == "eval/pair_accuracy" and metrics.get("eval/pair_ties") == 1.0:
+        return "ties"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

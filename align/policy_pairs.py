@@ -53,14 +53,21 @@ class PolicyPairsConfig:
     """A recipe that trains `policy` when that folder has no model yet."""
     train: PolicySource = field(default_factory=PolicySource)
     eval: PolicySource | None = None
+    """Held-out pairs made the same way (optional)."""
     num_samples: int = field(default=4, metadata=cfg.positive("data.from_policy.num_samples"))
+    """Completions sampled per prompt."""
     temperature: float = field(default=1.0, metadata=cfg.positive("data.from_policy.temperature"))
+    """Sampling temperature."""
     max_new_tokens: int = field(default=8, metadata=cfg.positive("data.from_policy.max_new_tokens"))
+    """Longest sampled completion."""
     pairs_per_prompt: int = field(default=1, metadata=cfg.positive("data.from_policy.pairs_per_prompt"))
+    """At most this many (correct, incorrect) pairs per prompt."""
     label: str = "exact_match"
     """The simulated labeller: a reward function of `align.rewards` (name or module:function); > 0.5 is correct."""
     seed: int = 0
+    """Seeds the sampling and the choice of pairs."""
     batch_size: int = field(default=512, metadata=cfg.positive("data.from_policy.batch_size"))
+    """Rows per generate call."""
 
 
 def build_pairs(rows: list[dict], samples: list[list[str]], labels: list[list[float]], *, pairs_per_prompt: int = 1,
@@ -103,7 +110,8 @@ def _make_source(config: PolicyPairsConfig, source: PolicySource, key: str) -> d
     rows = load_rows(source.prompts, key=f"{key}.prompts").rows
     sampled = generate(config.policy, source.prompts, output=str(samples_path), max_new_tokens=config.max_new_tokens,
                        batch_size=config.batch_size, temperature=config.temperature,
-                       num_samples=config.num_samples, seed=config.seed)
+                       num_samples=config.num_samples, seed=config.seed,
+                       progress=f"{key}: sampling {config.policy}")
     K = config.num_samples
     texts = [[sampled[i * K + s]["completion"] for s in range(K)] for i in range(len(rows))]
     label_fn = rewards.resolve(config.label)
