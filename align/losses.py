@@ -357,6 +357,66 @@ def orpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------
+# KTO: unpaired desirable / undesirable completions
+# ---------------------------------------------------------------------------
+def kto_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, *, reduce=None) -> torch.Tensor:
+    """KTO's reference point z_0 (Ethayarajh et al. 2024, eq. 6 and sec. 4.1), a detached scalar.
+
+        z_0 = max(0, mean_j [log pi(y'_j | x_j) - log pi_ref(y'_j | x_j)])
+
+    over MISMATCHED pairs (x_j, y'_j): a prompt with another example's completion, so y' is a
+    sample of the completions' marginal and the mean estimates KL(pi(y|x) || pi_ref(y|x)) up to
+    the shift the paper accepts. Summed completion log-probs (B,), (B,). `reduce` maps the
+    statistics tensor [sum, count] to the global one (an all-reduce over processes, a sum over
+    micro-batches): the estimate then covers the whole step's batch however it is split. No
+    gradient flows through z_0 (TRL 1.16 `KTOTrainer`: `.detach()` and `clamp(min=0)` after the
+    mean over processes).
+
+    >>> kto_reference_point(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -5.5])).item()
+    0.75
+    >>> kto_reference_point(torch.tensor([-3.0]), torch.tensor([-2.0])).item()  # clamped at 0
+    0.0
+    """
+    ratios = (kl_logps - ref_kl_logps).detach().float()
+    stats = torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))])
+    if reduce is not None:
+        stats = reduce(stats)
+    return (stats[0] / stats[1].clamp(min=1.0)).clamp(min=0.0)
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, reference_point: torch.Tensor, *,
+             beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7) per example: (B,) summed log-probs, (B,) bool -> (losses, rewards).
+
+    With rho = logp - ref_logp (SUMMED over the completion tokens, TRL's convention) and z_0 the
+    detached reference point (`kto_reference_point`):
+
+        desirable:    lambda_D * (1 - sigma(beta * (rho - z_0)))
+        undesirable:  lambda_U * (1 - sigma(beta * (z_0 - rho)))
+
+    lambda_D / lambda_U are TRL's `desirable_weight` / `undesirable_weight` (the paper's eq. 8
+    asks lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the labels are imbalanced). The paper
+    writes the loss as lambda_y - v(x, y); the constant lambda_y is dropped, as TRL does. Rewards
+    are beta * rho, detached. `losses.mean()` over a batch equals TRL 1.16 `KTOTrainer`'s
+    `loss_type="kto"` loss for the same z_0.
+
+    Worked example: beta 0.1, rho = 2, z_0 = 1, desirable -> 1 - sigma(0.1) = 0.4750:
+
+    >>> losses, _ = kto_loss(torch.tensor([-3.0, -3.0]), torch.tensor([-5.0, -5.0]), torch.tensor([True, False]),
+    ...                      torch.tensor(1.0))
+    >>> [round(x, 4) for x in losses.tolist()]
+    [0.475, 0.525]
+    """
+    rho = logps - ref_logps
+    z = torch.as_tensor(reference_point, dtype=rho.dtype, device=rho.device).detach()
+    desirable = desirable.to(torch.bool)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (rho - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - rho))))
+    return losses, beta * rho.detach()
+
+
+# ---------------------------------------------------------------------------
 # GRPO: group-relative advantages and token aggregation
 # ---------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group",

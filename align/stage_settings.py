@@ -1,4 +1,4 @@
-"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `grpo:`, `ppo:`):
+"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `grpo:`, `ppo:`):
 plain dataclasses, part of the recipe schema, so reading and validating a recipe imports no runtime code
 (no model, data or stage module). Each field's docstring is its documentation (`align keys`)."""
 
@@ -60,6 +60,19 @@ class ORPOArgs:
     """Weight of the odds-ratio term (the paper's lambda, TRL's beta)."""
     nll_on_prompt: bool = False
     """NLL over prompt + chosen (TRL's ORPOTrainer) instead of the chosen completion only."""
+
+
+@dataclass
+class KTOArgs:
+    beta: float = field(default=0.1, metadata=cfg.positive("kto.beta"))
+    """Scale of the implicit reward beta * (log pi - log pi_ref), as DPO's."""
+    desirable_weight: float = field(default=1.0, metadata=cfg.positive("kto.desirable_weight"))
+    """lambda_D, the weight of desirable examples' losses (TRL's name)."""
+    undesirable_weight: float = field(default=1.0, metadata=cfg.positive("kto.undesirable_weight"))
+    """lambda_U. With imbalanced labels keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (KTO paper, eq. 8; the stage
+    warns and suggests values)."""
+    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("kto.ref_batch_size"))
+    """Examples per forward while precomputing the reference log-probs (None: train.batch_size)."""
 
 
 @dataclass

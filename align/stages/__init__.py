@@ -62,6 +62,7 @@ STAGES: dict[str, StageSpec] = {
     "dpo": StageSpec("align.stages.preference", "PreferenceStage", "DPOArgs", "dpo"),
     "simpo": StageSpec("align.stages.preference", "PreferenceStage", "SimPOArgs", "simpo"),
     "orpo": StageSpec("align.stages.preference", "PreferenceStage", "ORPOArgs", "orpo"),
+    "kto": StageSpec("align.stages.kto", "KTOStage", "KTOArgs", "kto"),
     "reward": StageSpec("align.stages.reward", "RewardStage", "RewardArgs", "reward"),
     "grpo": StageSpec("align.stages.grpo", "GRPOStage", "GRPOArgs", "grpo"),
     "ppo": StageSpec("align.stages.ppo", "PPOStage", "PPOArgs", "ppo"),
