@@ -106,7 +106,7 @@ from align.errors import AlignError
 from align.recipe import ModelConfig, Recipe, load_recipe
 
 GiB = 2**30
-PAIR_STAGES = ("dpo", "simpo", "orpo", "reward")
+PAIR_STAGES = ("dpo", "simpo", "orpo", "kto", "reward")
 ONLINE_STAGES = ("ppo", "grpo")
 HIGHLIGHT = ("⟦", "⟧")
 ANSI = ("\x1b[42;30m", "\x1b[0m")
@@ -568,8 +568,20 @@ def _prompt_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, 
     return samples
 
 
+def _kto_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key: str) -> list[Sample]:
+    """KTO rows: preference rows as the pair stages see them, unpaired rows (prompt, completion) as SFT's."""
+    if rows.rows and "chosen" in rows.rows[0]:
+        return _pair_samples(recipe, tokenizer, rows, report, key)
+    from align.preference_data import unpaired_rows
+
+    for i, row in enumerate(rows.rows):
+        unpaired_rows(row, f"{key}: {rows.where(i)}")  # a missing or non-boolean label fails here, by row
+    plain = Rows([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows.rows], rows.origins)
+    return _sft_samples(recipe, tokenizer, plain, report, key)
+
+
 SAMPLERS: dict[str, Callable] = {
-    "sft": _sft_samples, "dpo": _pair_samples, "simpo": _pair_samples, "orpo": _pair_samples,
+    "sft": _sft_samples, "dpo": _pair_samples, "simpo": _pair_samples, "orpo": _pair_samples, "kto": _kto_samples,
     "reward": _pair_samples, "grpo": _prompt_samples, "ppo": _prompt_samples,
 }
 

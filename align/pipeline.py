@@ -206,7 +206,7 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[d
     return rows
 
 
-GENERATIVE = {"sft", "dpo", "orpo", "simpo", "ppo", "grpo"}
+GENERATIVE = {"sft", "dpo", "orpo", "simpo", "kto", "ppo", "grpo"}
 
 
 def write_samples(recipe, folder: Path, n: int = 5) -> None:

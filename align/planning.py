@@ -37,6 +37,7 @@ STAGE_COLUMNS = {
     "dpo": (("chosen", "rejected"),),
     "simpo": (("chosen", "rejected"),),
     "orpo": (("chosen", "rejected"),),
+    "kto": (("prompt", "completion", "label"), ("chosen", "rejected")),
     "grpo": (("prompt",),),
     "ppo": (("prompt",),),
     "generate": (("prompt",), ("messages",)),  # the prompts data.from_policy samples from

@@ -1,4 +1,4 @@
-"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `grpo:`, `ppo:`):
+"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `grpo:`, `ppo:`):
 plain dataclasses, part of the recipe schema, so reading and validating a recipe imports no runtime code
 (no model, data or stage module). Each field's docstring is its documentation (`align keys`)."""
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from align import config as cfg
+from align.errors import AlignError
 
 
 @dataclass
@@ -62,11 +63,32 @@ class ORPOArgs:
 
 
 @dataclass
+class KTOArgs:
+    beta: float = field(default=0.1, metadata=cfg.positive("kto.beta"))
+    """Scale of the implicit reward beta * (log pi - log pi_ref), as DPO's."""
+    desirable_weight: float = field(default=1.0, metadata=cfg.positive("kto.desirable_weight"))
+    """lambda_D, the weight of desirable examples' losses (TRL's name)."""
+    undesirable_weight: float = field(default=1.0, metadata=cfg.positive("kto.undesirable_weight"))
+    """lambda_U. With imbalanced labels keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (KTO paper, eq. 8; the stage
+    warns and suggests values)."""
+    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("kto.ref_batch_size"))
+    """Examples per forward while precomputing the reference log-probs (None: train.batch_size)."""
+
+
+@dataclass
 class GRPOArgs:
-    num_generations: int = field(default=8, metadata=cfg.at_least(
-        2, "grpo.num_generations", "advantages compare a completion with the others of its group: one alone has "
-        "no baseline (zero advantage, or NaN when scaled by the group's std)"))
-    """G: completions sampled per prompt (a group), at least 2."""
+    num_generations: int = field(default=8, metadata=cfg.positive("grpo.num_generations"))
+    """G: completions sampled per prompt (a group), at least 2 (1 allowed with advantage_estimator reinforce_pp,
+    which needs no group)."""
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """How rewards become advantages (align.losses.ADVANTAGE_ESTIMATORS): grpo, reward minus its group's mean
+    (scaled by scale_rewards); rloo, reward minus the mean of the other G-1 of its group (Ahmadian et al. 2024,
+    TRL's RLOOTrainer); reinforce_pp, REINFORCE++ (Hu 2025, OpenRLHF's reinforce): no baseline, rewards whitened
+    over the whole global batch, token-weighted. The loss is the same clipped surrogate for all three."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: one importance ratio per token (PPO/GRPO); sequence: GSPO (Zheng et al. 2025), one length-normalised
+    ratio exp(mean_t log-ratio) per completion, clipped per sequence (TRL's name). Acts only off-policy
+    (num_iterations > 1): at the sampling policy every ratio is 1."""
     max_new_tokens: int = field(default=8, metadata=cfg.positive("grpo.max_new_tokens"))
     """Longest completion (TRL's max_completion_length; dr_grpo's constant normaliser)."""
     temperature: float = field(default=1.0, metadata=cfg.positive("grpo.temperature"))
@@ -82,7 +104,10 @@ class GRPOArgs:
     """Lower clip: the ratio is kept above 1 - clip_eps."""
     clip_eps_high: float | None = field(default=None, metadata=cfg.positive("grpo.clip_eps_high"))
     """Upper clip (DAPO's clip-higher, e.g. 0.28); None: clip_eps."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    """None: the estimator's own (grpo: group; rloo: none; reinforce_pp: its global whitening). grpo: group divides
+    by the group's std, batch by the std of the batch's rewards, none (Dr. GRPO) by nothing; rloo: batch whitens
+    the advantages over the batch (TRL's normalize_advantages), none leaves them."""
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     """Token aggregation of the loss (see align.losses.TOKEN_AGGREGATIONS)."""
     num_iterations: int = field(default=1, metadata=cfg.positive("grpo.num_iterations"))
@@ -103,6 +128,18 @@ class GRPOArgs:
     """Held-out prompts sampled once each for eval/kl (with a reference only)."""
     plot: bool = True
     """Write grpo_curves.png and grpo_kl.png into output_dir at the end."""
+
+    def validate(self) -> None:
+        if self.num_generations < 2 and self.advantage_estimator != "reinforce_pp":
+            raise AlignError(f"got num_generations {self.num_generations}, expected grpo.num_generations >= 2 with "
+                             f"advantage_estimator {self.advantage_estimator} (advantages compare a completion with "
+                             f"the others of its group: one alone has no baseline: zero advantage, or NaN when scaled "
+                             f"by the group's std); reinforce_pp needs no group")
+        allowed = {"grpo": ("group", "batch", "none"), "rloo": ("batch", "none"), "reinforce_pp": ()}
+        if self.scale_rewards is not None and self.scale_rewards not in allowed[self.advantage_estimator]:
+            expected = " or ".join(allowed[self.advantage_estimator]) or "it unset (reinforce_pp whitens itself)"
+            raise AlignError(f"scale_rewards {self.scale_rewards!r} does not apply to advantage_estimator "
+                             f"{self.advantage_estimator}; expected {expected}")
 
 
 @dataclass

@@ -198,3 +198,47 @@ def test_long_prompts_lose_their_beginning_or_are_refused(tmp_path, capsys):
                                                                        "prompt_truncation": "keep_start"}})
     with pytest.raises(AlignError, match=r"long.jsonl row 1: the prompt has \d+ tokens, more than data.max_length=12"):
         PromptSource(strict, Accelerator(cpu=True), per_process=2)
+
+
+@pytest.mark.parametrize("settings", [
+    {"advantage_estimator": "rloo"},
+    {"advantage_estimator": "rloo", "scale_rewards": "batch"},
+    {"advantage_estimator": "reinforce_pp"},
+    {"advantage_estimator": "reinforce_pp", "num_generations": 1},
+    {"importance_sampling_level": "sequence", "num_iterations": 2},
+], ids=["rloo", "rloo-batch", "reinforce_pp", "reinforce_pp-G1", "gspo"])
+def test_advantage_estimators_and_gspo_move_reward_up(tmp_path, settings):
+    """The same 8-step run as above with RLOO / REINFORCE++ advantages, or GSPO's sequence ratio reused twice."""
+    recipe = grpo_recipe(tmp_path, **settings)
+    recipe["eval"]["generate"] = False
+    run(load_recipe(None, data=recipe))
+    train = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train = [r for r in train if "train/reward" in r]
+    first = sum(r["train/reward"] for r in train[:2]) / 2
+    last = sum(r["train/reward"] for r in train[-2:]) / 2
+    assert last > first + 0.1, (first, last)
+    if settings.get("num_generations") == 1:
+        assert "train/zero_std_groups" not in train[0]  # no groups to count
+
+
+def test_stage_advantages_come_from_the_estimator(tmp_path):
+    from align.losses import reinforce_pp_advantages, rloo_advantages
+
+    for estimator in ("rloo", "reinforce_pp"):
+        stage = build(tmp_path / estimator, advantage_estimator=estimator)
+        out, advantages, _ = stage.make_rollout(0)
+        reward, _ = stage.score([stage.prompts.rows[i] for i in stage.prompts.step(0) for _ in range(8)], out)
+        expected = (rloo_advantages(reward, 8) if estimator == "rloo"
+                    else reinforce_pp_advantages(reward, out.lengths))
+        torch.testing.assert_close(advantages, expected)
+
+
+def test_estimator_settings_are_checked(tmp_path):
+    with pytest.raises(AlignError, match="grpo.num_generations >= 2 with advantage_estimator rloo"):
+        build(tmp_path, advantage_estimator="rloo", num_generations=1)
+    with pytest.raises(AlignError, match="scale_rewards 'group' does not apply to advantage_estimator rloo"):
+        build(tmp_path, advantage_estimator="rloo", scale_rewards="group")
+    with pytest.raises(AlignError, match="reinforce_pp whitens itself"):
+        build(tmp_path, advantage_estimator="reinforce_pp", scale_rewards="batch")
+    with pytest.raises(AlignError, match="importance_sampling_level"):
+        build(tmp_path, importance_sampling_level="seq")

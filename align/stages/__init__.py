@@ -70,6 +70,8 @@ STAGES: dict[str, StageSpec] = {
                        "SimPO: reference-free, length-averaged log-probs with a target margin"),
     "orpo": StageSpec("align.stages.preference", "PreferenceStage", "ORPOArgs", "orpo",
                       "ORPO: SFT plus an odds-ratio term on pairs, from a base model, no reference"),
+    "kto": StageSpec("align.stages.kto", "KTOStage", "KTOArgs", "kto",
+                     "KTO on unpaired thumbs-up/down completions (prompt, completion, label) against a reference"),
     "reward": StageSpec("align.stages.reward", "RewardStage", "RewardArgs", "reward",
                         "Bradley-Terry reward model (a scalar head) on chosen-rejected pairs"),
     "grpo": StageSpec("align.stages.grpo", "GRPOStage", "GRPOArgs", "grpo",

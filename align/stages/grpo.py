@@ -9,6 +9,20 @@ per-token loss is PPO's clipped surrogate with separate low/high epsilon (DAPO's
 clip-higher) plus beta * k3 KL to the reference (`grpo_token_losses`), aggregated by
 `grpo.aggregation` (`align.losses.TOKEN_AGGREGATIONS`: grpo, dr_grpo, dapo).
 
+Two neighbours are settings of this stage, not trainers of their own:
+`grpo.advantage_estimator` picks how rewards become advantages
+(`align.losses.ADVANTAGE_ESTIMATORS`): `grpo` (above), `rloo` (RLOO, Ahmadian et al. 2024:
+reward minus the mean of the other G-1 completions of its group) or `reinforce_pp`
+(REINFORCE++, Hu 2025: no baseline, whitened over the whole global batch, token-weighted).
+Where they depart from their papers/TRL: the loss stays this stage's per-token clipped
+surrogate and aggregation (TRL's RLOOTrainer clips one ratio per sequence, of summed
+log-probs), and the KL to the reference stays in the loss (RLOO and REINFORCE++ subtract
+it from the reward). `grpo.importance_sampling_level: sequence` is GSPO (Zheng et al.
+2025): one importance ratio per completion, exp(mean_t log-ratio), clipped per sequence
+(`align.losses.sequence_log_ratio`, TRL's `importance_sampling_level`); it changes
+anything only with num_iterations > 1 (on-policy every ratio is 1 and the surrogate's
+gradient is GRPO's).
+
 One optimizer step = one global batch of `train.batch_size x train.grad_accum x
 processes` completions (TRL's convention: batch sizes count completions), i.e. that
 divided by G prompts. `micro_batches(step)` generates the step's rollouts: each process
@@ -53,8 +67,8 @@ import torch
 from align import evaluate, models, rewards
 from align.errors import AlignError
 from align.losses import (
+    ADVANTAGE_ESTIMATORS,
     aggregate_token_losses,
-    group_advantages,
     grpo_token_losses,
     masked_sum,
     zero_std_groups,
@@ -132,20 +146,27 @@ class GRPOStage:
                                                   out.completion_mask, temperature=a.temperature,
                                                   batch_size=a.generation_batch_size)
         reward, per_fn = self.score(rows, out)
-        # advantages from the rewards of the whole global batch (groups never straddle processes)
-        all_rewards = acc.gather(reward.to(acc.device)).cpu() if acc.num_processes > 1 else reward
-        advantages = group_advantages(all_rewards, G, scale_rewards=a.scale_rewards)
+        # advantages from the rewards (and lengths) of the whole global batch (groups never straddle processes)
+        lengths = out.lengths.to(reward.dtype)
+        if acc.num_processes > 1:
+            all_rewards, all_lengths = acc.gather(torch.stack([reward, lengths]).T.contiguous().to(acc.device)).cpu().T
+        else:
+            all_rewards, all_lengths = reward, lengths
+        advantages = ADVANTAGE_ESTIMATORS[a.advantage_estimator](all_rewards, G, all_lengths, a.scale_rewards)
         B = reward.shape[0]
         advantages = advantages[acc.process_index * B: (acc.process_index + 1) * B]
         n_groups = B // G
         metrics = {
             "train/reward": (reward.sum().item(), B),
-            "train/reward_std": (reward.view(-1, G).std(-1).sum().item(), n_groups),
-            "train/zero_std_groups": (zero_std_groups(reward, G), 1.0 / acc.num_processes),
-            "train/frac_zero_std_groups": (zero_std_groups(reward, G), n_groups),
             "train/completion_length": (out.lengths.sum().item(), B),
             "train/ended": (out.ended.sum().item(), B),
         }
+        if G > 1:  # (reinforce_pp may sample one completion a prompt: no groups)
+            metrics.update({
+                "train/reward_std": (reward.view(-1, G).std(-1).sum().item(), n_groups),
+                "train/zero_std_groups": (zero_std_groups(reward, G), 1.0 / acc.num_processes),
+                "train/frac_zero_std_groups": (zero_std_groups(reward, G), n_groups),
+            })
         metrics.update({f"rewards/{name}": (s.sum().item(), B) for name, s in per_fn.items()})
         return out, advantages, metrics
 
@@ -193,7 +214,8 @@ class GRPOStage:
         losses, clipped, kl = grpo_token_losses(logps, old, batch["advantages"], clip_eps=a.clip_eps,
                                                 clip_eps_high=a.clip_eps_high, beta=a.beta,
                                                 ref_logprobs=batch.get("ref_logprobs"),
-                                                kl_ratio_correction=a.kl_ratio_correction)
+                                                kl_ratio_correction=a.kl_ratio_correction,
+                                                importance_sampling_level=a.importance_sampling_level, mask=mask)
         numerator, _ = aggregate_token_losses(losses, mask, aggregation=a.aggregation,
                                               max_completion_length=a.max_new_tokens)
         tokens = float(mask.sum())
