@@ -378,11 +378,10 @@ def logits_bytes(shape: ModelShape, tokens: int) -> float:
     return 0.0 if shape.vocab <= 1 else 12.0 * tokens * shape.vocab
 
 
-def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_len: int) -> MemoryEstimate:
-    """Bytes per GPU at the peak of the run (see the module docstring for the formula)."""
-    t, stage, args = recipe.train, recipe.stage, recipe.stage_args
-    mixed = t.mixed_precision if t.mixed_precision != "auto" else "bf16"
-    act = 2 if (mixed in ("bf16", "fp16") or shape.weight_bytes == 2) else 4
+def _resident_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, mixed: str, act: int):
+    """What stays in memory through a step: weights, optimizer states (and DeepSpeed's fp32 master
+    weights), DDP buckets, gathered layers, frozen models -> (parts, offloaded parts, gradient bytes)."""
+    stage, args = recipe.stage, recipe.stage_args
     P, Pt = shape.params, shape.trainable
     deepspeed16 = par.kind == "deepspeed" and mixed in ("bf16", "fp16")
     w = 2 if deepspeed16 else shape.weight_bytes
@@ -420,6 +419,16 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
         frozen = P * w
     if frozen:
         parts["frozen models (reference / reward)"] = shard(frozen, par.kind == "deepspeed" and par.zero_stage == 3)
+
+    return parts, offloaded, grads
+
+
+def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_len: int) -> MemoryEstimate:
+    """Bytes per GPU at the peak of the run (see the module docstring for the formula)."""
+    t, stage, args = recipe.train, recipe.stage, recipe.stage_args
+    mixed = t.mixed_precision if t.mixed_precision != "auto" else "bf16"
+    act = 2 if (mixed in ("bf16", "fp16") or shape.weight_bytes == 2) else 4
+    parts, offloaded, grads = _resident_memory(recipe, shape, par, mixed, act)
 
     # activations of the largest micro-batch
     rows = t.batch_size * (2 if stage in PAIR_STAGES else 1)
@@ -721,8 +730,6 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
           nodes: int = 1, color: bool = False, data: dict | None = None,
           print_fn: Callable[[str], None] | None = print) -> CheckReport:
     """Run every check and print the report; returns it (warnings, samples, estimate)."""
-    from align import models
-
     recipe = load_recipe(recipe_path, overrides, data=data)
     report = CheckReport(recipe)
     say = report.lines.append
@@ -734,64 +741,12 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
     if par.mixed_precision and mp != "auto" and par.mixed_precision != mp:
         say(f"  note: the launch config says mixed_precision {par.mixed_precision} but the recipe's "
             f"train.mixed_precision={mp} is what align passes to Accelerator, and it wins")
-
-    # -- tokenizer and data -----------------------------------------------------------
     model_cfg = resolve_model_cfg(m)
     if model_cfg is not m:
         say(f"model: {m.name_or_path} does not exist yet; {m.from_recipe} makes it from {model_cfg.name_or_path}")
-    tokenizer = None
-    try:
-        with hub_offline():
-            tokenizer = models.load_tokenizer(model_cfg,
-                                              padding_side="left" if recipe.stage in ONLINE_STAGES else "right")
-    except AlignError as err:
-        say(f"tokenizer: not available offline ({err}); data checks skipped")
-    samples: list[Sample] = []
-    seq_len = None
-    key = "data.train"
-    if tokenizer is not None:
-        generated = getattr(recipe.data, "from_policy", None)
-        if generated and not _all_exist(recipe.data.train):
-            say(f"{key}: {recipe.data.train!r} is made at run time by data.from_policy (sampled from the policy): "
-                "data checks skipped")
-        elif not is_local(recipe.data.train):
-            say(f"{key}: {recipe.data.train!r} is not a local file; check does not download data: "
-                "data checks skipped")
-        else:
-            chosen = sample_rows(recipe.data.train, key, sample)
-            samples = SAMPLERS[recipe.stage](recipe, tokenizer, chosen, report, key)
-            audit(recipe, tokenizer, samples, report, key)
-            _describe_samples(recipe, tokenizer, samples, rows, color, say, key)
-            if samples:
-                seq_len = max(s.length for s in samples)
-                if recipe.stage in PAIR_STAGES:
-                    seq_len = max(max(s.length, s.rejected.length) if s.rejected else s.length for s in samples)
-                seq_len = min(seq_len, recipe.data.max_length)
-
-    # -- memory -----------------------------------------------------------------------
-    with hub_offline():
-        config = load_model_config(model_cfg, tokenizer, model_config)
-    if config is None:
-        say(f"memory: model config not available offline ({model_cfg.name_or_path!r} is not a local folder nor "
-            "in the Hugging Face cache): memory estimate skipped; pass --model-config path/to/config.json")
-    else:
-        shape = model_shape(config, m, head="score" if recipe.stage == "reward" else "causal_lm")
-        if seq_len is None or (recipe.data.packing and recipe.stage == "sft"):
-            seq_len = recipe.data.max_length
-        if recipe.stage in ONLINE_STAGES:
-            seq_len += recipe.stage_args.max_new_tokens
-        est = estimate_memory(recipe, shape, par, seq_len=seq_len)
-        report.estimate = est
-        gpu_memory, gpu_words = assumed_gpu(gpu_memory)
-        say(f"memory: compared with {gpu_words}")
-        _describe_memory(recipe, shape, par, est, gpu_memory, say)
-        if est.peak > gpu_memory * GiB:
-            report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU exceeds the {gpu_memory:g} GiB "
-                                  f"GPU: shard further (launch/zero3.yaml, fsdp2.yaml), enable gradient "
-                                  f"checkpointing, lower train.batch_size (raise grad_accum) or use LoRA")
-        elif est.peak > 0.9 * gpu_memory * GiB:
-            report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU leaves under 10% of the "
-                                  f"{gpu_memory:g} GiB GPU for the CUDA context, NCCL buffers and fragmentation")
+    tokenizer, samples, seq_len = _data_checks(recipe, model_cfg, report, rows=rows, sample=sample, color=color)
+    _memory_check(recipe, model_cfg, tokenizer, par, report, seq_len, gpu_memory=gpu_memory,
+                  model_config=model_config)
     say("")
     if report.warnings:
         say(f"warnings ({len(report.warnings)}):")
@@ -804,6 +759,67 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
         for line in report.lines:
             print_fn(line)
     return report
+
+
+def _data_checks(recipe: Recipe, model_cfg: ModelConfig, report: CheckReport, *, rows: int, sample: int,
+                 color: bool):
+    """Tokenize a sample of the training data as the stage will, audit it and show its loss mask:
+    -> (tokenizer or None, samples, longest sequence or None)."""
+    from align import models
+
+    say, key = report.lines.append, "data.train"
+    try:
+        with hub_offline():
+            tokenizer = models.load_tokenizer(model_cfg,
+                                              padding_side="left" if recipe.stage in ONLINE_STAGES else "right")
+    except AlignError as err:
+        say(f"tokenizer: not available offline ({err}); data checks skipped")
+        return None, [], None
+    if getattr(recipe.data, "from_policy", None) and not _all_exist(recipe.data.train):
+        say(f"{key}: {recipe.data.train!r} is made at run time by data.from_policy (sampled from the policy): "
+            "data checks skipped")
+        return tokenizer, [], None
+    if not is_local(recipe.data.train):
+        say(f"{key}: {recipe.data.train!r} is not a local file; check does not download data: data checks skipped")
+        return tokenizer, [], None
+    samples = SAMPLERS[recipe.stage](recipe, tokenizer, sample_rows(recipe.data.train, key, sample), report, key)
+    audit(recipe, tokenizer, samples, report, key)
+    _describe_samples(recipe, tokenizer, samples, rows, color, say, key)
+    if not samples:
+        return tokenizer, samples, None
+    seq_len = max(s.length for s in samples)
+    if recipe.stage in PAIR_STAGES:
+        seq_len = max(max(s.length, s.rejected.length) if s.rejected else s.length for s in samples)
+    return tokenizer, samples, min(seq_len, recipe.data.max_length)
+
+
+def _memory_check(recipe: Recipe, model_cfg: ModelConfig, tokenizer, par, report: CheckReport, seq_len,
+                  *, gpu_memory, model_config) -> None:
+    """The memory estimate per GPU under the launch config, and its warnings."""
+    say = report.lines.append
+    with hub_offline():
+        config = load_model_config(model_cfg, tokenizer, model_config)
+    if config is None:
+        say(f"memory: model config not available offline ({model_cfg.name_or_path!r} is not a local folder nor "
+            "in the Hugging Face cache): memory estimate skipped; pass --model-config path/to/config.json")
+        return
+    shape = model_shape(config, recipe.model, head="score" if recipe.stage == "reward" else "causal_lm")
+    if seq_len is None or (recipe.data.packing and recipe.stage == "sft"):
+        seq_len = recipe.data.max_length
+    if recipe.stage in ONLINE_STAGES:
+        seq_len += recipe.stage_args.max_new_tokens
+    est = estimate_memory(recipe, shape, par, seq_len=seq_len)
+    report.estimate = est
+    gpu_memory, gpu_words = assumed_gpu(gpu_memory)
+    say(f"memory: compared with {gpu_words}")
+    _describe_memory(recipe, shape, par, est, gpu_memory, say)
+    if est.peak > gpu_memory * GiB:
+        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU exceeds the {gpu_memory:g} GiB "
+                              f"GPU: shard further (launch/zero3.yaml, fsdp2.yaml), enable gradient "
+                              f"checkpointing, lower train.batch_size (raise grad_accum) or use LoRA")
+    elif est.peak > 0.9 * gpu_memory * GiB:
+        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU leaves under 10% of the "
+                              f"{gpu_memory:g} GiB GPU for the CUDA context, NCCL buffers and fragmentation")
 
 
 def _describe_samples(recipe, tokenizer, samples, rows, color, say, key):
