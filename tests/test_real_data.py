@@ -210,13 +210,14 @@ def test_hh_sft_on_chosen_dialogues_cuts_long_ones_at_gpt2_positions(family_dir,
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_hh_reward_model_and_eval_rm_on_held_out_pairs(family_dir, family, tmp_path, capsys):
-    """A reward model on HH-RLHF pairs (read at the last real token: llama's pad is its own token, GPT-2's
-    is EOS), then `align eval-rm` on the held-out pairs: the JSON report agrees with the stage's last eval."""
+    """A reward model on HH-RLHF pairs cut to 512 tokens (GPT-2's whole window), read at the last real token
+    (llama's pad is its own token, GPT-2's is EOS), then `align eval-rm` on the held-out pairs: the JSON
+    report agrees with the stage's last eval."""
     model = family_dir(family)
     out = tmp_path / "rm"
     recipe = make_recipe("reward", model, out,
                          data={"train": {"path": str(HH), "split": "test[:64]"},
-                               "eval": {"path": str(HH), "split": HH_HELD_OUT}, "max_length": 256},
+                               "eval": {"path": str(HH), "split": HH_HELD_OUT}, "max_length": 512},
                          train={"lr": 1e-3})
     metrics, log = run_stage(recipe)
     train_counts = summary_counts(capsys.readouterr().out, "data.train")
@@ -224,7 +225,7 @@ def test_hh_reward_model_and_eval_rm_on_held_out_pairs(family_dir, family, tmp_p
     assert len(series(log, "train/loss")) == 4 and "eval/pair_accuracy_start" in metrics
     report = tmp_path / "eval-rm.json"
     assert cli_main(["eval-rm", "--model", str(out), "--data", str(HH), "--split", HH_HELD_OUT,
-                     "--max-length", "256", "--output", str(report)]) == 0
+                     "--max-length", "512", "--output", str(report)]) == 0
     summary = json.loads(report.read_text())
     assert {"accuracy", "n", "ties", "mean_margin"} <= set(summary)
     assert summary["n"] + summary["dropped_identical"] + summary["dropped_empty"] == 64
