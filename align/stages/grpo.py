@@ -142,6 +142,7 @@ class GRPOStage:
         self.accuracy_fn = rewards.resolve(a.accuracy)
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self._check_positions(self.model)
         self.ref_model = None
         if a.beta > 0 and not self._reference_is_base_model():
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
@@ -164,6 +165,14 @@ class GRPOStage:
         if recipe.data.eval is not None:
             self.eval_rows, self.eval_prompt_ids = self._prompts(recipe.data.eval, "data.eval",
                                                                  limit=recipe.data.eval_limit)
+
+    def _check_positions(self, model) -> None:
+        """The longest prompt and the longest generation (sampled, or greedy on held-out prompts) fit the policy's
+        positions (`models.check_positions`; shared with PPO)."""
+        new = max(self.args.max_new_tokens, self.recipe.eval.max_new_tokens if self.eval_rows else 0)
+        prompt = max(map(len, self.prompt_ids + self.eval_prompt_ids))
+        models.check_positions(model, prompt + new, f"the longest prompt ({prompt} tokens) + "
+                                                    f"{self.recipe.stage}.max_new_tokens / eval.max_new_tokens")
 
     def _prompts(self, spec, key, limit=None):
         rows = load_rows(spec, key=key)

@@ -215,6 +215,7 @@ class PPOStage(GRPOStage):
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
         policy = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self._check_positions(policy)
         value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype,
                                 disable_dropout=recipe.model.disable_dropout)
         value = models.load_model(value_cfg, self.tokenizer, head="score", seed=recipe.seed)

@@ -76,6 +76,8 @@ class RewardStage:
             if recipe.data.eval_limit is not None:
                 self.eval_examples = self.eval_examples[: recipe.data.eval_limit]
         self.model = models.load_model(recipe.model, self.tokenizer, head="score", seed=recipe.seed)
+        models.check_positions(self.model, max(map(pair_length, train.examples + self.eval_examples)),
+                               f"data.max_length={recipe.data.max_length}")
         self.shared_prompt = recipe.data.shared_prompt and supports_shared_prompt(self.model)
         if recipe.data.shared_prompt and not self.shared_prompt:
             accelerator.print(f"data.shared_prompt: attention {self.model.config._attn_implementation!r} cannot take "
