@@ -14,7 +14,7 @@
    | `duplicated_bos` | a sample starts with BOS twice (text that already holds the template's BOS, tokenized with special tokens) |
    | `pad_equals_eos` | a reward model whose pad token is EOS: transformers' sequence classification (and TRL, serving stacks) then read the score before the final EOS |
    | `template_drift` | the chat template renders the prompt differently once the completion follows (the mask would be wrong; `align train` refuses such rows) |
-   | `missing_eos` | a trained completion that does not end with EOS: the model never learns to stop |
+   | `missing_eos` | a trained completion that does not end with EOS or another stop token of the model's generation config: the model never learns to stop |
    | `max_length` | data.max_length cuts most samples |
    | `memory` | the estimate exceeds (or nearly fills) the GPU given |
 
@@ -625,14 +625,18 @@ def audit(recipe: Recipe, tokenizer, samples: list[Sample], report: CheckReport,
                         f"(e.g. {empty[0]}); they are dropped" + ("; the run would fail" if len(empty) == len(sides)
                                                                  else ""))
         if eos is not None:
-            unended = [s for s in sides if s.spans_end and any(end != eos and not _eos_then_space(s, tokenizer)
+            from align import models
+
+            stops = set(models.saved_stop_token_ids(resolve_model_cfg(recipe.model), tokenizer))
+            unended = [s for s in sides if s.spans_end and any(end not in stops and not _stop_then_space(s, stops,
+                                                                                                       tokenizer)
                                                                for end in s.spans_end)]
             if unended:
                 s = unended[0]
                 last = tokenizer.convert_ids_to_tokens(s.spans_end[-1])
                 report.warn("missing_eos",
                             f"{key}: {len(unended)} of {len(sides)} trained completions do not end with EOS "
-                            f"({tokenizer.eos_token!r}), e.g. {s.where} ends with {last!r}: the model never learns "
+                            f"({tokenizer.eos_token!r}) or another stop token of the model's generation config, e.g. {s.where} ends with {last!r}: the model never learns "
                             f"to stop, and generation (eval, PPO/GRPO rollouts) runs to max_new_tokens")
     lengths = [s.length for s in samples]
     cut = sum(1 for x in lengths if x > max_length)
@@ -642,10 +646,10 @@ def audit(recipe: Recipe, tokenizer, samples: list[Sample], report: CheckReport,
                     + ("; prompts longer than max_length are an error for this stage" if online else ""))
 
 
-def _eos_then_space(sample: Sample, tokenizer) -> bool:
-    """A template that closes a turn with EOS then a newline (`<|im_end|>\\n`) still trains the stop."""
-    eos = tokenizer.eos_token_id
-    return any(tok == eos and sample.trained[i + 1] and not tokenizer.decode([sample.ids[i + 1]]).strip()
+def _stop_then_space(sample: Sample, stops: set[int], tokenizer) -> bool:
+    """A template that closes a turn with a stop token then a newline (`<|im_end|>\\n`, Gemma's
+    `<end_of_turn>\\n`) still trains the stop."""
+    return any(tok in stops and sample.trained[i + 1] and not tokenizer.decode([sample.ids[i + 1]]).strip()
                for i, tok in enumerate(sample.ids[:-1]))
 
 

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args) -> int:
     if args.command == "train":
-        from align.engine import run
+        from align.planning import run
         from align.recipe import load_recipe
 
         run(load_recipe(args.recipe, args.overrides))

@@ -255,8 +255,8 @@ def evaluate_reward_model(model_path: str, data, *, output: str | None = None, p
     summary (also written to `output` as JSON, and plotted to `plot`, on the main process).
     """
     from align import models
+    from align.accel import make_accelerator
     from align.data import load_rows
-    from align.engine import make_accelerator
     from align.preference_data import tokenize_preferences
     from align.recipe import ModelConfig, TrainConfig
 

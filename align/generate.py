@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from align import models
+from align.accel import distributed_state
 from align.data import encode_prompt, load_rows
-from align.engine import distributed_state
 from align.errors import AlignError
 from align.io_utils import atomic_write_text
 from align.recipe import ModelConfig
@@ -47,10 +47,10 @@ def sample_jobs(model, tokenizer, rows, jobs: list[tuple[int, int]], *, sampling
     for start in range(0, len(order), sampling.batch_size):
         chunk = order[start: start + sampling.batch_size]
         ids, mask = left_pad([encoded[k] for k in chunk], tokenizer.pad_token_id)
-        out = sample(model, ids, mask, sampling=sampling, eos_id=tokenizer.eos_token_id,
+        out = sample(model, ids, mask, sampling=sampling, eos_id=models.stop_token_ids(model, tokenizer),
                      pad_id=tokenizer.pad_token_id, do_sample=do_sample,
                      keys=keys[chunk] if keys is not None else None)
-        keep, _ = completion_mask(out, tokenizer.eos_token_id)
+        keep, _ = completion_mask(out, models.stop_token_ids(model, tokenizer))
         for row, k in enumerate(chunk):
             n = int(keep[row].sum())
             by_job[jobs[k]] = tokenizer.decode(out[row, :n].tolist(), skip_special_tokens=True)

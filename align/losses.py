@@ -33,16 +33,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.T
     return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
+def masked_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of the masked entries of `x` (population variance)."""
+    mean = masked_mean(x, mask)
+    return mean, masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8,
+           moments=masked_moments) -> torch.Tensor:
     """(x - mean) / std over the masked entries; with `shift_mean=False` the mean is kept.
 
     A separate step from GAE on purpose: callers choose whether to whiten advantages
-    (per batch, per minibatch, or not at all).
+    (per batch, per minibatch, or not at all). `moments(x, mask) -> (mean, var)` gives the
+    statistics: of `x` itself by default, or of every process's batch (LLM PPO passes one
+    that all-reduces, so the update does not depend on how the batch is split).
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    mean, var = moments(x, mask)
+    out = (x - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=x.dtype))
     if not shift_mean:
         out = out + mean
     return out if mask is None else out * mask.to(x.dtype)
@@ -188,12 +195,12 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """1 - Var[target - predicted] / Var[target]; nan when the target is constant."""
-    var_target = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
-    resid = target - predicted
-    var_resid = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
-    return float("nan") if var_target.item() == 0 else float(1.0 - var_resid / var_target)
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
+                       moments=masked_moments) -> float:
+    """1 - Var[target - predicted] / Var[target]; nan when the target is constant (`moments` as in `whiten`)."""
+    var_target = float(moments(target, mask)[1])
+    var_resid = float(moments(target - predicted, mask)[1])
+    return float("nan") if var_target == 0 else 1.0 - var_resid / var_target
 
 
 # ---------------------------------------------------------------------------

@@ -243,6 +243,34 @@ def check_positions(model, longest: int, what: str) -> None:
                          f"(a learned position table, e.g. GPT-2's n_positions); keep them within {limit}")
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generated completion: the tokenizer's EOS, then every EOS id of the model's
+    generation config, the set `generate` stops at (Gemma 2 instruct ends a turn with <end_of_turn>,
+    Llama 3.1 Instruct with any of <|end_of_text|>, <|eom_id|>, <|eot_id|>). TRL 1.16's GRPOTrainer
+    stops at the same set."""
+    return _with_generation_eos(tokenizer, getattr(model, "generation_config", None))
+
+
+def saved_stop_token_ids(cfg: ModelConfig, tokenizer) -> list[int]:
+    """`stop_token_ids` of a model folder without loading the weights (its generation_config.json; a hub id
+    from the local cache only): what `align check` audits the trained completions against."""
+    from transformers import GenerationConfig
+
+    source = _adapter_base(cfg.name_or_path) or cfg.name_or_path
+    try:
+        config = None if builtin.is_builtin(source) else GenerationConfig.from_pretrained(source,
+                                                                                          local_files_only=True)
+    except (OSError, ValueError):
+        config = None
+    return _with_generation_eos(tokenizer, config)
+
+
+def _with_generation_eos(tokenizer, generation_config) -> list[int]:
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 

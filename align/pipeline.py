@@ -142,11 +142,31 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None):
     return pipeline, plan
 
 
+def plan_steps(plan: list) -> dict[str, list]:
+    """Each training step's planned steps (its own upstream recipes first), all checked together, in order,
+    before anything runs: a bad input of the last step stops the pipeline before the first one trains."""
+    from align.planning import EvalRMStep, check_plan
+    from align.planning import plan as plan_recipe
+
+    plans, flat, made = {}, [], frozenset()
+    for step, job in plan:
+        if step.eval_rm is not None:
+            flat.append(EvalRMStep(job["model"], job["data"], f"step {step.name}"))
+            continue
+        plans[step.name] = plan_recipe(job, why=f"step {step.name}", made=made)
+        flat += plans[step.name]
+        made = made | {str(Path(s.recipe.output_dir)) for s in plans[step.name] if hasattr(s, "recipe")}
+    check_plan(flat)
+    return plans
+
+
 def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[dict]:
-    from align.engine import distributed_state, run
+    from align.accel import distributed_state
     from align.evaluate_rm import evaluate_reward_model
+    from align.planning import execute
 
     pipeline, plan = load_pipeline(path, overrides)
+    plans = plan_steps(plan)  # every input of every step checked before any step runs
     state_of_run = distributed_state()  # under `accelerate launch` every process runs each step together
     main = state_of_run.is_main_process
     out = Path(pipeline.output_dir)
@@ -167,7 +187,7 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[d
                     evaluate_reward_model(args.pop("model"), args.pop("data"), output=str(target),
                                           plot=str(out / step.name / "margins.png"), **args)
             else:
-                run(job)
+                execute(plans[step.name])
                 write_samples(job, out / step.name)
         except AlignError as err:
             raise AlignError(f"pipeline step {step.name} failed: {err} (earlier steps' results are kept; rerun to "

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data import IGNORE, Rows, encode_prompt_completion, is_conversational, prefix_sharing_mask
+from align.data import (
+    IGNORE,
+    Rows,
+    cut_from_start,
+    encode_prompt_completion,
+    is_conversational,
+    prefix_sharing_mask,
+)
 from align.errors import AlignError
 
 ASSISTANT_MARKER = "Assistant:"
@@ -134,11 +141,7 @@ def pair_truncation(recipe) -> str:
 def _keep_prompt_end(prompt_ids: list[int], longest: int, max_length: int, bos_id) -> list[int]:
     """The prompt cut from the left to leave room for the longer completion (its first
     half of max_length at least); a leading BOS is kept."""
-    budget = max(max_length - longest, max_length // 2)
-    if len(prompt_ids) <= budget:
-        return prompt_ids
-    head = prompt_ids[:1] if bos_id is not None and prompt_ids[:1] == [bos_id] else []
-    return head + prompt_ids[len(prompt_ids) - (budget - len(head)):]
+    return cut_from_start(prompt_ids, max(max_length - longest, max_length // 2), bos_id)
 
 
 def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str,

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 from align import config as cfg
 from align.errors import AlignError
-from align.policy_pairs import PolicyPairsConfig
 
 
 @dataclass
@@ -88,6 +87,32 @@ class ModelConfig:
 
 
 @dataclass
+class PolicySource:
+    prompts: Any = None
+    """Prompt rows (any source the data layer reads, with a `prompt` column)."""
+    output: str = ""
+    """The pairs file (.jsonl) to write."""
+
+
+@dataclass
+class PolicyPairsConfig:
+    policy: str = ""
+    """Folder of the policy to sample (e.g. the SFT model PPO starts from)."""
+    policy_recipe: str | None = None
+    """A recipe that trains `policy` when that folder has no model yet."""
+    train: PolicySource = field(default_factory=PolicySource)
+    eval: PolicySource | None = None
+    num_samples: int = field(default=4, metadata=cfg.positive("data.from_policy.num_samples"))
+    temperature: float = field(default=1.0, metadata=cfg.positive("data.from_policy.temperature"))
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("data.from_policy.max_new_tokens"))
+    pairs_per_prompt: int = field(default=1, metadata=cfg.positive("data.from_policy.pairs_per_prompt"))
+    label: str = "exact_match"
+    """The simulated labeller: a reward function of `align.rewards` (name or module:function); > 0.5 is correct."""
+    seed: int = 0
+    batch_size: int = field(default=512, metadata=cfg.positive("data.from_policy.batch_size"))
+
+
+@dataclass
 class DataConfig:
     train: Any = None
     """Training data: a local .jsonl/.json/.jsonl.gz/.parquet/.csv file, a datasets name, a mapping
@@ -98,7 +123,10 @@ class DataConfig:
     eval: Any = None
     """Held-out data in the same forms (optional)."""
     max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))
-    """Longest tokenized sample (prompt + completion); longer samples are truncated at the end."""
+    """Longest tokenized sequence the model is given to learn from: SFT, a sample (prompt + completion; with
+    packing, a row); reward and DPO family, one side of a pair (prompt + the longer answer); GRPO/PPO, a
+    prompt (completions add up to grpo/ppo.max_new_tokens). Too long: `data.prompt_truncation` cuts pair
+    and online prompts, `data.truncation` SFT samples."""
     truncation: Literal["keep_start", "drop"] = "keep_start"
     """keep_start: cut the end of too-long samples; drop: drop them. Either way a sample left with
     no trainable token is dropped and counted, and the run fails if every sample is dropped."""
@@ -106,7 +134,8 @@ class DataConfig:
     """Preference pairs (reward, DPO, SimPO, ORPO) longer than max_length: keep_end first cuts the BEGINNING
     of the prompt (a long dialogue keeps its last turns, next to the answers), then the ends of the answers;
     keep_start cuts only the ends of the answers (a long prompt can leave no answer token: the pair is
-    dropped and counted)."""
+    dropped and counted). GRPO/PPO prompts longer than max_length: keep_end cuts their beginning, keep_start
+    refuses them."""
     packing: bool = True
     """SFT: concatenate whole samples into rows of max_length (best-fit decreasing; position_ids restart
     at each sample, so attention and the loss stay within it). Rows, not samples, then fill batch_size.

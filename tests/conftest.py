@@ -26,10 +26,10 @@ def _fp32_unless_asked():
     may or may not have it: tests compare exact numbers, so in-process runs see a machine without
     native bf16 (subprocess tests pass --mixed_precision no to accelerate launch). Its own patcher:
     a test's monkeypatch.undo() must not undo it, and module-scoped fixtures run under it too. tests/test_engine.py checks the choice itself."""
-    from align import engine
+    from align import accel
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(engine, "native_bf16", lambda: False)
+    patch.setattr(accel, "native_bf16", lambda: False)
     yield
     patch.undo()
 

@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-from align import engine
+from align import planning
 from align.recipe import load_recipe
 
 from helpers import REPO, max_relative_difference, weights
@@ -122,7 +122,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     micro = _micro_model(root / "micro")
     for recipe in _stage_recipes(root, micro, 1).values():
-        engine.run(load_recipe(None, [], data=recipe))
+        planning.run(load_recipe(None, [], data=recipe))
 
     # task accuracy on an odd number of prompts, with references that make it exactly 3/5
     prompts = [json.loads(line)["prompt"] for line in (DATA / "sft_eval.jsonl").read_text().splitlines()[:EVAL_PROMPTS]]

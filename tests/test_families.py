@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align import models
 from align.data import Rows, tokenize_sft
-from align.errors import AlignError
 from align.recipe import ModelConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +36,8 @@ TRAINED_TURNS = {  # what align's data layer trains on in TWO_TURNS: each reply 
     "qwen2": "It is 5.<|im_end|>\nIt is 6.<|im_end|>\n",
     "mistral": " It is 5.</s> It is 6.</s>",
     "gemma2": "It is 5.<end_of_turn>\nIt is 6.<end_of_turn>\n",
-    "phi3": None,  # its template ends a conversation with EOS, an earlier turn not: refused (boundary drift)
+    # its template closes a conversation with EOS, which an earlier turn does not have: the last reply trains it
+    "phi3": "It is 5.<|end|>\nIt is 6.<|end|>\n<|endoftext|>",
     "gpt2": " It is 5.<|endoftext|> It is 6.<|endoftext|>",
 }
 TRAINED_TURNS["qwen3_moe"] = TRAINED_TURNS["qwen2"]
@@ -69,10 +69,6 @@ def test_folder_loads_with_its_conventions(family_dir, name):
 def test_two_turn_conversation_trains_each_reply(family_dir, name):
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=str(family_dir(name))))
     rows = Rows([{"messages": TWO_TURNS}], [("conversation", 1)])
-    if TRAINED_TURNS[name] is None:
-        with pytest.raises(AlignError, match="boundary drift"):
-            tokenize_sft(rows, tokenizer, max_length=128, truncation="keep_start", key="data.train")
-        return
     example = tokenize_sft(rows, tokenizer, max_length=128, truncation="keep_start", key="data.train").examples[0]
     trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
     assert tokenizer.decode(trained) == TRAINED_TURNS[name]

@@ -55,7 +55,6 @@ from align.rollout import (
     unique_prompts,
 )
 from align.stages import sft
-from align.stages.grpo import disable_dropout
 from align.stages.ppo import PolicyAndValue, forward_completion
 from align.stages.preference import pair_logps
 
@@ -388,9 +387,7 @@ def assert_rows_match(got: torch.Tensor, refs: list[torch.Tensor], what: str) ->
 @pytest.mark.parametrize("grouped", [True, False], ids=["groups", "distinct_prompts"])
 def test_grpo_completion_logprobs(family, grouped):
     out = rollout_rows(family, grouped)
-    policy = family.load()
-    disable_dropout(policy)  # as GRPOStage does; its loss runs in train mode
-    policy.train()
+    policy = family.load().train()  # GRPO's loss runs in train mode; the loader switched dropout off
     shares = SHARES_PROMPT[family.spec.name]
     assert (unique_prompts(out.prompt_ids, out.prompt_mask) is not None) == grouped
     assert supports_shared_prompt(policy) == shares  # one row per group only then (rollout._shares_prompts)
@@ -406,9 +403,7 @@ def test_grpo_completion_logprobs(family, grouped):
 
 def test_ppo_logprobs_and_values(family):
     out = rollout_rows(family, grouped=False)
-    policy, value = family.load(), family.load(head="score")
-    for model in (policy, value):
-        disable_dropout(model)  # as PPOStage does; the update runs in train mode
+    policy, value = family.load(), family.load(head="score")  # dropout off (model.disable_dropout, the default)
     with torch.no_grad():
         logps, values, _ = forward_completion(PolicyAndValue(policy, value).train(), out.prompt_ids, out.prompt_mask,
                                               out.completion_ids, out.completion_mask, 1.0)

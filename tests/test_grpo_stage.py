@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from align.engine import run
 from align.errors import AlignError
+from align.planning import run
 from align.recipe import load_recipe
 
 from helpers import REPO
@@ -176,3 +176,25 @@ def test_reference_runs_under_the_policys_autocast(tmp_path):
     run(load_recipe(None, data=recipe))
     first = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()][1]
     assert first["train/kl"] == 0.0
+
+
+def test_long_prompts_lose_their_beginning_or_are_refused(tmp_path, capsys):
+    """data.prompt_truncation: keep_end (default) cuts a prompt longer than data.max_length from its beginning,
+    BOS kept, so the latest turn stays next to the completion; keep_start refuses it with one line."""
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "earlier turns " * 3 + f"{a}+{b}=", "completion": str(a + b)})
+                            + "\n" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]))
+    from accelerate import Accelerator
+
+    from align.stages.online import PromptSource
+
+    recipe = load_recipe(None, data={**grpo_recipe(tmp_path), "data": {"train": str(rows), "max_length": 12}})
+    prompts = PromptSource(recipe, Accelerator(cpu=True), per_process=2)
+    assert "4 of 4 prompts longer than data.max_length=12 cut from their beginning" in capsys.readouterr().out
+    tok = prompts.tokenizer
+    assert all(len(ids) == 12 and ids[0] == tok.bos_token_id for ids in prompts.prompt_ids)
+    assert tok.decode(prompts.prompt_ids[0][1:]).endswith("1+2=")
+    strict = load_recipe(None, data={**grpo_recipe(tmp_path), "data": {"train": str(rows), "max_length": 12,
+                                                                       "prompt_truncation": "keep_start"}})
+    with pytest.raises(AlignError, match=r"long.jsonl row 1: the prompt has \d+ tokens, more than data.max_length=12"):
+        PromptSource(strict, Accelerator(cpu=True), per_process=2)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from align.engine import run
 from align.evaluate_rm import pair_rewards, score_pairs
+from align.planning import run
 from align.preference_data import (
     CHOSEN,
     PAD,

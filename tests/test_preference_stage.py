@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from align.engine import run
 from align.errors import AlignError
+from align.planning import run
 from align.recipe import load_recipe
 
 PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10)}

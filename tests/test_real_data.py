@@ -25,9 +25,10 @@ import pytest
 from families import SPECS
 
 from align import rewards
+from align.accel import make_accelerator
 from align.cli import main as cli_main
 from align.data import IGNORE, encode_prompt, load_rows
-from align.engine import make_accelerator, train
+from align.engine import train
 from align.preference_data import split_implicit_prompt
 from align.recipe import load_recipe
 from align.stages import STAGES
@@ -168,9 +169,9 @@ def test_gsm8k_grpo_logs_math_answer_and_format_rewards(family_dir, tmp_path):
                          train={"max_steps": 3, "batch_size": 8},
                          eval={"generate": True, "max_new_tokens": 24})
     stage, parsed, accelerator = build_stage(recipe)
-    prompt = stage.tokenizer.decode(stage.prompt_ids[0])
+    prompt = stage.tokenizer.decode(stage.prompts.prompt_ids[0])
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
-    assert stage.rows[0]["answer"].rstrip().split("\n")[-1].startswith("####")  # the reference, as math_answer reads it
+    assert stage.prompts.rows[0]["answer"].rstrip().split("\n")[-1].startswith("####")  # the reference, as math_answer reads it
     metrics = train(stage, parsed, accelerator)
     steps = [r for r in read_log(parsed.output_dir) if "train/reward" in r]
     assert len(steps) == 3

@@ -211,7 +211,7 @@ def test_qlora_builds_the_qlora_papers_bnb_config(monkeypatch):
 
 def test_grpo_runs_on_a_gsm8k_shaped_file(tmp_path):
     """The GSM8K recipe's data spec and rewards through the GRPO stage (builtin tiny model, 1 step)."""
-    from align.engine import run
+    from align.planning import run
 
     path = tmp_path / "gsm.jsonl"
     path.write_text("".join(json.dumps({"question": f"{a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n"

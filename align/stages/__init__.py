@@ -1,16 +1,41 @@
 """Stage registry: recipe `stage:` name -> its settings schema and its class.
 
-A stage class is built as `Stage(recipe, accelerator)` and gives the engine
-`model`, `micro_batches(step)`, `weight(batch)`, `tokens(batch)`, `loss(model, batch)`,
-`after_step(step)`, `evaluate(model)` and `save(output_dir, accelerator)`; optionally
-`checkpoint_state(step) -> dict` (JSON, stored in the checkpoint's trainer_state.json) and
-`load_checkpoint_state(state)` for state outside the model and optimizer (PPO's adaptive beta).
+A stage class is built as `Stage(recipe, accelerator)` and provides what `Stage` below says;
+optionally `checkpoint_state(step) -> dict` (JSON, stored in the checkpoint's trainer_state.json)
+and `load_checkpoint_state(state)` for state outside the model and optimizer (PPO's adaptive beta).
+Stages share code by composition (`align.stages.base`, `align.stages.online`), never by subclassing
+each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import import_module
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What the engine (`align.engine.train`) needs of a stage."""
+
+    model: Any
+    """The module to train; the engine replaces it by its prepared (DDP / DeepSpeed) wrapper."""
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """This process's micro-batches of optimizer step `step`, each with `_weight` (its share of the
+        step's loss normaliser) and `_tokens` (its input tokens, for throughput)."""
+
+    def loss(self, model, batch: dict) -> tuple[Any, dict]:
+        """(summed loss of the micro-batch, {metric: (sum, count)}); the engine divides by the global weight."""
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (e.g. to update a KL controller)."""
+
+    def evaluate(self, model) -> dict:
+        """Held-out metrics, {name: value}, the same on every process."""
+
+    def save(self, out_dir, accelerator) -> None:
+        """The final model in Hugging Face format (collective under several processes)."""
 
 
 @dataclass(frozen=True)
@@ -22,7 +47,10 @@ class StageSpec:
 
     @property
     def args_cls(self):
-        return getattr(import_module(self.module), self.args_name)
+        """The settings dataclass of the stage's section (the schema alone: no runtime module is imported)."""
+        from align import stage_settings
+
+        return getattr(stage_settings, self.args_name)
 
     @property
     def cls(self):

@@ -45,14 +45,13 @@ prompts against their chosen answer, when the eval rows have an explicit prompt)
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
-from align import config as cfg
 from align import evaluate, models
-from align.data import load_rows, without_causal_padding_mask
+from align.data import load_eval_rows, load_rows, without_causal_padding_mask
 from align.device import micro_batch_tokens
 from align.errors import AlignError
 from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
@@ -70,48 +69,13 @@ from align.preference_data import (
     tokenize_preferences,
 )
 from align.recipe import Recipe
+from align.stage_settings import DPOArgs, ORPOArgs, SimPOArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches, tensors_only
 
 
 # ---------------------------------------------------------------------------
 # settings (one section per stage name)
 # ---------------------------------------------------------------------------
-@dataclass
-class DPOArgs:
-    beta: float = field(default=0.1, metadata=cfg.positive("dpo.beta"))
-    """Strength of the implicit KL constraint (IPO: its tau)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "dpo.label_smoothing"))
-    """sigmoid: conservative DPO; robust: the assumed label-flip rate."""
-    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("dpo.rpo_alpha"))
-    """Weight of the NLL of the chosen answer added to each pair's loss (RPO). 0: plain DPO."""
-    ref_model: str | None = None
-    """The reference: a local folder or hub id with the same tokenizer. None: the starting policy."""
-    precompute_ref_logps: bool = True
-    """Score the reference once before training. False (LoRA only): every step, adapter disabled."""
-    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("dpo.ref_batch_size"))
-    """Pairs per forward while precomputing the reference log-probs (None: train.batch_size, so the
-    precompute never needs more memory than a training step)."""
-
-
-@dataclass
-class SimPOArgs:
-    beta: float = field(default=2.0, metadata=cfg.positive("simpo.beta"))
-    gamma: float = field(default=0.5, metadata=cfg.non_negative("simpo.gamma"))
-    """Target reward margin (TRL's simpo_gamma)."""
-    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "simpo.label_smoothing"))
-    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("simpo.rpo_alpha"))
-    """Weight of the NLL of the chosen answer (TRL's cpo_alpha). 0: pure SimPO."""
-
-
-@dataclass
-class ORPOArgs:
-    lam: float = field(default=0.1, metadata=cfg.positive("orpo.lam"))
-    """Weight of the odds-ratio term (the paper's lambda, TRL's beta)."""
-    nll_on_prompt: bool = False
-    """NLL over prompt + chosen (TRL's ORPOTrainer) instead of the chosen completion only."""
-
-
 # ---------------------------------------------------------------------------
 # objectives: per-pair (losses, chosen_rewards, rejected_rewards) from the pair's log-probs
 # ---------------------------------------------------------------------------
@@ -220,7 +184,7 @@ def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, 
 
 
 @torch.no_grad()
-def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
+def summed_pair_logps(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
                 shared_prompt: bool = False) -> torch.Tensor:
     """Summed completion log-probs of every pair under `model`: (N, 2) [chosen, rejected].
 
@@ -266,10 +230,8 @@ class PreferenceStage:
         train_set = self._tokenize(load_rows(data.train, key="data.train"), "data.train")
         self.examples = train_set.examples
         self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
-        if data.eval is not None:
-            rows = load_rows(data.eval, key="data.eval")
-            if data.eval_limit is not None:
-                rows.rows, rows.origins = rows.rows[: data.eval_limit], rows.origins[: data.eval_limit]
+        rows = load_eval_rows(data)
+        if rows is not None:
             self.eval_examples = self._tokenize(rows, "data.eval").examples
             if all("prompt" in r and "chosen" in r for r in rows.rows):
                 self.eval_prompts = [r["prompt"] for r in rows.rows]
@@ -337,7 +299,7 @@ class PreferenceStage:
             for examples in (self.examples, self.eval_examples):
                 if not examples:
                     continue
-                scores = score_pairs(whole, examples, self.pad_id,
+                scores = summed_pair_logps(whole, examples, self.pad_id,
                                      batch_size=args.ref_batch_size or self.recipe.train.batch_size,
                                      accelerator=self.accelerator,
                                      shared_prompt=self.shared_prompt and supports_shared_prompt(whole))

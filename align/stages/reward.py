@@ -22,14 +22,10 @@ Optional per-pair `margin` column and reward centering (`center_rewards_coeffici
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
-from align import config as cfg
 from align import models
-from align.data import load_rows
+from align.data import load_eval_rows, load_rows
 from align.device import micro_batch_tokens
 from align.evaluate_rm import pair_rewards, score_pairs
 from align.losses import bradley_terry_loss
@@ -43,16 +39,8 @@ from align.preference_data import (
     tokenize_preferences,
 )
 from align.recipe import Recipe
+from align.stage_settings import RewardArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches
-
-
-@dataclass
-class RewardArgs:
-    center_rewards_coefficient: float | None = field(default=None,
-                                                     metadata=cfg.non_negative("reward.center_rewards_coefficient"))
-    """c in + c·mean((r_chosen + r_rejected)²), pulling rewards towards mean zero (TRL's name; 0.01 is usual)."""
-    prompt_truncation: Literal["keep_start", "keep_end"] | None = None
-    """Deprecated: `data.prompt_truncation` (the same rule for every pair stage). Set, it still wins."""
 
 
 def pair_tokens(example: dict) -> int:
@@ -69,12 +57,9 @@ class RewardStage:
                               "every pair stage)")
         self.tokenizer = models.load_tokenizer(recipe.model)
         self.pad_id = self.tokenizer.pad_token_id
-        train = self._tokenize(recipe.data.train, "data.train")
-        self.eval_examples = []
-        if recipe.data.eval is not None:
-            self.eval_examples = self._tokenize(recipe.data.eval, "data.eval").examples
-            if recipe.data.eval_limit is not None:
-                self.eval_examples = self.eval_examples[: recipe.data.eval_limit]
+        train = self._tokenize(load_rows(recipe.data.train, key="data.train"), "data.train")
+        eval_rows = load_eval_rows(recipe.data)
+        self.eval_examples = [] if eval_rows is None else self._tokenize(eval_rows, "data.eval").examples
         self.model = models.load_model(recipe.model, self.tokenizer, head="score", seed=recipe.seed)
         models.check_positions(self.model, max(map(pair_length, train.examples + self.eval_examples)),
                                f"data.max_length={recipe.data.max_length}")
@@ -96,8 +81,8 @@ class RewardStage:
             rows_per_example=rows,
         )
 
-    def _tokenize(self, spec, key):
-        pairs = tokenize_preferences(load_rows(spec, key=key), self.tokenizer, max_length=self.recipe.data.max_length,
+    def _tokenize(self, rows, key):
+        pairs = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length,
                                      key=key, prompt_truncation=pair_truncation(self.recipe), scores_tokens=False)
         self.accelerator.print(f"{key}: {pairs.summary()}")
         return pairs
