@@ -125,6 +125,10 @@ def warn_if_world_size_differs(accelerator) -> None:
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate set up no "
             f"distributed training (gradients would not be synchronised); on CPU set ACCELERATE_USE_CPU=true "
             f"(ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} -m align ...)")
+    if (launched > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ) and accelerator.is_main_process:
+        kind = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
+        print(f"accelerate launch: world size {accelerator.num_processes} ({kind} on {accelerator.device.type}); "
+              f"a global batch is train.batch_size x train.grad_accum x {accelerator.num_processes}", flush=True)
     asked = requested_processes()
     if asked is not None and asked != accelerator.num_processes:
         print(f"\n*** WARNING: accelerate launch asked for {asked} processes but this run has "

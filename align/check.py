@@ -21,7 +21,8 @@
    Data that is not a local file (a hub dataset) is not downloaded: the data checks are
    skipped with a message. A tokenizer that cannot be loaded offline skips them too.
 4. **Memory per GPU** of the run under the launch config (`--launch`, default one process),
-   against `--gpu-memory` GiB. The model's parameters are counted from its config on the
+   against `--gpu-memory` GiB (by default this machine's GPU, or without one an 80 GiB
+   A100/H100, said on the report's memory line). The model's parameters are counted from its config on the
    `meta` device (nothing allocated, nothing downloaded): the config of `builtin:*`, of a
    local model folder (or the base of a PEFT adapter folder), of the model `model.from_recipe`
    would produce, or the file given with `--model-config config.json`. A hub id that is not
@@ -704,7 +705,7 @@ def hub_offline():
 # 7. the command
 # ---------------------------------------------------------------------------
 def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch: str | None = None,
-          gpu_memory: float = 80.0, rows: int = 3, sample: int = 1000, model_config: str | None = None,
+          gpu_memory: float | None = None, rows: int = 3, sample: int = 1000, model_config: str | None = None,
           nodes: int = 1, color: bool = False, data: dict | None = None,
           print_fn: Callable[[str], None] | None = print) -> CheckReport:
     """Run every check and print the report; returns it (warnings, samples, estimate)."""
@@ -769,6 +770,8 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
             seq_len += recipe.stage_args.max_new_tokens
         est = estimate_memory(recipe, shape, par, seq_len=seq_len)
         report.estimate = est
+        gpu_memory, gpu_words = assumed_gpu(gpu_memory)
+        say(f"memory: compared with {gpu_words}")
         _describe_memory(recipe, shape, par, est, gpu_memory, say)
         if est.peak > gpu_memory * GiB:
             report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU exceeds the {gpu_memory:g} GiB "
@@ -805,6 +808,22 @@ def _describe_samples(recipe, tokenizer, samples, rows, color, say, key):
     for s in samples[:rows]:
         say(f"  {s.where}: {len(s.ids)} tokens, {sum(s.trained)} trained")
         say(f"    {render_tokens(tokenizer, s.ids, s.trained, color=color)}")
+
+
+DEFAULT_GPU = (80.0, "an 80 GiB GPU (an A100 or H100 80GB)")
+
+
+def assumed_gpu(gpu_memory: float | None) -> tuple[float, str]:
+    """(GiB per GPU the estimate is compared with, words saying which GPU that is)."""
+    if gpu_memory is not None:
+        return gpu_memory, f"a {gpu_memory:g} GiB GPU (--gpu-memory)"
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / GiB, f"this machine's {props.name} ({props.total_memory / GiB:.0f} GiB)"
+    gib, words = DEFAULT_GPU
+    return gib, f"{words}: no GPU here, so that is assumed; --gpu-memory N for another"
 
 
 def _describe_memory(recipe, shape, par, est, gpu_memory, say):

@@ -104,12 +104,13 @@ def configure_deepspeed(accelerator, train: TrainConfig) -> None:
 
 def lr_factor(step: int, train: TrainConfig) -> float:
     """Multiplier of train.lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
+    warmup = train.warmup()
+    if step < warmup:
+        return (step + 1) / warmup
     if train.lr_scheduler == "constant":
         return 1.0
-    span = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
+    span = max(1, train.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = train.min_lr_ratio
     if train.lr_scheduler == "linear":
         return floor + (1 - floor) * (1 - progress)
@@ -221,16 +222,45 @@ def train_recipe(recipe: Recipe) -> dict:
 
     from align.stages import STAGES
 
-    out = Path(recipe.output_dir)
-    finished = _finished_metrics(out, recipe.train.max_steps)
-    if finished is not None:
-        print(f"{out}: already trained to step {finished['train/steps']}; nothing to do "
-              f"(raise train.max_steps or use another output_dir to train more)")
+    # a budget in epochs is known in steps only once the stage has tokenized its data
+    if recipe.train.epochs is None and (finished := _already_trained(recipe)) is not None:
         return finished
     accelerator = make_accelerator(recipe.train, recipe.output_dir)
     set_seed(recipe.seed)
     stage = STAGES[recipe.stage].cls(recipe, accelerator)
+    resolve_budget(recipe, stage, accelerator)
+    if recipe.train.epochs is not None and (finished := _already_trained(recipe)) is not None:
+        return finished
     return train(stage, recipe, accelerator)
+
+
+def resolve_budget(recipe: Recipe, stage, accelerator) -> None:
+    """train.epochs -> train.max_steps from the stage's training set; warn when warmup lasts the whole run.
+
+    max_steps = ceil(epochs x examples / global batch), examples being what train.batch_size counts
+    (packed rows for SFT with data.packing). A global batch never straddles two passes (`GlobalBatches`
+    drops each pass's remainder), so a fractional last pass starts a reshuffled one.
+    """
+    t = recipe.train
+    if t.epochs is not None:
+        examples, size = len(stage.batches.examples), stage.batches.global_batches.size
+        t.max_steps = max(1, math.ceil(t.epochs * examples / size - 1e-9))
+        accelerator.print(f"train.epochs={t.epochs:g}: {examples} training examples / global batch {size} "
+                          f"(batch_size x grad_accum x processes) -> train.max_steps={t.max_steps}")
+    if t.warmup() >= t.max_steps:
+        accelerator.print(f"warning: warmup ({t.warmup()} steps) >= train.max_steps ({t.max_steps}): the whole run "
+                          f"is warmup and the learning rate never reaches train.lr ({t.lr:g}); lower "
+                          f"train.warmup_steps or use train.warmup_ratio", flush=True)
+
+
+def _already_trained(recipe: Recipe) -> dict | None:
+    """The metrics of a run already trained to train.max_steps in output_dir (None: there is work to do)."""
+    out = Path(recipe.output_dir)
+    finished = _finished_metrics(out, recipe.train.max_steps)
+    if finished is not None:
+        print(f"{out}: already trained to step {finished['train/steps']}; nothing to do "
+              f"(raise train.max_steps or train.epochs, or use another output_dir to train more)")
+    return finished
 
 
 def _trainer_state(stage, step: int, start_metrics) -> dict:
@@ -448,5 +478,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _print_metrics(accelerator, title: str, metrics: dict) -> None:
     if metrics:
-        shown = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+        shown = "  ".join(f"{k}={_shown(k, v, metrics)}" for k, v in sorted(metrics.items()))
         accelerator.print(f"[{title}] {shown}")
+
+
+def _shown(name: str, value, metrics: dict) -> str:
+    """A metric as printed; a pair accuracy where every pair ties (DPO before its first step) reads "ties"."""
+    if name == "eval/pair_accuracy" and metrics.get("eval/pair_ties") == 1.0:
+        return "ties"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

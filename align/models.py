@@ -12,6 +12,7 @@ Safetensors only; `trust_remote_code` stays off unless the recipe turns it on.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -61,6 +62,48 @@ def load_tokenizer(cfg: ModelConfig, *, padding_side: str = "right"):
     return tokenizer
 
 
+@contextmanager
+def _held_load_report():
+    """Hold back the weight-loading report transformers logs (a table of MISSING/UNEXPECTED keys); yields the
+    held log records, for `_explain_loading` to replace by one line or to pass on."""
+    import logging
+
+    held = []
+
+    def hold(record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
+SCORE_HEADS = ("score", "classifier")
+
+
+def _explain_loading(loading: dict, held: list, head: str) -> None:
+    """A causal LM loaded with a score head has no weights for that head and drops its LM head: expected, so
+    one line says so. Any other missing, unexpected or mismatched weight gets transformers' own report."""
+    import logging
+
+    missing, unexpected = set(loading["missing_keys"]), set(loading["unexpected_keys"])
+    fresh_head = (head != "causal_lm" and missing and not loading["mismatched_keys"]
+                  and all(k.split(".")[0] in SCORE_HEADS for k in missing)
+                  and all(k.split(".")[0] == "lm_head" for k in unexpected))
+    if fresh_head:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("score head initialised fresh: expected for a reward/value model built from a causal LM", flush=True)
+        return
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -104,10 +147,11 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         if cfg.quantization.load_in_4bit:
             kwargs.update(quantization_kwargs(cfg, trainable=trainable, adapter=bool(adapter_of)))
         try:
-            with _without_zero3_init() if not trainable else nullcontext():
-                model = auto.from_pretrained(source, **kwargs)
+            with _without_zero3_init() if not trainable else nullcontext(), _held_load_report() as held:
+                model, loading = auto.from_pretrained(source, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as err:
             raise AlignError(f"model.name_or_path: cannot load {source!r} ({_first_line(err)})") from None
+        _explain_loading(loading, held, head)
         if adapter_of:
             from peft import PeftModel
 

@@ -250,7 +250,7 @@ def collect_rows(pipeline: PipelineConfig, state: dict) -> list[dict]:
             metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
             config = folder / "config.yaml"
             row["kind"] = _stage_of(config)
-            for _, key in COLUMNS:
+            for key in [key for _, key in COLUMNS] + ["eval/pair_ties"]:
                 row[key] = metrics.get(key)
                 row[key + "_start"] = metrics.get(key + "_start")
         rows.append(row)
@@ -267,9 +267,17 @@ def _cell(row: dict, key: str) -> str:
     after, before = row.get(key), row.get(key + "_start")
     if after is None:
         return "—"
-    if before is None or before == after:
-        return f"{after:.3f}"
-    return f"{before:.3f} → {after:.3f}"
+    shown = _number(row, key, "")
+    if before is None or (before == after and _number(row, key, "_start") == shown):
+        return shown
+    return f"{_number(row, key, '_start')} → {shown}"
+
+
+def _number(row: dict, key: str, suffix: str) -> str:
+    """A table value; a pair accuracy where every pair ties (DPO before its first step) reads "ties"."""
+    if key == "eval/pair_accuracy" and row.get("eval/pair_ties" + suffix) == 1.0:
+        return "ties"
+    return f"{row[key + suffix]:.3f}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -292,7 +300,7 @@ CURVES = {  # file suffix -> the metrics drawn on one picture
 
 
 def write_report(pipeline: PipelineConfig, rows: list[dict], table: str) -> Path:
-    from align.plots import plot_curves
+    from align.plots import plot_curves, series_title
 
     out = Path(pipeline.output_dir)
     parts = ["# Pipeline report", "", f"Output folder: `{out}`. Values are `before → after` the step, on held-out "
@@ -310,7 +318,7 @@ def write_report(pipeline: PipelineConfig, rows: list[dict], table: str) -> Path
             series = {k: v for k, v in series.items() if v[0]}
             if not series:
                 continue
-            png = plot_curves(out / f"{step.name}_{kind}.png", series, title=f"{step.name}: {kind.replace('_', ', ')}")
+            png = plot_curves(out / f"{step.name}_{kind}.png", series, title=series_title(step.name, series))
             images.append(png.name)
         parts += [f"## {step.name}", ""] + [f"![{name}]({name})" for name in images] + [""]
         samples = out / step.name / "samples.jsonl"

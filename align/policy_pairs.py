@@ -75,7 +75,8 @@ def _make_source(config: PolicyPairsConfig, source: PolicySource, key: str) -> d
     rows = load_rows(source.prompts, key=f"{key}.prompts").rows
     sampled = generate(config.policy, source.prompts, output=str(samples_path), max_new_tokens=config.max_new_tokens,
                        batch_size=config.batch_size, temperature=config.temperature,
-                       num_samples=config.num_samples, seed=config.seed)
+                       num_samples=config.num_samples, seed=config.seed,
+                       progress=f"{key}: sampling {config.policy}")
     K = config.num_samples
     texts = [[sampled[i * K + s]["completion"] for s in range(K)] for i in range(len(rows))]
     label_fn = rewards.resolve(config.label)

@@ -42,8 +42,12 @@ def out(tmp_path):
 
 def test_recipe_typo_and_unknown_key(tmp_path, capsys, out):
     recipe = tiny_sft_recipe(out)
+    recipe["train"]["lerning_rate"] = 1e-3
+    _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "unknown key train.lerning_rate; did you mean train.lr",
+                   out)
+    recipe = tiny_sft_recipe(out)  # TRL's name is accepted, but not beside align's
     recipe["train"]["learning_rate"] = 1e-3
-    _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "unknown key train.learning_rate", out)
+    _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "train.learning_rate and train.lr are both set", out)
     _expect_exit_2(capsys, ["train", _write(tmp_path, tiny_sft_recipe(out)), "train.bach_size=4"],
                    "did you mean train.batch_size", out)
     _expect_exit_2(capsys, ["train", str(tmp_path / "nope.yaml")], "file not found", out)

@@ -184,7 +184,8 @@ def test_two_processes_without_cpu_mode_stop_instead_of_training_unsynchronised(
         with pytest.raises(AlignError, match="set ACCELERATE_USE_CPU=true"):
             accel.warn_if_world_size_differs(alone)
     monkeypatch.setattr(accel, "requested_processes", lambda: 2)
-    accel.warn_if_world_size_differs(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+    accel.warn_if_world_size_differs(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU,
+                                                      is_main_process=True, device=SimpleNamespace(type="cpu")))
 
 
 def test_auto_mixed_precision_follows_the_launcher_then_the_hardware(monkeypatch):

@@ -109,7 +109,8 @@ def test_align_has_no_import_cycle():
 
     for module in sorted(graph):
         visit(module, [])
-    assert not {d for d in graph["align.recipe"] if d not in ("align.config", "align.errors", "align.stages")}
+    schema = ("align.config", "align.errors", "align.stages", "align.stage_settings", "align.trl_names")
+    assert not {d for d in graph["align.recipe"] if d not in schema}
 
 
 def test_seed_reaches_the_upstream_recipes(tmp_path):
@@ -149,4 +150,4 @@ def test_reading_a_recipe_imports_no_runtime_module():
             "print(sorted(m for m in sys.modules if m.startswith('align') or m == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert eval(out) == ["align", "align.config", "align.errors", "align.recipe", "align.stage_settings",
-                         "align.stages"]
+                         "align.stages", "align.trl_names"]

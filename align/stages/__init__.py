@@ -44,6 +44,10 @@ class StageSpec:
     class_name: str
     args_name: str
     section: str
+    summary: str = ""
+    """One line for `align train --help`."""
+    online: bool = False
+    """Samples its own batches each step (no dataset to pass over: `train.epochs` does not apply)."""
 
     @property
     def args_cls(self):
@@ -58,11 +62,18 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
-    "sft": StageSpec("align.stages.sft", "SFTStage", "SFTArgs", "sft"),
-    "dpo": StageSpec("align.stages.preference", "PreferenceStage", "DPOArgs", "dpo"),
-    "simpo": StageSpec("align.stages.preference", "PreferenceStage", "SimPOArgs", "simpo"),
-    "orpo": StageSpec("align.stages.preference", "PreferenceStage", "ORPOArgs", "orpo"),
-    "reward": StageSpec("align.stages.reward", "RewardStage", "RewardArgs", "reward"),
-    "grpo": StageSpec("align.stages.grpo", "GRPOStage", "GRPOArgs", "grpo"),
-    "ppo": StageSpec("align.stages.ppo", "PPOStage", "PPOArgs", "ppo"),
+    "sft": StageSpec("align.stages.sft", "SFTStage", "SFTArgs", "sft",
+                     "supervised fine-tuning: NLL of the completion tokens (prompt/completion, messages, text)"),
+    "dpo": StageSpec("align.stages.preference", "PreferenceStage", "DPOArgs", "dpo",
+                     "DPO / IPO / hinge / robust on chosen-rejected pairs against a reference (dpo.loss_type)"),
+    "simpo": StageSpec("align.stages.preference", "PreferenceStage", "SimPOArgs", "simpo",
+                       "SimPO: reference-free, length-averaged log-probs with a target margin"),
+    "orpo": StageSpec("align.stages.preference", "PreferenceStage", "ORPOArgs", "orpo",
+                      "ORPO: SFT plus an odds-ratio term on pairs, from a base model, no reference"),
+    "reward": StageSpec("align.stages.reward", "RewardStage", "RewardArgs", "reward",
+                        "Bradley-Terry reward model (a scalar head) on chosen-rejected pairs"),
+    "grpo": StageSpec("align.stages.grpo", "GRPOStage", "GRPOArgs", "grpo",
+                      "GRPO: group-relative advantages from reward functions, no critic (online)", online=True),
+    "ppo": StageSpec("align.stages.ppo", "PPOStage", "PPOArgs", "ppo",
+                     "PPO against a reward model with a per-token KL penalty, value model (online)", online=True),
 }

@@ -127,7 +127,7 @@ def eval_kl(policy, ref_model, prompts: PromptSource, sampling: SamplingConfig, 
 
 def plot_run(out_dir: Path, prefix: str, train_kl: str = "token mean of k3") -> list[Path]:
     """Proxy reward vs true accuracy (one PNG) and KL (another) against steps, from log.jsonl."""
-    from align.plots import plot_curves
+    from align.plots import plot_curves, series_title
 
     log = out_dir / "log.jsonl"
     if not log.is_file():
@@ -138,10 +138,8 @@ def plot_run(out_dir: Path, prefix: str, train_kl: str = "token mean of k3") -> 
         pts = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    paths = [plot_curves(out_dir / f"{prefix}_curves.png",
-                         {n: series(n) for n in ("train/reward", "eval/reward", "train/task_accuracy",
-                                                 "eval/task_accuracy")},
-                         title=f"{prefix}: reward (proxy) and held-out accuracy (true)", ylabel="value")]
+    curves = {n: series(n) for n in ("train/reward", "eval/reward", "train/task_accuracy", "eval/task_accuracy")}
+    paths = [plot_curves(out_dir / f"{prefix}_curves.png", curves, title=series_title(prefix, curves), ylabel="value")]
     kl = {f"train/kl ({train_kl})": series("train/kl"), "eval/kl (per sequence, sum of k1)": series("eval/kl")}
     if any(xs for xs, _ in kl.values()):
         paths.append(plot_curves(out_dir / f"{prefix}_kl.png", kl, title=f"{prefix}: KL to the reference",

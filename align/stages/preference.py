@@ -37,7 +37,8 @@ with `orpo.nll_on_prompt: true` (TRL's ORPOTrainer, which again takes a batch to
 Metrics (TRL's names): `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
 `rewards/margins`, `logps/chosen`, `logps/rejected` (summed for DPO, length-averaged for
 SimPO/ORPO, as TRL logs them), `nll_loss`; evaluation: `eval/loss`,
-`eval/pair_accuracy` (implicit reward of chosen > rejected on held-out pairs),
+`eval/pair_accuracy` (implicit reward of chosen > rejected on held-out pairs), `eval/pair_ties` (the
+share of held-out pairs whose implicit rewards tie: all of them before DPO's first step),
 `eval/rewards/margins`, and `eval/task_accuracy` (greedy exact match of the held-out
 prompts against their chosen answer, when the eval rows have an explicit prompt).
 """
@@ -363,7 +364,7 @@ class PreferenceStage:
         width = shared_pair_width if self.shared_prompt else pair_length
         mine = sorted(evaluate.shard(len(self.eval_examples), acc), key=lambda i: width(self.eval_examples[i]))
         bs = self.recipe.eval.batch_size
-        loss, correct, margin = 0.0, 0.0, 0.0
+        loss, correct, ties, margin = 0.0, 0.0, 0.0, 0.0
         for start in range(0, len(mine), bs):
             batch = self._collate([self.eval_examples[i] for i in mine[start: start + bs]])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -371,11 +372,15 @@ class PreferenceStage:
                 losses, chosen_rewards, rejected_rewards, _ = self._pair_losses(unwrapped, batch)
             loss += losses.sum().item()
             correct += (chosen_rewards > rejected_rewards).sum().item()
+            ties += (chosen_rewards == rejected_rewards).sum().item()
             margin += (chosen_rewards - rejected_rewards).sum().item()
         unwrapped.train(was_training)
-        loss, correct, margin, count = evaluate._reduce_sum(acc, [loss, correct, margin, float(len(mine))])
+        loss, correct, ties, margin, count = evaluate._reduce_sum(acc, [loss, correct, ties, margin, float(len(mine))])
         count = max(count, 1.0)
-        return {"eval/loss": loss / count, "eval/pair_accuracy": correct / count, "eval/rewards/margins": margin / count}
+        # before the first step of DPO the policy is the reference: every implicit reward is 0, every pair a tie
+        # (pair_accuracy counts a tie as wrong: 0 then means "no preference yet", not "all wrong")
+        return {"eval/loss": loss / count, "eval/pair_accuracy": correct / count, "eval/pair_ties": ties / count,
+                "eval/rewards/margins": margin / count}
 
     def evaluate(self, model) -> dict:
         ev = self.recipe.eval
