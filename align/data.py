@@ -8,7 +8,9 @@ are read (GSM8K's `question` becomes the `prompt` a stage reads:
 `{path: openai/gsm8k, name: main, split: train, columns: {question: prompt}}`), and
 `chat_prompt: true` turns a string `prompt` into a one-turn conversation
 `[{role: user, content: prompt}]` so it goes through the chat template (a string
-value adds it as the system message first).
+value adds it as the system message first), and string answers (`completion`,
+`chosen`, `rejected`) into the assistant's reply `[{role: assistant, content: …}]`:
+SFT on GSM8K is `{columns: {question: prompt, answer: completion}, chat_prompt: true}`.
 
 Formats (detected from the columns, as TRL names them):
 
@@ -121,11 +123,17 @@ def _parse_spec(spec, key):
     raise AlignError(f"{key}: got {spec!r}, expected a file path, a datasets name or a mapping {{path, split}}")
 
 
+CHAT_ANSWERS = ("completion", "chosen", "rejected")
+"""Columns that `chat_prompt` wraps as the assistant's reply when they are strings."""
+
+
 def _map_columns(rows: list[dict], columns: dict[str, str], chat_prompt, label: str, key: str) -> list[dict]:
-    """Rename columns ({old: new}) and optionally wrap a string `prompt` as chat messages, row by row.
+    """Rename columns ({old: new}) and optionally wrap a string `prompt` (and string answers) as chat messages.
 
     >>> _map_columns([{"question": "1+1?", "answer": "#### 2"}], {"question": "prompt"}, True, "x", "k")
     [{'answer': '#### 2', 'prompt': [{'role': 'user', 'content': '1+1?'}]}]
+    >>> _map_columns([{"q": "1+1?", "completion": "2"}], {"q": "prompt"}, True, "x", "k")[0]["completion"]
+    [{'role': 'assistant', 'content': '2'}]
     """
     out = []
     for i, row in enumerate(rows):
@@ -142,6 +150,9 @@ def _map_columns(rows: list[dict], columns: dict[str, str], chat_prompt, label: 
                                  f"got {type(prompt).__name__} (columns: {sorted(row)})")
             system = [{"role": "system", "content": chat_prompt}] if isinstance(chat_prompt, str) else []
             row["prompt"] = system + [{"role": "user", "content": prompt}]
+            for answer in CHAT_ANSWERS:  # the reply to a chat prompt is an assistant turn (TRL's conversational form)
+                if isinstance(row.get(answer), str):
+                    row[answer] = [{"role": "assistant", "content": row[answer]}]
         out.append(row)
     return out
 

@@ -264,6 +264,29 @@ def _wrap_lora(model, cfg: ModelConfig, head: str):
     return get_peft_model(model, peft_config)
 
 
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+"""Names of learned absolute position tables (GPT-2 / GPT-Neo / OPT / BERT-style)."""
+
+
+def position_limit(model) -> int | None:
+    """Positions a model with a LEARNED absolute position table takes (GPT-2's n_positions), through
+    DDP/PEFT wrappers; None for rotary or ALiBi models, which run past their configured length (and
+    extrapolate) rather than fail."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            return module.num_embeddings - getattr(module, "offset", 0)  # OPT's table has 2 extra rows
+    return None
+
+
+def check_positions(model, longest: int, what: str) -> None:
+    """One clear error before training where a sequence of `longest` tokens would index past the model's
+    position table: an IndexError deep inside the embedding on CPU, a device-side assert on a GPU."""
+    limit = position_limit(model)
+    if limit is not None and longest > limit:
+        raise AlignError(f"{what}: sequences of up to {longest} tokens, but the model has {limit} positions "
+                         f"(a learned position table, e.g. GPT-2's n_positions); keep them within {limit}")
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Token ids that end a generated completion: the tokenizer's EOS, then every EOS id of the model's
     generation config, the set `generate` stops at (Gemma 2 instruct ends a turn with <end_of_turn>,

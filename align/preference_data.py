@@ -246,7 +246,8 @@ def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.T
     [prompt, chosen] and [prompt, rejected] of `collate_pairs`.
 
     input_ids, position_ids, segments (PROMPT/CHOSEN/REJECTED/PAD): (B, T) with
-    T = max(P + C + R); position_ids [0..P+C-1, P..P+R-1, then the pads' own];
+    T = max(P + C + R); position_ids [0..P+C-1, P..P+R-1, then the pads' own, none past the batch's
+    longest pair: max(P + max(C, R)) - 1];
     attention_mask: (B, 1, T, T) bool from `align.data.prefix_sharing_mask` (PROMPT = 0 is the
     shared prefix: chosen sees prompt + chosen, rejected prompt + rejected, pads the prompt and
     the pads; every query sees itself);
@@ -276,6 +277,10 @@ def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.T
         segments[b, :p] = PROMPT
         position_ids[b, p + c:] -= c  # rejected continue the prompt; pads continue after them
         ends[:, b] = torch.tensor([p - 1, p + c - 1, p + c + r - 1])
+    # ... up to the last position a pair of the batch needs: pads of a short pair batched with a long one would
+    # otherwise run to width - C, past data.max_length and a learned position table (GPT-2's n_positions)
+    position_ids.clamp_(max=max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                                for e in examples) - 1)
     batch = {"input_ids": input_ids, "attention_mask": prefix_sharing_mask(segments), "position_ids": position_ids,
              "segments": segments, "prompt_last": ends[0], "chosen_last": ends[1], "rejected_last": ends[2]}
     if examples and "margin" in examples[0]:

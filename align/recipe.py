@@ -135,7 +135,8 @@ class DataConfig:
     """Training data: a local .jsonl/.json/.jsonl.gz/.parquet/.csv file, a datasets name, a mapping
     {path, name, split, take, columns, chat_prompt}, or a list of these (a mixture, concatenated).
     `columns: {question: prompt}` renames columns as rows are read; `chat_prompt: true` (or a system
-    prompt string) makes a string `prompt` a chat conversation (`align.data`)."""
+    prompt string) makes a string `prompt` a chat conversation and string answers (completion, chosen,
+    rejected) the assistant's reply (`align.data`)."""
     eval: Any = None
     """Held-out data in the same forms (optional)."""
     max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))

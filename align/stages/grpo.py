@@ -102,6 +102,7 @@ class GRPOStage:
         self.accuracy_fn = rewards.resolve(a.accuracy)
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.prompts.check_positions(self.model, a.max_new_tokens)
         self.stop_ids = models.stop_token_ids(self.model, self.tokenizer)
         self.ref_model = None
         if a.beta > 0 and not self._reference_is_base_model():

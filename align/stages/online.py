@@ -70,6 +70,14 @@ class PromptSource:
                                    f"{data.max_length} cut from their beginning (data.prompt_truncation: keep_end)")
         return rows.rows, encoded
 
+    def check_positions(self, model, max_new_tokens: int) -> None:
+        """The longest prompt and the longest generation (sampled, or greedy on held-out prompts) fit the
+        policy's positions (`models.check_positions`: a learned position table such as GPT-2's)."""
+        new = max(max_new_tokens, self.recipe.eval.max_new_tokens if self.eval_rows else 0)
+        prompt = max(map(len, self.prompt_ids + self.eval_prompt_ids))
+        models.check_positions(model, prompt + new, f"the longest prompt ({prompt} tokens) + "
+                                                    f"{self.recipe.stage}.max_new_tokens / eval.max_new_tokens")
+
     def step(self, generation: int) -> list[int]:
         """Indices of this process's prompts for rollout batch `generation` (an epoch-wise shuffle)."""
         n, acc = len(self.rows), self.accelerator

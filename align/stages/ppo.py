@@ -172,6 +172,7 @@ class PPOStage:
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
         policy = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.prompts.check_positions(policy, a.max_new_tokens)
         self.stop_ids = models.stop_token_ids(policy, self.tokenizer)
         value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype,
                                 disable_dropout=recipe.model.disable_dropout)

@@ -238,6 +238,8 @@ class PreferenceStage:
                 self.eval_prompts = [r["prompt"] for r in rows.rows]
                 self.eval_references = [r["chosen"] for r in rows.rows]
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        models.check_positions(self.model, max(map(pair_length, self.examples + self.eval_examples)),
+                               f"data.max_length={data.max_length}")
         self.shared_prompt = data.shared_prompt and supports_shared_prompt(self.model)
         if data.shared_prompt and not self.shared_prompt:
             accelerator.print(f"data.shared_prompt: attention {self.model.config._attn_implementation!r} cannot take "

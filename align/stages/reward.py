@@ -61,6 +61,8 @@ class RewardStage:
         eval_rows = load_eval_rows(recipe.data)
         self.eval_examples = [] if eval_rows is None else self._tokenize(eval_rows, "data.eval").examples
         self.model = models.load_model(recipe.model, self.tokenizer, head="score", seed=recipe.seed)
+        models.check_positions(self.model, max(map(pair_length, train.examples + self.eval_examples)),
+                               f"data.max_length={recipe.data.max_length}")
         self.shared_prompt = recipe.data.shared_prompt and supports_shared_prompt(self.model)
         if recipe.data.shared_prompt and not self.shared_prompt:
             accelerator.print(f"data.shared_prompt: attention {self.model.config._attn_implementation!r} cannot take "

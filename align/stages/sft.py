@@ -64,6 +64,8 @@ class SFTStage:
                 self.eval_prompts = [r["prompt"] for r in rows.rows]
                 self.eval_references = [r["completion"] for r in rows.rows]
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        models.check_positions(self.model, max(len(e["input_ids"]) for e in trainset.examples + self.eval_examples),
+                               f"data.max_length={data.max_length}")
 
     # -- data --------------------------------------------------------------------------
     def _tokenize(self, spec, key):
