@@ -75,7 +75,7 @@ Backward frees activations while it fills gradients, so a training step peaks at
 DPO with `dpo.ref_model` scores the reference before training (a separate, smaller peak:
 both models' weights, no gradients); DPO on LoRA with `precompute_ref_logps: false` adds a
 no-grad reference forward's logits while the policy's activations are held; GRPO with
-beta > 0 (full model) and PPO keep a frozen reference copy; PPO also a frozen reward model
+kl_coef > 0 (full model) and PPO keep a frozen reference copy; PPO also a frozen reward model
 and a trainable value model (weights, gradients and optimizer states like the policy, and
 its own activations without the LM head). Generation (PPO/GRPO) holds the KV cache
 2 x L x kv x (prompt + max_new_tokens) x a per row of a generation batch, plus the sampled
@@ -415,7 +415,7 @@ def _resident_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, mixed:
     frozen = 0.0
     if stage == "ppo":
         frozen = 2 * P * w  # reference copy + reward model
-    elif stage == "grpo" and getattr(args, "beta", 0) > 0 and not shape.lora:
+    elif stage == "grpo" and getattr(args, "kl_coef", 0) > 0 and not shape.lora:
         frozen = P * w
     if frozen:
         parts["frozen models (reference / reward)"] = shard(frozen, par.kind == "deepspeed" and par.zero_stage == 3)
@@ -451,7 +451,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     peak = train_peak
     if stage in ONLINE_STAGES:
         gen_rows = min(args.generation_batch_size, t.batch_size * t.grad_accum
-                       * (args.num_mini_batches if stage == "ppo" else 1))
+                       * (args.num_minibatches if stage == "ppo" else 1))
         kv = 2.0 * shape.layers * shape.kv_dim * seq_len * gen_rows * act
         gen_peak = static + kv + 8.0 * gen_rows * shape.vocab
         notes.append(f"generation: KV cache {kv / GiB:.2f} GiB for {gen_rows} rows x {seq_len} tokens "

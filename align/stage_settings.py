@@ -95,15 +95,15 @@ class GRPOArgs:
     top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "grpo.top_p"))
     top_k: int = field(default=0, metadata=cfg.non_negative("grpo.top_k"))
     """0: no top-k filtering."""
-    beta: float = field(default=0.0, metadata=cfg.non_negative("grpo.beta"))
+    kl_coef: float = field(default=0.0, metadata=cfg.non_negative("grpo.kl_coef"))
     """Weight of the k3 KL to the reference. 0 loads no reference model."""
     kl_ratio_correction: bool = True
     """Multiply the KL term by the importance ratio (DeepSeek-V3.2's unbiased KL gradient; TRL 1.16's default
     use_bias_correction_kl). False: DeepSeekMath's plain k3."""
-    clip_eps: float = field(default=0.2, metadata=cfg.positive("grpo.clip_eps"))
-    """Lower clip: the ratio is kept above 1 - clip_eps."""
-    clip_eps_high: float | None = field(default=None, metadata=cfg.positive("grpo.clip_eps_high"))
-    """Upper clip (DAPO's clip-higher, e.g. 0.28); None: clip_eps."""
+    clip_coef: float = field(default=0.2, metadata=cfg.positive("grpo.clip_coef"))
+    """Lower clip: the ratio is kept above 1 - clip_coef."""
+    clip_coef_high: float | None = field(default=None, metadata=cfg.positive("grpo.clip_coef_high"))
+    """Upper clip (DAPO's clip-higher, e.g. 0.28); None: clip_coef."""
     scale_rewards: Literal["group", "batch", "none"] | None = None
     """None: the estimator's own (grpo: group; rloo: none; reinforce_pp: its global whitening). grpo: group divides
     by the group's std, batch by the std of the batch's rewards, none (Dr. GRPO) by nothing; rloo: batch whitens
@@ -158,18 +158,18 @@ class PPOArgs:
     """beta (initial beta with the adaptive controller)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL in the reward (k1 is InstructGPT's log-ratio)."""
-    target_kl: float | None = field(default=None, metadata=cfg.positive("ppo.target_kl"))
+    kl_target: float | None = field(default=None, metadata=cfg.positive("ppo.kl_target"))
     """Adaptive beta toward this mean sequence KL (Ziegler et al. 2019); None: fixed beta."""
     kl_horizon: int = field(default=10000, metadata=cfg.positive("ppo.kl_horizon"))
     gamma: float = field(default=1.0, metadata=cfg.in_range(0.0, 1.0, "ppo.gamma"))
-    lam: float = field(default=0.95, metadata=cfg.in_range(0.0, 1.0, "ppo.lam"))
-    clip_eps: float = field(default=0.2, metadata=cfg.positive("ppo.clip_eps"))
-    clip_eps_value: float | None = field(default=0.2, metadata=cfg.positive("ppo.clip_eps_value"))
+    gae_lambda: float = field(default=0.95, metadata=cfg.in_range(0.0, 1.0, "ppo.gae_lambda"))
+    clip_coef: float = field(default=0.2, metadata=cfg.positive("ppo.clip_coef"))
+    vf_clip: float | None = field(default=0.2, metadata=cfg.positive("ppo.vf_clip"))
     vf_coef: float = field(default=0.1, metadata=cfg.non_negative("ppo.vf_coef"))
     whiten_advantages: bool = True
-    ppo_epochs: int = field(default=4, metadata=cfg.positive("ppo.ppo_epochs"))
-    num_mini_batches: int = field(default=1, metadata=cfg.positive("ppo.num_mini_batches"))
-    """Minibatches (optimizer steps) per epoch; a rollout batch is num_mini_batches x batch_size x grad_accum
+    update_epochs: int = field(default=4, metadata=cfg.positive("ppo.update_epochs"))
+    num_minibatches: int = field(default=1, metadata=cfg.positive("ppo.num_minibatches"))
+    """Minibatches (optimizer steps) per epoch; a rollout batch is num_minibatches x batch_size x grad_accum
     prompts per process."""
     missing_eos_penalty: float | None = field(default=1.0, metadata=cfg.non_negative("ppo.missing_eos_penalty"))
     generation_batch_size: int = field(default=256, metadata=cfg.positive("ppo.generation_batch_size"))

@@ -73,7 +73,7 @@ TRL_NAMES: dict[str, str | dict[str, str]] = {
     "packing": "data.packing",
     "padding_free": "data.padding_free",
     "completion_only_loss": {"sft": "sft.completion_only_loss"},
-    "beta": {"dpo": "dpo.beta", "simpo": "simpo.beta", "orpo": "orpo.lam", "grpo": "grpo.beta",
+    "beta": {"dpo": "dpo.beta", "simpo": "simpo.beta", "orpo": "orpo.lam", "grpo": "grpo.kl_coef",
              "ppo": "ppo.kl_coef"},
     "loss_type": {"dpo": "dpo.loss_type", "grpo": "grpo.aggregation"},
     "label_smoothing": {"dpo": "dpo.label_smoothing", "simpo": "simpo.label_smoothing"},
@@ -86,17 +86,27 @@ TRL_NAMES: dict[str, str | dict[str, str]] = {
     "max_completion_length": {"grpo": "grpo.max_new_tokens", "ppo": "ppo.max_new_tokens"},
     "response_length": {"ppo": "ppo.max_new_tokens"},
     "temperature": {"grpo": "grpo.temperature", "ppo": "ppo.temperature"},
-    "epsilon": {"grpo": "grpo.clip_eps"},
-    "epsilon_high": {"grpo": "grpo.clip_eps_high"},
+    "epsilon": {"grpo": "grpo.clip_coef"},
+    "epsilon_high": {"grpo": "grpo.clip_coef_high"},
     "num_iterations": {"grpo": "grpo.num_iterations"},
     "scale_rewards": {"grpo": "grpo.scale_rewards"},
     "missing_eos_penalty": {"grpo": "grpo.missing_eos_penalty", "ppo": "ppo.missing_eos_penalty"},
-    "kl_coef": {"ppo": "ppo.kl_coef"},
-    "cliprange": {"ppo": "ppo.clip_eps"},
-    "cliprange_value": {"ppo": "ppo.clip_eps_value"},
+        "cliprange": {"ppo": "ppo.clip_coef"},
+    "cliprange_value": {"ppo": "ppo.vf_clip"},
     "vf_coef": {"ppo": "ppo.vf_coef"},
-    "num_ppo_epochs": {"ppo": "ppo.ppo_epochs"},
-    "num_mini_batches": {"ppo": "ppo.num_mini_batches"},
+    "num_ppo_epochs": {"ppo": "ppo.update_epochs"},
+    "num_mini_batches": {"ppo": "ppo.num_minibatches"},
+}
+
+# align's own former names (deprecated; accepted with a note): the PPO family now speaks CleanRL's vocabulary, as
+# `align rl` does, and the KL weight is kl_coef in both PPO and GRPO
+OLD_NAMES: dict[str, dict[str, str]] = {
+    "clip_eps": {"grpo": "grpo.clip_coef", "ppo": "ppo.clip_coef"},
+    "clip_eps_high": {"grpo": "grpo.clip_coef_high"},
+    "clip_eps_value": {"ppo": "ppo.vf_clip"},
+    "lam": {"ppo": "ppo.gae_lambda"},
+    "ppo_epochs": {"ppo": "ppo.update_epochs"},
+    "target_kl": {"ppo": "ppo.kl_target"},
 }
 
 # TRL's precision flags are booleans; align's key is one choice. `false` is weak: `bf16: false, fp16: true` is fp16.
@@ -107,15 +117,22 @@ EXCLUSIVE = [("train.epochs", "train.max_steps"), ("train.warmup_ratio", "train.
 
 
 def target_of(name: str, stage: str | None) -> str | None:
-    """align's key for TRL name `name` under `stage` (None: not a TRL name, or not one of this stage)."""
-    target = TRL_NAMES.get(name)
+    """align's key for TRL name (or former align name) `name` under `stage` (None: neither, or not this stage's)."""
+    target = TRL_NAMES.get(name, OLD_NAMES.get(name))
     return target.get(stage) if isinstance(target, dict) else target
+
+
+def _note(where: str, shown: str) -> str:
+    name = where.rsplit(".", 1)[-1]
+    if name in OLD_NAMES and name not in TRL_NAMES:
+        return f"note: {where} is deprecated; align's name is now {shown} (accepted)"
+    return f"note: {where} is TRL's name; align's is {shown} (accepted)"
 
 
 def names_at(level: str, stage: str | None, native: set[str]) -> dict[str, str]:
     """{TRL name: align's key} accepted in section `level` ("" the top level), except align's own names there."""
     out = {}
-    for name in TRL_NAMES:
+    for name in list(TRL_NAMES) + [n for n in OLD_NAMES if n not in TRL_NAMES]:
         target = target_of(name, stage)
         if target is None or name in native:
             continue
@@ -199,13 +216,13 @@ def resolve(raw: dict, stage: str | None, sections: dict[str, set[str]]) -> tupl
             if not other_weak:
                 raise AlignError(f"{other} and {where} are both set and both mean {target}; keep one")
         elif _get(raw, target)[1]:
-            raise AlignError(f"{where} and {target} are both set: {where} is TRL's name for {target}; keep one")
+            raise AlignError(f"{where} and {target} are both set: {where} is another name for {target}; keep one")
         set_by[target] = (where, value, weak)
     for where, target, value, _ in moves:
         if set_by.get(target, (None,))[0] == where:
             _set(raw, target, value)
             shown = f"{target}: {value}" if where.rsplit(".", 1)[-1] in _FLAGS else target
-            notes.append(f"note: {where} is TRL's name; align's is {shown} (accepted)")
+            notes.append(_note(where, shown))
     return raw, notes
 
 
@@ -236,7 +253,7 @@ def translate_override(item: str, stage: str | None, sections: dict[str, set[str
     if value != parsed:
         text = json.dumps(value)
     shown = f"{target}: {value}" if name in _FLAGS else target
-    return f"{target}={text}", f"note: {key} is TRL's name; align's is {shown} (accepted)"
+    return f"{target}={text}", _note(key, shown)
 
 
 def apply_names(raw: dict, overrides: list[str], stage: str | None, sections: dict[str, set[str]]) -> dict:

@@ -4,7 +4,7 @@
 
 Same weights (the built-in model saved to a folder both load), same 16 prompts a step
 from data/arith/sft_train.jsonl, G = 8 completions each (128 a step), at most 6 new
-tokens, temperature 1, no top-k/top-p, the exact-match reward, beta = 0 (TRL's default:
+tokens, temperature 1, no top-k/top-p, the exact-match reward, kl_coef = 0 (TRL's beta default:
 no reference model), loss aggregation "dapo" (TRL's default), lr 1e-5, fp32, no gradient
 checkpointing, one process. A step = generate the 128 completions, score them, one
 forward/backward, one optimizer step (TRL: `steps_per_generation` = 1).
@@ -60,7 +60,7 @@ def child_align(model_dir: str, total: int, out_dir: str) -> list[float]:
         "model": {"name_or_path": model_dir, "gradient_checkpointing": False}, "data": {"train": str(data), "max_length": 32},
         "train": {"max_steps": total, "batch_size": G * PROMPTS, "lr": LR, "lr_scheduler": "constant",
                   "save_steps": 10_000, "log_steps": 10_000, "progress_bar": False, "mixed_precision": "no"},
-        "grpo": {"num_generations": G, "max_new_tokens": MAX_NEW, "beta": 0.0, "aggregation": "dapo",
+        "grpo": {"num_generations": G, "max_new_tokens": MAX_NEW, "kl_coef": 0.0, "aggregation": "dapo",
                  "reward_funcs": ["exact_match"], "plot": False},
         "eval": {"generate": False},
     })

@@ -345,13 +345,13 @@ def test_estimate_matches_measured_peak_50m(tmp_path):
 
 @pytest.mark.slow
 def test_estimate_matches_measured_peak_grpo(tmp_path):
-    """GRPO with a frozen reference (beta > 0): generation of 150 tokens, then training on 251-token rows."""
+    """GRPO with a frozen reference (kl_coef > 0): generation of 150 tokens, then training on 251-token rows."""
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in long_rows()])
     recipe = {"stage": "grpo", "output_dir": str(tmp_path / "grpo"), "seed": 0,
               # checkpointing as on a GPU (what the estimate models; `auto` turns it off on a CPU)
               "model": {"name_or_path": "builtin:tiny", "gradient_checkpointing": True},
               "data": {"train": data, "max_length": 256},
-              "grpo": {"num_generations": 4, "max_new_tokens": 150, "beta": 0.1, "reward_funcs": ["length"],
+              "grpo": {"num_generations": 4, "max_new_tokens": 150, "kl_coef": 0.1, "reward_funcs": ["length"],
                        "eval_kl_prompts": 0},
               "train": {"max_steps": 2, "batch_size": 16, "lr": 1e-4, "mixed_precision": "no", "save_steps": 1000,
                         "log_steps": 1, "progress_bar": False},

@@ -76,10 +76,10 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
     """Each stage's recipe for one process or for two (same global batch)."""
     two = processes == 2
     out = root / f"p{processes}"
-    grpo = {"num_generations": 2, "max_new_tokens": 4, "beta": 0.05, "reward_funcs": ["length"],
+    grpo = {"num_generations": 2, "max_new_tokens": 4, "kl_coef": 0.05, "reward_funcs": ["length"],
             "missing_eos_penalty": 0.5, "eval_kl_prompts": EVAL_PROMPTS, "plot": False}
-    ppo = {"reward_model": str(root / "p1/reward"), "max_new_tokens": 4, "ppo_epochs": 1, "num_mini_batches": 2,
-           "target_kl": 0.5, "kl_horizon": 100, "eval_kl_prompts": EVAL_PROMPTS, "plot": False}
+    ppo = {"reward_model": str(root / "p1/reward"), "max_new_tokens": 4, "update_epochs": 1, "num_minibatches": 2,
+           "kl_target": 0.5, "kl_horizon": 100, "eval_kl_prompts": EVAL_PROMPTS, "plot": False}
     return {
         # global batch 8 sequences: 8 x 1 process, or 4 x 2
         "sft": _recipe("sft", out / "sft", micro, batch_size=4 if two else 8),

@@ -72,10 +72,10 @@ CELLS = {
     "simpo": Cell("simpo", "implicit_chat_pairs"),
     "orpo": Cell("orpo", "pairs"),
     # exact_match is ~0 for a random model; the length penalty varies within a group, so advantages are not 0
-    "grpo": Cell("grpo", "chat_prompts", {"grpo.num_generations": 2, "grpo.max_new_tokens": 3, "grpo.beta": 0.04,
+    "grpo": Cell("grpo", "chat_prompts", {"grpo.num_generations": 2, "grpo.max_new_tokens": 3, "grpo.kl_coef": 0.04,
                                           "grpo.reward_funcs": ["exact_match", "length"], "grpo.plot": False,
                                           "train.batch_size": 4, **ONLINE_EVAL}),
-    "ppo": Cell("ppo", "chat_prompts", {"ppo.max_new_tokens": 3, "ppo.ppo_epochs": 1, "ppo.plot": False,
+    "ppo": Cell("ppo", "chat_prompts", {"ppo.max_new_tokens": 3, "ppo.update_epochs": 1, "ppo.plot": False,
                                         "ppo.eval_kl_prompts": 2, **ONLINE_EVAL}),
     "sft-lora": Cell("sft", "prompt_completion", {**LORA, "data.packing": False}, LORA_FAMILIES),
     "dpo-lora": Cell("dpo", "chat_pairs", LORA, LORA_FAMILIES),

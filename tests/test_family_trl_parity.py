@@ -243,7 +243,7 @@ def test_grpo_step0_loss_matches_trl(family, family_dir, tmp_path):
     trainer.current_gradient_accumulation_steps = 1
     for aggregation in ("grpo", "dr_grpo", "dapo"):
         stage = align_stage("grpo", start, rows, tmp_path / aggregation, **{
-            "train.batch_size": G, "grpo.num_generations": G, "grpo.max_new_tokens": C, "grpo.beta": 0.04,
+            "train.batch_size": G, "grpo.num_generations": G, "grpo.max_new_tokens": C, "grpo.kl_coef": 0.04,
             "grpo.reward_funcs": ["length"], "grpo.aggregation": aggregation})
         batches = grpo_batches(stage, perturbed_model(start))
         assert batches[0]["advantages"].abs().sum() > 0

@@ -55,7 +55,7 @@ def grads_of(stage, batches):
 
 @pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
 def test_loss_is_invariant_to_micro_batch_splits(tmp_path, aggregation):
-    stage = build(tmp_path, aggregation=aggregation, beta=0.1)
+    stage = build(tmp_path, aggregation=aggregation, kl_coef=0.1)
     out, advantages, metrics = stage.make_rollout(0)
     assert advantages.abs().sum() > 0
     # the random model rarely samples EOS: cut rows to ragged lengths 1..6, as EOS would
@@ -77,9 +77,9 @@ def test_num_iterations_reuses_a_rollout_with_its_old_logprobs(tmp_path):
     assert metrics["losses/clipfrac"][0] == 0.0
 
 
-def test_reference_loaded_only_with_beta(tmp_path):
+def test_reference_loaded_only_with_a_kl_coef(tmp_path):
     assert build(tmp_path).ref_model is None
-    assert build(tmp_path, beta=0.04).ref_model is not None
+    assert build(tmp_path, kl_coef=0.04).ref_model is not None
 
 
 def last_token_is_a_digit(prompts, completions, **_) -> list[float]:
@@ -111,7 +111,7 @@ def test_bad_input(tmp_path):
 
 def test_short_run_moves_reward_up(tmp_path):
     """8 steps of 4 prompts x 8 completions from the random tiny model: the reward rises, groups are counted."""
-    recipe = load_recipe(None, data=grpo_recipe(tmp_path, beta=0.02))
+    recipe = load_recipe(None, data=grpo_recipe(tmp_path, kl_coef=0.02))
     metrics = run(recipe)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     train = [r for r in log if "train/reward" in r]
@@ -156,9 +156,9 @@ def _trained_adapter_folder(tmp_path):
 
 def test_grpo_from_an_adapter_folder_uses_the_starting_policy_as_reference(tmp_path):
     """Starting from an SFT LoRA adapter folder, the reference is base + that adapter, not the base model
-    (adapter disabled): before the fix the step-0 KL was ~1 nat and beta pulled the policy to the base."""
+    (adapter disabled): before the fix the step-0 KL was ~1 nat and kl_coef pulled the policy to the base."""
     adapter = _trained_adapter_folder(tmp_path)
-    recipe = grpo_recipe(tmp_path / "out", beta=0.1, num_generations=4)
+    recipe = grpo_recipe(tmp_path / "out", kl_coef=0.1, num_generations=4)
     recipe["model"] = {"name_or_path": str(adapter)}
     recipe["train"].update(max_steps=1, batch_size=16)
     recipe["eval"]["generate"] = False
@@ -170,7 +170,7 @@ def test_grpo_from_an_adapter_folder_uses_the_starting_policy_as_reference(tmp_p
 def test_reference_runs_under_the_policys_autocast(tmp_path):
     """Under bf16 autocast the rollout's reference log-probs come from the same bf16 computation as the
     training forward: the step-0 KL is exactly 0 (not so while the rollout ran in fp32)."""
-    recipe = grpo_recipe(tmp_path / "out", beta=0.1, num_generations=4)
+    recipe = grpo_recipe(tmp_path / "out", kl_coef=0.1, num_generations=4)
     recipe["train"].update(max_steps=1, batch_size=16, mixed_precision="bf16")
     recipe["eval"]["generate"] = False
     run(load_recipe(None, data=recipe))

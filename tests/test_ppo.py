@@ -73,7 +73,7 @@ def test_short_run_raises_the_reward_model_score(tmp_path, sharp_reward_model):
                  "eval": {"path": str(REPO / "data/arith/sft_eval.jsonl"), "take": 16}, "max_length": 32},
         "train": {"max_steps": 16, "batch_size": 16, "lr": 1e-3, "lr_scheduler": "constant", "save_steps": 1000,
                   "log_steps": 1, "progress_bar": False},
-        "ppo": {"reward_model": str(sharp_reward_model), "max_new_tokens": 6, "ppo_epochs": 2,
+        "ppo": {"reward_model": str(sharp_reward_model), "max_new_tokens": 6, "update_epochs": 2,
                 "missing_eos_penalty": None, "kl_coef": 0.01, "plot": False},
         "eval": {"max_new_tokens": 6},
     })
@@ -98,7 +98,7 @@ def test_tiny_ppo_recipe_meets_its_target(tmp_path):
     metrics = run(recipe)
     assert metrics["eval/reward"] > metrics["eval/reward_start"], metrics
     assert metrics["eval/task_accuracy"] >= metrics["eval/task_accuracy_start"] + 0.05, metrics  # measured +10.7
-    assert metrics["eval/kl"] < 2 * recipe.stage_args.target_kl, metrics  # the bound the recipe header states
+    assert metrics["eval/kl"] < 2 * recipe.stage_args.kl_target, metrics  # the bound the recipe header states
     assert (tmp_path / "ppo" / "ppo_curves.png").is_file() and (tmp_path / "ppo" / "ppo_kl.png").is_file()
 
 
@@ -109,8 +109,8 @@ def _beta_recipe(out, reward_model, **train):
                  "eval": {"path": str(REPO / "data/arith/sft_eval.jsonl"), "take": 4}, "max_length": 32},
         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "lr_scheduler": "constant", "save_steps": 1000,
                   "log_steps": 1, "progress_bar": False, **train},
-        "ppo": {"reward_model": str(reward_model), "max_new_tokens": 4, "ppo_epochs": 1, "plot": False,
-                "kl_coef": 0.1, "target_kl": 10.0, "kl_horizon": 10, "eval_kl_prompts": 4},
+        "ppo": {"reward_model": str(reward_model), "max_new_tokens": 4, "update_epochs": 1, "plot": False,
+                "kl_coef": 0.1, "kl_target": 10.0, "kl_horizon": 10, "eval_kl_prompts": 4},
         "eval": {"max_new_tokens": 4},
     })
 

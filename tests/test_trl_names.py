@@ -44,7 +44,7 @@ def test_trl_names_inside_their_section_and_in_train(capsys):
     ("dpo", {}, "beta", 0.3),
     ("simpo", {}, "beta", 0.3),
     ("orpo", {}, "lam", 0.3),
-    ("grpo", {"num_generations": 4, "max_completion_length": 16}, "beta", 0.3),
+    ("grpo", {"num_generations": 4, "max_completion_length": 16}, "kl_coef", 0.3),
     ("ppo", {"max_completion_length": 16}, "kl_coef", 0.3),
 ])
 def test_beta_is_the_stages_own_kl_weight(stage, extra, key, value):
@@ -122,3 +122,20 @@ def test_epochs_budget_resolves_max_steps_and_the_run_says_where_its_files_are(t
     # the same command again: nothing to train (the budget in steps is known once the data is read)
     assert main(["train", str(path)]) == 0
     assert "already trained to step 6" in capsys.readouterr().out
+
+
+def test_the_ppo_familys_former_names_are_accepted_with_a_deprecation_note(capsys):
+    """The PPO family speaks CleanRL's vocabulary, as `align rl` does, and the KL weight is kl_coef in PPO and
+    GRPO alike; recipes written with the former names still load, each with one note."""
+    ppo = _load(stage="ppo", ppo={"clip_eps": 0.1, "clip_eps_value": 0.3, "lam": 0.9, "ppo_epochs": 3,
+                                  "target_kl": 0.2, "num_mini_batches": 2})
+    a = ppo.stage_args
+    assert (a.clip_coef, a.vf_clip, a.gae_lambda, a.update_epochs, a.kl_target, a.num_minibatches) == (
+        0.1, 0.3, 0.9, 3, 0.2, 2)
+    grpo = _load(stage="grpo", grpo={"beta": 0.05, "clip_eps": 0.1, "clip_eps_high": 0.3})
+    assert (grpo.stage_args.kl_coef, grpo.stage_args.clip_coef, grpo.stage_args.clip_coef_high) == (0.05, 0.1, 0.3)
+    err = capsys.readouterr().err
+    assert "note: ppo.clip_eps is deprecated; align's name is now ppo.clip_coef (accepted)" in err
+    assert "note: grpo.beta is TRL's name; align's is grpo.kl_coef (accepted)" in err
+    with pytest.raises(AlignError, match="ppo.lam and ppo.gae_lambda are both set"):
+        _load(stage="ppo", ppo={"lam": 0.9, "gae_lambda": 0.95})

@@ -6,7 +6,7 @@ completions are sampled from the current policy; each is scored by reward functi
 its group's mean, divided by the group's std (`align.losses.group_advantages`, with
 `scale_rewards` "group" / "batch" / "none"), the same for all of its tokens. The
 per-token loss is PPO's clipped surrogate with separate low/high epsilon (DAPO's
-clip-higher) plus beta * k3 KL to the reference (`grpo_token_losses`), aggregated by
+clip-higher) plus kl_coef * k3 KL to the reference (`grpo_token_losses`), aggregated by
 `grpo.aggregation` (`align.losses.TOKEN_AGGREGATIONS`: grpo, dr_grpo, dapo).
 
 Two neighbours are settings of this stage, not trainers of their own:
@@ -42,7 +42,7 @@ are the training forward's own, detached, so the ratio is 1 and no extra forward
 spent, as TRL does). With `num_iterations: k` a rollout is reused for k consecutive
 optimizer steps, its old log-probs computed once at sampling time; the clip then acts.
 
-`beta: 0` (TRL's default) loads no reference model at all and logs no KL; beta > 0 loads
+`kl_coef: 0` (TRL's beta, default 0) loads no reference model at all and logs no KL; kl_coef > 0 loads
 a frozen copy of the starting policy (for a new LoRA adapter: the same weights with the
 adapter disabled; starting from a trained adapter folder: a frozen base + that adapter). Groups whose rewards are all equal get zero advantage and contribute
 no policy gradient: they are counted (`train/zero_std_groups` per step,
@@ -105,7 +105,7 @@ class GRPOStage:
         self.prompts.check_positions(self.model, a.max_new_tokens)
         self.stop_ids = models.stop_token_ids(self.model, self.tokenizer)
         self.ref_model = None
-        if a.beta > 0 and not self._reference_is_base_model():
+        if a.kl_coef > 0 and not self._reference_is_base_model():
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
             self.ref_model.to(accelerator.device)
         self._cache: tuple[int, list[dict]] | None = None
@@ -140,7 +140,7 @@ class GRPOStage:
         out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.stop_ids,
                       pad_id=self.tokenizer.pad_token_id, accelerator=acc, ref_model=self.ref_model,
                       policy_logprobs=a.num_iterations > 1, **self.prompts.rollout_seed(generation, len(prompts)))
-        if a.beta > 0 and self.ref_model is None:  # LoRA: the reference is the base model, adapter disabled
+        if a.kl_coef > 0 and self.ref_model is None:  # LoRA: the reference is the base model, adapter disabled
             base = acc.unwrap_model(self.model)
             with base.disable_adapter():
                 out.ref_logprobs = score_logprobs(base, out.prompt_ids, out.prompt_mask, out.completion_ids,
@@ -212,8 +212,8 @@ class GRPOStage:
                                              batch["completion_ids"], mask, temperature=a.temperature,
                                              return_entropy=True)  # (B, C)
         old = batch["old_logprobs"] if "old_logprobs" in batch else logps.detach()
-        losses, clipped, kl = grpo_token_losses(logps, old, batch["advantages"], clip_eps=a.clip_eps,
-                                                clip_eps_high=a.clip_eps_high, beta=a.beta,
+        losses, clipped, kl = grpo_token_losses(logps, old, batch["advantages"], clip_eps=a.clip_coef,
+                                                clip_eps_high=a.clip_coef_high, beta=a.kl_coef,
                                                 ref_logprobs=batch.get("ref_logprobs"),
                                                 kl_ratio_correction=a.kl_ratio_correction,
                                                 importance_sampling_level=a.importance_sampling_level, mask=mask)
@@ -244,7 +244,7 @@ class GRPOStage:
         correct = self.accuracy_fn([r["prompt"] for r in rows], texts, **columns)
         total, right, count = evaluate._reduce_sum(acc, [sum(reward), sum(correct), float(len(rows))])
         metrics = {"eval/reward": total / max(count, 1.0), "eval/task_accuracy": right / max(count, 1.0)}
-        if self.args.beta > 0 and self.args.eval_kl_prompts:
+        if self.args.kl_coef > 0 and self.args.eval_kl_prompts:
             metrics["eval/kl"] = eval_kl(model, self.ref_model, self.prompts, self.sampling, self.stop_ids,
                                          self.args.eval_kl_prompts)
         return metrics

@@ -13,17 +13,17 @@ details of RLHF with PPO"):
 2. **Per-token reward**: r_t = -beta * KL_t at every completion token (KL_t by the
    `kl_estimator` k1 / k2 / k3 of `align.losses.kl_penalty`, on old vs reference
    log-probs), plus the score at the last real token.
-3. **Advantages**: `align.losses.gae_advantages` (gamma, lam) over the completion tokens,
+3. **Advantages**: `align.losses.gae_advantages` (gamma, gae_lambda) over the completion tokens,
    the episode ending at the last real token; returns = advantages + values; then
    advantage whitening over the GLOBAL rollout batch (all processes' rows) as a separate step.
-4. **Updates**: `ppo_epochs` passes over the rollout batch in `num_mini_batches`
+4. **Updates**: `update_epochs` passes over the rollout batch in `num_minibatches`
    shuffled minibatches (`_minibatch_rows`: the same global minibatches on any number of
    processes), one optimizer step each; the loss per token is
    `ppo_clip_loss` + vf_coef * `clipped_value_loss` — the functions the classic-RL PPO
    (`align.rl.ppo`) uses — averaged over every completion token of the minibatch
    (`_weight` = tokens, so the engine's global normalisation keeps it split invariant).
 5. **beta**: fixed, or the adaptive controller of Ziegler et al. 2019 (sec. 2.2) steering
-   the mean sequence KL of each rollout toward `target_kl`:
+   the mean sequence KL of each rollout toward `kl_target`:
    beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * rollout_size / horizon).
 
 The value model is its OWN backbone with a scalar head, initialised from the reward model
@@ -164,7 +164,7 @@ class PPOStage:
         self.args: PPOArgs = recipe.stage_args
         a, t = self.args, recipe.train
         self.per_step = t.batch_size * t.grad_accum  # prompts per optimizer step per process
-        self.prompts = PromptSource(recipe, accelerator, self.per_step * a.num_mini_batches)  # one rollout batch
+        self.prompts = PromptSource(recipe, accelerator, self.per_step * a.num_minibatches)  # one rollout batch
         self.tokenizer = self.prompts.tokenizer
         self.sampling = sampling_config(a)
         rm_cfg = ModelConfig(name_or_path=a.reward_model, dtype=recipe.model.dtype)  # (made by the planning layer)
@@ -180,7 +180,7 @@ class PPOStage:
         self.model = PolicyAndValue(policy, value)
         self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
         self.ref_model.to(accelerator.device)
-        self.kl_ctl = AdaptiveKL(a.kl_coef, a.target_kl, a.kl_horizon)
+        self.kl_ctl = AdaptiveKL(a.kl_coef, a.kl_target, a.kl_horizon)
         self._beta_before = (-1, a.kl_coef)  # (generation, beta before that rollout's controller update)
         self.accuracy_fn = rewards.exact_match  # train/task_accuracy and eval/task_accuracy
         self._cache = None
@@ -209,7 +209,7 @@ class PPOStage:
         score = rewards.missing_eos_penalty(self.reward_model.score_rollout(out), out.ended, a.missing_eos_penalty)
         kl = kl_penalty(out.logprobs, out.ref_logprobs, estimator=a.kl_estimator) * mask  # (B, C)
         token_rewards, dones = kl_penalized_rewards(score, kl, mask, self.kl_ctl.beta)
-        advantages, returns = gae_advantages(token_rewards, values, gamma=a.gamma, lam=a.lam, dones=dones)
+        advantages, returns = gae_advantages(token_rewards, values, gamma=a.gamma, lam=a.gae_lambda, dones=dones)
         over_processes = partial(global_moments, acc)  # the GLOBAL rollout batch: the update does not depend on the split
         if a.whiten_advantages:
             advantages = whiten(advantages, mask, moments=over_processes)
@@ -241,13 +241,13 @@ class PPOStage:
     # -- engine interface -------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[dict]:
         a, t = self.args, self.recipe.train
-        per_rollout = a.ppo_epochs * a.num_mini_batches
+        per_rollout = a.update_epochs * a.num_minibatches
         generation, k = divmod(step, per_rollout)
         if self._cache is None or self._cache[0] != generation:
             with self.accelerator.autocast():  # the loss's computation (see align.stages.grpo.GRPOStage.micro_batches)
                 self._cache = (generation, *self.make_rollout(generation))
         _, data, metrics = self._cache
-        epoch, minibatch = divmod(k, a.num_mini_batches)
+        epoch, minibatch = divmod(k, a.num_minibatches)
         rows = self._minibatch_rows(generation, epoch, minibatch)
         batches = []
         for s in range(0, len(rows), t.batch_size):
@@ -263,13 +263,13 @@ class PPOStage:
     def _minibatch_rows(self, generation: int, epoch: int, minibatch: int) -> torch.Tensor:
         """This process's rows (local indices, (per_step,)) of minibatch `minibatch` of an epoch.
 
-        The global rollout batch is cut into blocks of M = num_mini_batches consecutive
+        The global rollout batch is cut into blocks of M = num_minibatches consecutive
         rows, and each block's rows go to the M minibatches in a random order (one draw
         for the whole global batch, from the seed, the rollout and the epoch). A process
         holds whole blocks, so every minibatch gets per_step rows from it, and the
         global minibatch is the same set of rows on any number of processes.
         """
-        M, acc = self.args.num_mini_batches, self.accelerator
+        M, acc = self.args.num_minibatches, self.accelerator
         generator = torch.Generator().manual_seed((self.recipe.seed * 1_000_003 + generation) * 131 + epoch)
         assign = torch.rand(self.per_step * acc.num_processes, M, generator=generator).argsort(-1)  # (blocks, M)
         mine = assign[acc.process_index * self.per_step: (acc.process_index + 1) * self.per_step]  # (per_step, M)
@@ -281,12 +281,12 @@ class PPOStage:
         mask = batch["completion_mask"]
         logps, values, logits = forward_completion(model, batch["prompt_ids"], batch["prompt_mask"],
                                                    batch["completion_ids"], mask, a.temperature)
-        pg, clipped = ppo_clip_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=a.clip_eps)
-        vl = clipped_value_loss(values, batch["old_values"], batch["returns"], clip_eps=a.clip_eps_value)
+        pg, clipped = ppo_clip_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=a.clip_coef)
+        vl = clipped_value_loss(values, batch["old_values"], batch["returns"], clip_eps=a.vf_clip)
         loss_sum = masked_sum(pg + a.vf_coef * vl, mask)
         tokens = float(mask.sum())
         with torch.no_grad():
-            v_clipped = (values - batch["old_values"]).abs() > (a.clip_eps_value or float("inf"))
+            v_clipped = (values - batch["old_values"]).abs() > (a.vf_clip or float("inf"))
             metrics = dict(batch.get("_metrics", {}))
             metrics.update({
                 "losses/policy_loss": (masked_sum(pg, mask).item(), tokens),
@@ -305,9 +305,9 @@ class PPOStage:
 
         A checkpoint inside a rollout's epochs stores the beta from BEFORE that rollout's update: the
         resumed run samples that rollout again and updates beta once. (Only checkpoints on a rollout
-        boundary — save_steps a multiple of ppo_epochs x num_mini_batches — resume exactly: a rollout
+        boundary — save_steps a multiple of update_epochs x num_minibatches — resume exactly: a rollout
         sampled again mid-way comes from the partly updated policy.)"""
-        generation = step // (self.args.ppo_epochs * self.args.num_mini_batches)
+        generation = step // (self.args.update_epochs * self.args.num_minibatches)
         if self._beta_before[0] == generation:
             return {"kl_coef": self._beta_before[1]}
         return {"kl_coef": self.kl_ctl.beta}
