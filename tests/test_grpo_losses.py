@@ -105,6 +105,28 @@ def trl_trainer(tmp_path_factory):
     return trainer
 
 
+def _compare_with_trl(tr, aggregation, rows, adv, old, ref, **level) -> torch.Tensor:
+    """align's aggregated GRPO loss equals TRL's `_compute_loss` on the same rows, for beta 0 and 0.04, with
+    and without the KL ratio correction; -> align's clipped mask of the last case."""
+    from align.rollout import completion_logprobs
+
+    prompt_ids, prompt_mask, completion_ids, mask = rows
+    for beta, correction in [(0.0, True), (0.04, True), (0.04, False)]:
+        tr.loss_type, tr.beta = aggregation, beta
+        tr.args.use_bias_correction_kl = correction
+        inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                      completion_mask=mask, advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
+                      num_items_in_batch=mask.sum())
+        theirs = tr._compute_loss(tr.model, inputs)
+        logps = completion_logprobs(tr.model, prompt_ids, prompt_mask, completion_ids, mask)
+        losses, clipped, _ = grpo_token_losses(logps, old, adv, clip_eps=0.2, beta=beta, ref_logprobs=ref,
+                                               kl_ratio_correction=correction, **level)
+        num, weight = aggregate_token_losses(losses, mask, aggregation=aggregation,
+                                             max_completion_length=completion_ids.shape[1])
+        assert (num / weight).item() == pytest.approx(theirs.item(), abs=1e-6), (beta, correction)
+    return clipped
+
+
 @pytest.mark.parametrize("aggregation", sorted(TOKEN_AGGREGATIONS))
 def test_grpo_loss_matches_trl(trl_trainer, aggregation):
     from align.rollout import completion_logprobs, completion_mask
@@ -124,18 +146,7 @@ def test_grpo_loss_matches_trl(trl_trainer, aggregation):
         current = completion_logprobs(tr.model, prompt_ids, prompt_mask, completion_ids, mask)
     old = current + 0.3 * torch.randn(B, C, generator=g)  # off-policy: some ratios clipped
     ref = current + 0.5 * torch.randn(B, C, generator=g)
-    for beta, correction in [(0.0, True), (0.04, True), (0.04, False)]:
-        tr.loss_type, tr.beta = aggregation, beta
-        tr.args.use_bias_correction_kl = correction
-        inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                      completion_mask=mask, advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
-                      num_items_in_batch=mask.sum())
-        theirs = tr._compute_loss(tr.model, inputs)
-        logps = completion_logprobs(tr.model, prompt_ids, prompt_mask, completion_ids, mask)
-        losses, _, _ = grpo_token_losses(logps, old, adv, clip_eps=0.2, beta=beta, ref_logprobs=ref,
-                                         kl_ratio_correction=correction)
-        num, weight = aggregate_token_losses(losses, mask, aggregation=aggregation, max_completion_length=C)
-        assert (num / weight).item() == pytest.approx(theirs.item(), abs=1e-6), (beta, correction)
+    _compare_with_trl(tr, aggregation, (prompt_ids, prompt_mask, completion_ids, mask), adv, old, ref)
 
 
 # ---------------------------------------------------------------------------
@@ -236,19 +247,8 @@ def test_gspo_loss_matches_trl(trl_trainer, aggregation):
     ref = current + 0.5 * torch.randn(B, C, generator=g)
     tr.importance_sampling_level = "sequence"
     try:
-        for beta, correction in [(0.0, True), (0.04, True), (0.04, False)]:
-            tr.loss_type, tr.beta = aggregation, beta
-            tr.args.use_bias_correction_kl = correction
-            inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                          completion_mask=mask, advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
-                          num_items_in_batch=mask.sum())
-            theirs = tr._compute_loss(tr.model, inputs)
-            logps = completion_logprobs(tr.model, prompt_ids, prompt_mask, completion_ids, mask)
-            losses, clipped, _ = grpo_token_losses(logps, old, adv, clip_eps=0.2, beta=beta, ref_logprobs=ref,
-                                                   kl_ratio_correction=correction,
-                                                   importance_sampling_level="sequence", mask=mask)
-            num, weight = aggregate_token_losses(losses, mask, aggregation=aggregation, max_completion_length=C)
-            assert (num / weight).item() == pytest.approx(theirs.item(), abs=1e-6), (beta, correction)
+        clipped = _compare_with_trl(tr, aggregation, (prompt_ids, prompt_mask, completion_ids, mask), adv, old, ref,
+                                    importance_sampling_level="sequence", mask=mask)
         assert clipped[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0]  # two sequences clipped, two not
     finally:
         tr.importance_sampling_level = "token"
