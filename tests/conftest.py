@@ -55,3 +55,17 @@ def family_dir(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture
+def clean_checkout(tmp_path, monkeypatch):
+    """Run from a folder that looks like a fresh clone: recipes/ and data/ of this repository, ../shared beside it,
+    and no runs/ yet, so a recipe's upstream recipes (model.from_recipe, ppo.reward_model_recipe,
+    data.from_policy) train from scratch here instead of reusing this checkout's runs/. -> the folder."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("recipes", "data"):
+        (checkout / name).symlink_to(REPO / name)
+    (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    monkeypatch.chdir(checkout)
+    return checkout

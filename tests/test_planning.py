@@ -151,3 +151,12 @@ def test_reading_a_recipe_imports_no_runtime_module():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert eval(out) == ["align", "align.config", "align.errors", "align.recipe", "align.stage_settings",
                          "align.stages", "align.trl_names"]
+
+
+def test_a_clean_checkout_plans_every_upstream_recipe(clean_checkout):
+    """What the slow recipe tests rely on: from a folder with no runs/, the tiny PPO recipe plans its SFT start,
+    the policy-sample pairs and their reward model before PPO itself, all under that folder."""
+    steps = plan(load_recipe("recipes/tiny/ppo.yaml", [f"output_dir={clean_checkout / 'ppo'}"]))
+    kinds = [(type(s).__name__, getattr(s, "recipe", None) and s.recipe.stage) for s in steps]
+    assert kinds == [("TrainStep", "sft"), ("PairsStep", None), ("TrainStep", "reward"), ("TrainStep", "ppo")]
+    assert not (clean_checkout / "runs").exists()

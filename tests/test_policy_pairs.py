@@ -78,10 +78,10 @@ def test_reward_ppo_recipe_builds_its_pairs_from_the_ppo_start_policy():
 
 
 @pytest.mark.slow
-def test_reward_model_on_policy_pairs_ranks_the_policys_held_out_samples(tmp_path):
+def test_reward_model_on_policy_pairs_ranks_the_policys_held_out_samples(tmp_path, clean_checkout):
     """recipes/tiny/reward-ppo.yaml: held-out pairs of the start policy's own samples ranked >= 0.7 (measured 0.735).
 
-    Uses runs/tiny/policy-pairs/ when present (else samples them, ~1 min); ~9 min on a busy 2-core CPU."""
+    From a fresh checkout: the start policy is trained and its pairs sampled first; ~10 min on a busy 2-core CPU."""
     from align.planning import run
 
     recipe = load_recipe(REPO / "recipes/tiny/reward-ppo.yaml",

@@ -11,11 +11,13 @@ from align.recipe import load_recipe
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _fresh(clean_checkout):
+    """Every recipe here runs from a fresh checkout: model.from_recipe trains the SFT start first."""
+
+
 def _run(recipe_path, tmp_path, *overrides):
-    start = tmp_path / "sft-short"
     extra = [f"output_dir={tmp_path / 'out'}", "train.progress_bar=false"]
-    if "orpo" not in recipe_path:
-        extra.append(f"model.name_or_path={start}")  # model.from_recipe trains the SFT start there first
     return run(load_recipe(recipe_path, extra + list(overrides)))
 
 

@@ -264,8 +264,8 @@ def test_recipe_keys_are_checked():
 
 
 @pytest.mark.slow
-def test_tiny_reward_recipe_reaches_its_target(tmp_path):
-    """recipes/tiny/reward.yaml as shipped (from the SFT model; trains it first when missing)."""
+def test_tiny_reward_recipe_reaches_its_target(tmp_path, clean_checkout):
+    """recipes/tiny/reward.yaml as shipped, from a fresh checkout: recipes/tiny/sft.yaml trains its start first."""
     metrics = planning.run(load_recipe(str(REPO / "recipes/tiny/reward.yaml"), [f"output_dir={tmp_path / 'rm'}"]))
     assert metrics["eval/pair_accuracy"] >= 0.95
 
