@@ -502,7 +502,7 @@ def _trained_spans_end(ids: list[int], labels: list[int]) -> list[int]:
 
 
 def _sft_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key: str) -> list[Sample]:
-    from align.data import tokenize_sft_row
+    from align.data import cut_sft_sample, tokenize_sft_row
 
     fmt = detect_format(rows, SFT_FORMATS, key)
     samples = []
@@ -516,17 +516,14 @@ def _sft_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key
                 continue
             raise
         labels[0] = IGNORE
-        if not recipe.stage_args.completion_only_loss:
+        every_token = not recipe.stage_args.completion_only_loss
+        length, ends = len(ids), _trained_spans_end(ids, [IGNORE] + ids[1:] if every_token else labels)
+        ids, labels = cut_sft_sample(ids, labels, recipe.data.max_length,  # as the stage cuts, then relabels
+                                     prompt_truncation=recipe.data.prompt_truncation, bos_id=tokenizer.bos_token_id)
+        if every_token:
             labels = [IGNORE] + ids[1:]
-        samples.append(_cut(ids, labels, where, recipe.data.max_length))
+        samples.append(Sample(where, ids, [label != IGNORE for label in labels], length, ends))
     return samples
-
-
-def _cut(ids, labels, where, max_length) -> Sample:
-    ends = _trained_spans_end(ids, labels)
-    length = len(ids)
-    ids, labels = ids[:max_length], labels[:max_length]
-    return Sample(where, ids, [label != IGNORE for label in labels], length, ends)
 
 
 def _pair_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key: str) -> list[Sample]:

@@ -380,8 +380,24 @@ class TokenizedSet:
         return [len(e["input_ids"]) for e in self.examples]
 
 
-def tokenize_sft(rows: Rows, tokenizer, *, max_length: int, truncation: str, key: str) -> TokenizedSet:
-    """Tokenize every row; samples left with no trained token are dropped and counted."""
+def cut_sft_sample(ids: list[int], labels: list[int], max_length: int, *, prompt_truncation: str = "keep_start",
+                   bos_id=None) -> tuple[list[int], list[int]]:
+    """A too-long SFT sample cut to max_length: with prompt_truncation="keep_end", a prompt/completion sample
+    first loses the beginning of its prompt (a long dialogue keeps its latest turns; BOS kept), down to half
+    of max_length at least, as preference pairs do; then whatever is still too long loses its end."""
+    if len(ids) <= max_length:
+        return ids, labels
+    prompt = next((i for i, label in enumerate(labels[1:], 1) if label != IGNORE), len(ids))
+    if prompt_truncation == "keep_end" and all(label != IGNORE for label in labels[prompt:]):
+        kept = cut_from_start(ids[:prompt], max(max_length - (len(ids) - prompt), max_length // 2), bos_id)
+        ids, labels = kept + ids[prompt:], [IGNORE] * len(kept) + labels[prompt:]
+    return ids[:max_length], labels[:max_length]
+
+
+def tokenize_sft(rows: Rows, tokenizer, *, max_length: int, truncation: str, key: str,
+                 prompt_truncation: str = "keep_start") -> TokenizedSet:
+    """Tokenize every row; too-long samples are cut (`cut_sft_sample`) or dropped (truncation="drop"); samples
+    left with no trained token are dropped and counted."""
     fmt = detect_format(rows, SFT_FORMATS, key)
     examples, dropped, truncated = [], 0, 0
     for i, row in enumerate(rows.rows):
@@ -395,7 +411,8 @@ def tokenize_sft(rows: Rows, tokenizer, *, max_length: int, truncation: str, key
             if truncation == "drop":
                 dropped += 1
                 continue
-            ids, labels = ids[:max_length], labels[:max_length]
+            ids, labels = cut_sft_sample(ids, labels, max_length, prompt_truncation=prompt_truncation,
+                                         bos_id=tokenizer.bos_token_id)
             truncated += 1
         if all(label == IGNORE for label in labels):
             dropped += 1

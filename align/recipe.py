@@ -152,7 +152,8 @@ class DataConfig:
     of the prompt (a long dialogue keeps its last turns, next to the answers), then the ends of the answers;
     keep_start cuts only the ends of the answers (a long prompt can leave no answer token: the pair is
     dropped and counted). GRPO/PPO prompts longer than max_length: keep_end cuts their beginning, keep_start
-    refuses them."""
+    refuses them. SFT prompt/completion samples: keep_end cuts the prompt's beginning first, then
+    `data.truncation` applies to what is still too long."""
     packing: bool = True
     """SFT: concatenate whole samples into rows of max_length (best-fit decreasing; position_ids restart
     at each sample, so attention and the loss stay within it). Rows, not samples, then fill batch_size.

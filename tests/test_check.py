@@ -75,10 +75,13 @@ def test_clean_recipe_has_no_warnings(tmp_path):
 # each silent failure fires on a crafted input
 # ---------------------------------------------------------------------------
 def test_no_trainable_tokens(tmp_path):
+    """Prompts longer than max_length leave no answer token when only ends are cut (keep_start); the default
+    keep_end cuts the prompt's beginning instead and keeps the answers (what the stage does too)."""
     rows = [{"prompt": "1" * 40, "completion": "2"}] * 3 + ARITH
-    report = run_check(sft_recipe(tmp_path, rows, **{"data.max_length": 32}))
+    report = run_check(sft_recipe(tmp_path, rows, **{"data.max_length": 32, "data.prompt_truncation": "keep_start"}))
     assert "no_trainable_tokens" in report.codes()
     assert "3 of 7" in next(w.message for w in report.warnings if w.code == "no_trainable_tokens")
+    assert "no_trainable_tokens" not in run_check(sft_recipe(tmp_path, rows, **{"data.max_length": 32})).codes()
 
 
 def test_duplicated_bos(tmp_path):

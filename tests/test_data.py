@@ -298,3 +298,23 @@ def test_eval_limit_applies_once_to_raw_rows(tmp_path):
     assert [r["i"] for r in rows.rows] == [0, 1, 2] and rows.where(2).endswith("row 3")
     assert len(load_eval_rows(DataConfig(train="x", eval=str(path))).rows) == 10
     assert load_eval_rows(DataConfig(train="x")) is None
+
+
+def test_a_long_sft_prompt_loses_its_beginning_first(tmp_path, tok):
+    """data.prompt_truncation: keep_end (the SFT stage's default) keeps the answer of a long dialogue whole and
+    the latest part of its prompt; keep_start cuts the answer's end, as before."""
+    from align.data import cut_sft_sample
+
+    rows = _rows(tmp_path, [{"prompt": "x" * 40 + "12+34=", "completion": "46"}])
+    end = tokenize_sft(rows, tok, max_length=16, truncation="keep_start", key="data.train",
+                       prompt_truncation="keep_end").examples[0]
+    assert len(end["input_ids"]) == 16 and _chars(tok, end["input_ids"][:1]) == ["<bos>"]
+    assert "".join(_chars(tok, end["input_ids"][-5:])) == "4=46<eos>"
+    assert [t for t, label in zip(_chars(tok, end["input_ids"]), end["labels"]) if label != IGNORE] == [
+        "4", "6", "<eos>"]
+    with pytest.raises(AlignError, match="no trainable token"):  # the answer was cut away entirely
+        tokenize_sft(rows, tok, max_length=16, truncation="keep_start", key="data.train",
+                     prompt_truncation="keep_start").examples[0]
+    # a sample whose trained tokens are not one final answer (text, several turns) is only cut at its end
+    ids, labels = list(range(10)), [IGNORE, 1, 2, IGNORE, 4, 5, 6, 7, 8, 9]
+    assert cut_sft_sample(ids, labels, 6, prompt_truncation="keep_end") == (ids[:6], labels[:6])

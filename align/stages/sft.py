@@ -72,8 +72,9 @@ class SFTStage:
         return self._tokenize_rows(load_rows(spec, key=key), key)
 
     def _tokenize_rows(self, rows, key):
-        tokenized = tokenize_sft(rows, self.tokenizer, max_length=self.recipe.data.max_length,
-                                 truncation=self.recipe.data.truncation, key=key)
+        data = self.recipe.data
+        tokenized = tokenize_sft(rows, self.tokenizer, max_length=data.max_length, truncation=data.truncation,
+                                 key=key, prompt_truncation=data.prompt_truncation)
         if not self.recipe.stage_args.completion_only_loss:
             for e in tokenized.examples:
                 e["labels"] = [IGNORE] + e["input_ids"][1:]
