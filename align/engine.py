@@ -336,8 +336,8 @@ def run(recipe: Recipe) -> dict:
     from align.policy_pairs import ensure_policy_pairs
     from align.stages import STAGES
 
-    ensure_model(recipe.model)
-    ensure_policy_pairs(recipe.data.from_policy)
+    ensure_model(recipe.model, seed=recipe.seed)
+    ensure_policy_pairs(recipe.data.from_policy, seed=recipe.seed)
     out = Path(recipe.output_dir)
     finished = _finished_metrics(out, recipe.train.max_steps)
     if finished is not None:
@@ -350,14 +350,18 @@ def run(recipe: Recipe) -> dict:
     return train(stage, recipe, accelerator)
 
 
-def ensure_model(model_cfg) -> None:
-    """Run `model.from_recipe` first when the folder it should produce holds no finished model yet."""
+def ensure_model(model_cfg, seed: int | None = None) -> None:
+    """Run `model.from_recipe` first when the folder it should produce holds no finished model yet.
+
+    `seed`: the seed of the recipe that needs the model; the upstream recipe runs with it, so
+    `seed=N` on a command line (or an `align pipeline ... seed=N`) seeds every model the run trains."""
     if model_cfg.from_recipe is None or (Path(model_cfg.name_or_path) / "config.json").is_file() \
             or (Path(model_cfg.name_or_path) / "adapter_config.json").is_file():
         return
     from align.recipe import load_recipe
 
-    upstream = load_recipe(model_cfg.from_recipe, [f"output_dir={model_cfg.name_or_path}"])
+    overrides = [f"output_dir={model_cfg.name_or_path}"] + ([] if seed is None else [f"seed={seed}"])
+    upstream = load_recipe(model_cfg.from_recipe, overrides)
     print(f"model.name_or_path {model_cfg.name_or_path} does not exist yet: training it with {model_cfg.from_recipe}")
     run(upstream)
 

@@ -127,8 +127,9 @@ def _make_source(config: PolicyPairsConfig, source: PolicySource, key: str) -> d
     return stats
 
 
-def ensure_policy_pairs(config: PolicyPairsConfig | None) -> None:
-    """Write the pairs files of `data.from_policy` that do not exist yet (training the policy first if needed)."""
+def ensure_policy_pairs(config: PolicyPairsConfig | None, seed: int | None = None) -> None:
+    """Write the pairs files of `data.from_policy` that do not exist yet (training the policy first if needed,
+    by `policy_recipe` with `seed`, the seed of the recipe that asks for the pairs)."""
     if config is None:
         return
     sources = [("data.from_policy.train", config.train)]
@@ -140,6 +141,6 @@ def ensure_policy_pairs(config: PolicyPairsConfig | None) -> None:
     from align.engine import ensure_model
     from align.recipe import ModelConfig
 
-    ensure_model(ModelConfig(name_or_path=config.policy, from_recipe=config.policy_recipe))
+    ensure_model(ModelConfig(name_or_path=config.policy, from_recipe=config.policy_recipe), seed=seed)
     for key, source in missing:
         _make_source(config, source, key)

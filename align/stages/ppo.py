@@ -210,7 +210,7 @@ class PPOStage(GRPOStage):
         self.sampling = sampling_config(a)
         rm_cfg = ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe,
                              dtype=recipe.model.dtype)
-        ensure_model(rm_cfg)
+        ensure_model(rm_cfg, seed=recipe.seed)
         self.reward_model = rewards.RewardModel(
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
