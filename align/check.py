@@ -14,14 +14,15 @@
    | `duplicated_bos` | a sample starts with BOS twice (text that already holds the template's BOS, tokenized with special tokens) |
    | `pad_equals_eos` | a reward model whose pad token is EOS: transformers' sequence classification (and TRL, serving stacks) then read the score before the final EOS |
    | `template_drift` | the chat template renders the prompt differently once the completion follows (the mask would be wrong; `align train` refuses such rows) |
-   | `missing_eos` | a trained completion that does not end with EOS: the model never learns to stop |
+   | `missing_eos` | a trained completion that does not end with EOS or another stop token of the model's generation config: the model never learns to stop |
    | `max_length` | data.max_length cuts most samples |
    | `memory` | the estimate exceeds (or nearly fills) the GPU given |
 
    Data that is not a local file (a hub dataset) is not downloaded: the data checks are
    skipped with a message. A tokenizer that cannot be loaded offline skips them too.
 4. **Memory per GPU** of the run under the launch config (`--launch`, default one process),
-   against `--gpu-memory` GiB. The model's parameters are counted from its config on the
+   against `--gpu-memory` GiB (by default this machine's GPU, or without one an 80 GiB
+   A100/H100, said on the report's memory line). The model's parameters are counted from its config on the
    `meta` device (nothing allocated, nothing downloaded): the config of `builtin:*`, of a
    local model folder (or the base of a PEFT adapter folder), of the model `model.from_recipe`
    would produce, or the file given with `--model-config config.json`. A hub id that is not
@@ -105,7 +106,7 @@ from align.errors import AlignError
 from align.recipe import ModelConfig, Recipe, load_recipe
 
 GiB = 2**30
-PAIR_STAGES = ("dpo", "simpo", "orpo", "reward")
+PAIR_STAGES = ("dpo", "simpo", "orpo", "kto", "reward")
 ONLINE_STAGES = ("ppo", "grpo")
 HIGHLIGHT = ("⟦", "⟧")
 ANSI = ("\x1b[42;30m", "\x1b[0m")
@@ -377,11 +378,10 @@ def logits_bytes(shape: ModelShape, tokens: int) -> float:
     return 0.0 if shape.vocab <= 1 else 12.0 * tokens * shape.vocab
 
 
-def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_len: int) -> MemoryEstimate:
-    """Bytes per GPU at the peak of the run (see the module docstring for the formula)."""
-    t, stage, args = recipe.train, recipe.stage, recipe.stage_args
-    mixed = t.mixed_precision if t.mixed_precision != "auto" else "bf16"
-    act = 2 if (mixed in ("bf16", "fp16") or shape.weight_bytes == 2) else 4
+def _resident_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, mixed: str, act: int):
+    """What stays in memory through a step: weights, optimizer states (and DeepSpeed's fp32 master
+    weights), DDP buckets, gathered layers, frozen models -> (parts, offloaded parts, gradient bytes)."""
+    stage, args = recipe.stage, recipe.stage_args
     P, Pt = shape.params, shape.trainable
     deepspeed16 = par.kind == "deepspeed" and mixed in ("bf16", "fp16")
     w = 2 if deepspeed16 else shape.weight_bytes
@@ -419,6 +419,16 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
         frozen = P * w
     if frozen:
         parts["frozen models (reference / reward)"] = shard(frozen, par.kind == "deepspeed" and par.zero_stage == 3)
+
+    return parts, offloaded, grads
+
+
+def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_len: int) -> MemoryEstimate:
+    """Bytes per GPU at the peak of the run (see the module docstring for the formula)."""
+    t, stage, args = recipe.train, recipe.stage, recipe.stage_args
+    mixed = t.mixed_precision if t.mixed_precision != "auto" else "bf16"
+    act = 2 if (mixed in ("bf16", "fp16") or shape.weight_bytes == 2) else 4
+    parts, offloaded, grads = _resident_memory(recipe, shape, par, mixed, act)
 
     # activations of the largest micro-batch
     rows = t.batch_size * (2 if stage in PAIR_STAGES else 1)
@@ -521,9 +531,9 @@ def _cut(ids, labels, where, max_length) -> Sample:
 
 def _pair_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key: str) -> list[Sample]:
     """The chosen side of each pair (prompt + chosen; its `rejected` beside it), truncated as the stage truncates."""
-    from align.preference_data import tokenize_preferences
+    from align.preference_data import pair_truncation, tokenize_preferences
 
-    truncation = getattr(recipe.stage_args, "prompt_truncation", "keep_start")
+    truncation = pair_truncation(recipe)
     scores_tokens = recipe.stage != "reward"
     samples = []
     for i, row in enumerate(rows.rows):
@@ -567,8 +577,20 @@ def _prompt_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, 
     return samples
 
 
+def _kto_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key: str) -> list[Sample]:
+    """KTO rows: preference rows as the pair stages see them, unpaired rows (prompt, completion) as SFT's."""
+    if rows.rows and "chosen" in rows.rows[0]:
+        return _pair_samples(recipe, tokenizer, rows, report, key)
+    from align.preference_data import unpaired_rows
+
+    for i, row in enumerate(rows.rows):
+        unpaired_rows(row, f"{key}: {rows.where(i)}")  # a missing or non-boolean label fails here, by row
+    plain = Rows([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows.rows], rows.origins)
+    return _sft_samples(recipe, tokenizer, plain, report, key)
+
+
 SAMPLERS: dict[str, Callable] = {
-    "sft": _sft_samples, "dpo": _pair_samples, "simpo": _pair_samples, "orpo": _pair_samples,
+    "sft": _sft_samples, "dpo": _pair_samples, "simpo": _pair_samples, "orpo": _pair_samples, "kto": _kto_samples,
     "reward": _pair_samples, "grpo": _prompt_samples, "ppo": _prompt_samples,
 }
 
@@ -625,14 +647,18 @@ def audit(recipe: Recipe, tokenizer, samples: list[Sample], report: CheckReport,
                         f"(e.g. {empty[0]}); they are dropped" + ("; the run would fail" if len(empty) == len(sides)
                                                                  else ""))
         if eos is not None:
-            unended = [s for s in sides if s.spans_end and any(end != eos and not _eos_then_space(s, tokenizer)
+            from align import models
+
+            stops = set(models.saved_stop_token_ids(resolve_model_cfg(recipe.model), tokenizer))
+            unended = [s for s in sides if s.spans_end and any(end not in stops and not _stop_then_space(s, stops,
+                                                                                                       tokenizer)
                                                                for end in s.spans_end)]
             if unended:
                 s = unended[0]
                 last = tokenizer.convert_ids_to_tokens(s.spans_end[-1])
                 report.warn("missing_eos",
                             f"{key}: {len(unended)} of {len(sides)} trained completions do not end with EOS "
-                            f"({tokenizer.eos_token!r}), e.g. {s.where} ends with {last!r}: the model never learns "
+                            f"({tokenizer.eos_token!r}) or another stop token of the model's generation config, e.g. {s.where} ends with {last!r}: the model never learns "
                             f"to stop, and generation (eval, PPO/GRPO rollouts) runs to max_new_tokens")
     lengths = [s.length for s in samples]
     cut = sum(1 for x in lengths if x > max_length)
@@ -642,10 +668,10 @@ def audit(recipe: Recipe, tokenizer, samples: list[Sample], report: CheckReport,
                     + ("; prompts longer than max_length are an error for this stage" if online else ""))
 
 
-def _eos_then_space(sample: Sample, tokenizer) -> bool:
-    """A template that closes a turn with EOS then a newline (`<|im_end|>\\n`) still trains the stop."""
-    eos = tokenizer.eos_token_id
-    return any(tok == eos and sample.trained[i + 1] and not tokenizer.decode([sample.ids[i + 1]]).strip()
+def _stop_then_space(sample: Sample, stops: set[int], tokenizer) -> bool:
+    """A template that closes a turn with a stop token then a newline (`<|im_end|>\\n`, Gemma's
+    `<end_of_turn>\\n`) still trains the stop."""
+    return any(tok in stops and sample.trained[i + 1] and not tokenizer.decode([sample.ids[i + 1]]).strip()
                for i, tok in enumerate(sample.ids[:-1]))
 
 
@@ -700,12 +726,10 @@ def hub_offline():
 # 7. the command
 # ---------------------------------------------------------------------------
 def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch: str | None = None,
-          gpu_memory: float = 80.0, rows: int = 3, sample: int = 1000, model_config: str | None = None,
+          gpu_memory: float | None = None, rows: int = 3, sample: int = 1000, model_config: str | None = None,
           nodes: int = 1, color: bool = False, data: dict | None = None,
           print_fn: Callable[[str], None] | None = print) -> CheckReport:
     """Run every check and print the report; returns it (warnings, samples, estimate)."""
-    from align import models
-
     recipe = load_recipe(recipe_path, overrides, data=data)
     report = CheckReport(recipe)
     say = report.lines.append
@@ -717,62 +741,12 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
     if par.mixed_precision and mp != "auto" and par.mixed_precision != mp:
         say(f"  note: the launch config says mixed_precision {par.mixed_precision} but the recipe's "
             f"train.mixed_precision={mp} is what align passes to Accelerator, and it wins")
-
-    # -- tokenizer and data -----------------------------------------------------------
     model_cfg = resolve_model_cfg(m)
     if model_cfg is not m:
         say(f"model: {m.name_or_path} does not exist yet; {m.from_recipe} makes it from {model_cfg.name_or_path}")
-    tokenizer = None
-    try:
-        with hub_offline():
-            tokenizer = models.load_tokenizer(model_cfg,
-                                              padding_side="left" if recipe.stage in ONLINE_STAGES else "right")
-    except AlignError as err:
-        say(f"tokenizer: not available offline ({err}); data checks skipped")
-    samples: list[Sample] = []
-    seq_len = None
-    key = "data.train"
-    if tokenizer is not None:
-        generated = getattr(recipe.data, "from_policy", None)
-        if generated and not _all_exist(recipe.data.train):
-            say(f"{key}: {recipe.data.train!r} is made at run time by data.from_policy (sampled from the policy): "
-                "data checks skipped")
-        elif not is_local(recipe.data.train):
-            say(f"{key}: {recipe.data.train!r} is not a local file; check does not download data: "
-                "data checks skipped")
-        else:
-            chosen = sample_rows(recipe.data.train, key, sample)
-            samples = SAMPLERS[recipe.stage](recipe, tokenizer, chosen, report, key)
-            audit(recipe, tokenizer, samples, report, key)
-            _describe_samples(recipe, tokenizer, samples, rows, color, say, key)
-            if samples:
-                seq_len = max(s.length for s in samples)
-                if recipe.stage in PAIR_STAGES:
-                    seq_len = max(max(s.length, s.rejected.length) if s.rejected else s.length for s in samples)
-                seq_len = min(seq_len, recipe.data.max_length)
-
-    # -- memory -----------------------------------------------------------------------
-    with hub_offline():
-        config = load_model_config(model_cfg, tokenizer, model_config)
-    if config is None:
-        say(f"memory: model config not available offline ({model_cfg.name_or_path!r} is not a local folder nor "
-            "in the Hugging Face cache): memory estimate skipped; pass --model-config path/to/config.json")
-    else:
-        shape = model_shape(config, m, head="score" if recipe.stage == "reward" else "causal_lm")
-        if seq_len is None or (recipe.data.packing and recipe.stage == "sft"):
-            seq_len = recipe.data.max_length
-        if recipe.stage in ONLINE_STAGES:
-            seq_len += recipe.stage_args.max_new_tokens
-        est = estimate_memory(recipe, shape, par, seq_len=seq_len)
-        report.estimate = est
-        _describe_memory(recipe, shape, par, est, gpu_memory, say)
-        if est.peak > gpu_memory * GiB:
-            report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU exceeds the {gpu_memory:g} GiB "
-                                  f"GPU: shard further (launch/zero3.yaml, fsdp2.yaml), enable gradient "
-                                  f"checkpointing, lower train.batch_size (raise grad_accum) or use LoRA")
-        elif est.peak > 0.9 * gpu_memory * GiB:
-            report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU leaves under 10% of the "
-                                  f"{gpu_memory:g} GiB GPU for the CUDA context, NCCL buffers and fragmentation")
+    tokenizer, samples, seq_len = _data_checks(recipe, model_cfg, report, rows=rows, sample=sample, color=color)
+    _memory_check(recipe, model_cfg, tokenizer, par, report, seq_len, gpu_memory=gpu_memory,
+                  model_config=model_config)
     say("")
     if report.warnings:
         say(f"warnings ({len(report.warnings)}):")
@@ -785,6 +759,67 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
         for line in report.lines:
             print_fn(line)
     return report
+
+
+def _data_checks(recipe: Recipe, model_cfg: ModelConfig, report: CheckReport, *, rows: int, sample: int,
+                 color: bool):
+    """Tokenize a sample of the training data as the stage will, audit it and show its loss mask:
+    -> (tokenizer or None, samples, longest sequence or None)."""
+    from align import models
+
+    say, key = report.lines.append, "data.train"
+    try:
+        with hub_offline():
+            tokenizer = models.load_tokenizer(model_cfg,
+                                              padding_side="left" if recipe.stage in ONLINE_STAGES else "right")
+    except AlignError as err:
+        say(f"tokenizer: not available offline ({err}); data checks skipped")
+        return None, [], None
+    if getattr(recipe.data, "from_policy", None) and not _all_exist(recipe.data.train):
+        say(f"{key}: {recipe.data.train!r} is made at run time by data.from_policy (sampled from the policy): "
+            "data checks skipped")
+        return tokenizer, [], None
+    if not is_local(recipe.data.train):
+        say(f"{key}: {recipe.data.train!r} is not a local file; check does not download data: data checks skipped")
+        return tokenizer, [], None
+    samples = SAMPLERS[recipe.stage](recipe, tokenizer, sample_rows(recipe.data.train, key, sample), report, key)
+    audit(recipe, tokenizer, samples, report, key)
+    _describe_samples(recipe, tokenizer, samples, rows, color, say, key)
+    if not samples:
+        return tokenizer, samples, None
+    seq_len = max(s.length for s in samples)
+    if recipe.stage in PAIR_STAGES:
+        seq_len = max(max(s.length, s.rejected.length) if s.rejected else s.length for s in samples)
+    return tokenizer, samples, min(seq_len, recipe.data.max_length)
+
+
+def _memory_check(recipe: Recipe, model_cfg: ModelConfig, tokenizer, par, report: CheckReport, seq_len,
+                  *, gpu_memory, model_config) -> None:
+    """The memory estimate per GPU under the launch config, and its warnings."""
+    say = report.lines.append
+    with hub_offline():
+        config = load_model_config(model_cfg, tokenizer, model_config)
+    if config is None:
+        say(f"memory: model config not available offline ({model_cfg.name_or_path!r} is not a local folder nor "
+            "in the Hugging Face cache): memory estimate skipped; pass --model-config path/to/config.json")
+        return
+    shape = model_shape(config, recipe.model, head="score" if recipe.stage == "reward" else "causal_lm")
+    if seq_len is None or (recipe.data.packing and recipe.stage == "sft"):
+        seq_len = recipe.data.max_length
+    if recipe.stage in ONLINE_STAGES:
+        seq_len += recipe.stage_args.max_new_tokens
+    est = estimate_memory(recipe, shape, par, seq_len=seq_len)
+    report.estimate = est
+    gpu_memory, gpu_words = assumed_gpu(gpu_memory)
+    say(f"memory: compared with {gpu_words}")
+    _describe_memory(recipe, shape, par, est, gpu_memory, say)
+    if est.peak > gpu_memory * GiB:
+        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU exceeds the {gpu_memory:g} GiB "
+                              f"GPU: shard further (launch/zero3.yaml, fsdp2.yaml), enable gradient "
+                              f"checkpointing, lower train.batch_size (raise grad_accum) or use LoRA")
+    elif est.peak > 0.9 * gpu_memory * GiB:
+        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU leaves under 10% of the "
+                              f"{gpu_memory:g} GiB GPU for the CUDA context, NCCL buffers and fragmentation")
 
 
 def _describe_samples(recipe, tokenizer, samples, rows, color, say, key):
@@ -801,6 +836,22 @@ def _describe_samples(recipe, tokenizer, samples, rows, color, say, key):
     for s in samples[:rows]:
         say(f"  {s.where}: {len(s.ids)} tokens, {sum(s.trained)} trained")
         say(f"    {render_tokens(tokenizer, s.ids, s.trained, color=color)}")
+
+
+DEFAULT_GPU = (80.0, "an 80 GiB GPU (an A100 or H100 80GB)")
+
+
+def assumed_gpu(gpu_memory: float | None) -> tuple[float, str]:
+    """(GiB per GPU the estimate is compared with, words saying which GPU that is)."""
+    if gpu_memory is not None:
+        return gpu_memory, f"a {gpu_memory:g} GiB GPU (--gpu-memory)"
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / GiB, f"this machine's {props.name} ({props.total_memory / GiB:.0f} GiB)"
+    gib, words = DEFAULT_GPU
+    return gib, f"{words}: no GPU here, so that is assumed; --gpu-memory N for another"
 
 
 def _describe_memory(recipe, shape, par, est, gpu_memory, say):

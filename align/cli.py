@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 
 from align.errors import AlignError
 
@@ -21,9 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="align", description="LLM alignment training toolkit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="run the stage named by the recipe's `stage:`")
+    p = sub.add_parser("train", help="run the stage named by the recipe's `stage:`", description=_stages_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.path=value")
+
+    p = sub.add_parser("keys", help="every recipe key with its default and meaning (from the schema)")
+    p.add_argument("stage", nargs="?", help="only the common keys and this stage's section")
 
     p = sub.add_parser("pipeline", help="run several stages in order")
     p.add_argument("recipe")
@@ -57,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.add_argument("--launch", help="accelerate config (launch/X.yaml): processes, DeepSpeed/FSDP sharding")
     p.add_argument("--nodes", type=int, default=1, help="nodes, each running the config's num_processes")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to compare the estimate with")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="GiB per GPU to compare the estimate with (default: this machine's GPU; without one, 80: "
+                        "an A100/H100 80GB)")
     p.add_argument("--rows", type=int, default=3, help="tokenized samples to print with their loss mask")
     p.add_argument("--sample", type=int, default=1000, help="training rows tokenized for the checks")
     p.add_argument("--model-config", help="a config.json (or folder) for a hub model not available offline")
@@ -70,12 +78,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stages_help() -> str:
+    from align.stages import STAGES
+
+    width = max(map(len, STAGES))
+    lines = [f"  {name:<{width}}  {spec.summary}" for name, spec in STAGES.items()]
+    return ("Runs the stage named by the recipe's `stage:`. Stages:\n\n" + "\n".join(lines)
+            + "\n\nEvery recipe key: `align keys [STAGE]`. Overrides: key.path=value (train.max_steps=20).")
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def outputs_summary(out: Path) -> str:
+    """Where a finished run's files are: the model, metrics.json, log.jsonl, plots, checkpoints."""
+    lines = [f"outputs in {out}/:"]
+    if (out / "adapter_config.json").is_file():
+        lines.append(f"  model        {out}/  (a LoRA adapter: PeftModel / AutoPeftModel.from_pretrained)")
+    elif (out / "config.json").is_file():
+        lines.append(f"  model        {out}/  (Hugging Face format: from_pretrained loads it)")
+    for label, name in (("metrics", "metrics.json"), ("log", "log.jsonl"), ("config", "config.yaml")):
+        if (out / name).is_file():
+            lines.append(f"  {label:<12} {out / name}")
+    plots = sorted(out.glob("*.png"))
+    if plots:
+        lines.append(f"  {'plots':<12} " + ", ".join(str(p) for p in plots))
+    if (out / "checkpoints").is_dir():
+        lines.append(f"  {'checkpoints':<12} {out / 'checkpoints'}/  (a rerun of the same command resumes)")
+    return "\n".join(lines)
+
+
+def _format_default(value) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_format_default, value)) + "]"
+    return str(value)
+
+
+def _first_sentence(doc: str) -> str:
+    """The docstring's first sentence (its lines joined), at most 120 characters."""
+    text = " ".join(doc.split())
+    first = re.split(r"(?<=[.;:])\s+(?=[A-Z`(])", text, maxsplit=1)[0] if text else ""
+    return first if len(first) <= 120 else first[:119] + "…"
+
+
+def keys_table(stage: str | None = None) -> str:
+    """`align keys [STAGE]`: every recipe key, its default and the first sentence of its docstring."""
+    from align.recipe import recipe_keys
+    from align.stages import STAGES
+    from align.trl_names import TRL_NAMES, target_of
+
+    if stage is not None and stage not in STAGES:
+        raise AlignError(f"align keys: unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    rows = [(key, _format_default(default), _first_sentence(doc)) for key, default, doc in recipe_keys(stage)]
+    kw = max(len(r[0]) for r in rows)
+    dw = min(max(len(r[1]) for r in rows), 16)
+    lines = [f"{'key':<{kw}}  {'default':<{dw}}  meaning"]
+    lines += [f"{key:<{kw}}  {default:<{dw}}  {meaning}".rstrip() for key, default, meaning in rows]
+    stages = [stage] if stage else list(STAGES)
+    names = []
+    for name in TRL_NAMES:
+        targets = sorted({t for s in stages if (t := target_of(name, s))})
+        if targets:
+            names.append(f"  {name:<28} -> {', '.join(targets)}")
+    lines += ["", "TRL's names, accepted at the top level, in train: or in their own section (with a note):"] + names
+    return "\n".join(lines)
+
+
 def run_command(args) -> int:
     if args.command == "train":
-        from align.engine import run
+        from align.planning import run
         from align.recipe import load_recipe
 
-        run(load_recipe(args.recipe, args.overrides))
+        recipe = load_recipe(args.recipe, args.overrides)
+        run(recipe)
+        if _main_process():
+            print(outputs_summary(Path(recipe.output_dir)), flush=True)
+        return 0
+    if args.command == "keys":
+        print(keys_table(args.stage))
         return 0
     if args.command == "eval-rm":
         from align.evaluate_rm import evaluate_reward_model

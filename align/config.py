@@ -18,8 +18,11 @@ Overrides are `key.path=value` strings whose values are parsed as YAML
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -139,10 +142,21 @@ def build(cls: type[T], data: Any, where: str = "") -> T:
 
 
 def _unknown_key_message(key, valid: list[str], where: str) -> str:
-    path = f"{where}.{key}" if where else str(key)
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {(where + '.') if where else ''}{close[0]}?" if close else ""
-    return f"unknown key {path}{hint} (valid keys here: {', '.join(valid)})"
+    return unknown_key_message(key, valid, where)
+
+
+def unknown_key_message(key, valid: list[str], where: str, aliases: dict[str, str] | None = None) -> str:
+    """"unknown key X; did you mean Y?" with Y the closest of `valid` and of `aliases` (other names
+    accepted here, alias -> the key it stands for), listing `valid`."""
+    aliases = aliases or {}
+    prefix = f"{where}." if where else ""
+    close = difflib.get_close_matches(str(key), list(valid) + list(aliases), n=1, cutoff=0.5)
+    hint = ""
+    if close and close[0] in aliases:
+        hint = f"; did you mean {aliases[close[0]]} ({prefix}{close[0]}, TRL's name, is accepted too)?"
+    elif close:
+        hint = f"; did you mean {prefix}{close[0]}?"
+    return f"unknown key {prefix}{key}{hint} (valid keys here: {', '.join(valid)})"
 
 
 def _describe(value) -> str:
@@ -217,3 +231,54 @@ def _yaml_float(text: str):
 
 def _type_name(tp) -> str:
     return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None))
+
+
+# ---------------------------------------------------------------------------
+# the schema, read back: every key, its default and its docstring
+# ---------------------------------------------------------------------------
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its docstring} of a dataclass, read from its source with `ast`.
+
+    The convention here (CleanRL's `Args`, PEP 257's "attribute docstrings"): a string
+    literal right under a field documents it. Fields without one are left out.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def schema_keys(cls, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """[(dotted key, default, docstring)] of every key of dataclass `cls`, nested sections expanded.
+
+    A section (a dataclass field) is not a key of its own unless it may be null (`data.from_policy`);
+    a default made by a factory is called (`train.report_to`: ["none"]).
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = prefix + f.name
+        tp = hints[f.name]
+        options = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+            Union, types.UnionType) else [tp]
+        section = next((o for o in options if dataclasses.is_dataclass(o)), None)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is dataclasses.MISSING:
+            default = None
+        if section is not None:
+            if default is None:
+                rows.append((key, None, docs.get(f.name, "")))
+            rows.extend(schema_keys(section, key + "."))
+        else:
+            rows.append((key, default, docs.get(f.name, "")))
+    return rows

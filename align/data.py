@@ -8,7 +8,9 @@ are read (GSM8K's `question` becomes the `prompt` a stage reads:
 `{path: openai/gsm8k, name: main, split: train, columns: {question: prompt}}`), and
 `chat_prompt: true` turns a string `prompt` into a one-turn conversation
 `[{role: user, content: prompt}]` so it goes through the chat template (a string
-value adds it as the system message first).
+value adds it as the system message first), and string answers (`completion`,
+`chosen`, `rejected`) into the assistant's reply `[{role: assistant, content: …}]`:
+SFT on GSM8K is `{columns: {question: prompt, answer: completion}, chat_prompt: true}`.
 
 Formats (detected from the columns, as TRL names them):
 
@@ -87,6 +89,17 @@ def load_rows(spec: Any, *, key: str = "data.train") -> Rows:
     return Rows(rows, origins)
 
 
+def load_eval_rows(data) -> Rows | None:
+    """The held-out rows of a recipe's data section: `data.eval` cut to its first `data.eval_limit` rows (the
+    one place the limit applies, to raw rows, for every stage); None without `data.eval`."""
+    if data.eval is None:
+        return None
+    rows = load_rows(data.eval, key="data.eval")
+    if data.eval_limit is not None:
+        rows = Rows(rows.rows[: data.eval_limit], rows.origins[: data.eval_limit])
+    return rows
+
+
 def _parse_spec(spec, key):
     if isinstance(spec, str):
         return spec, None, None, None
@@ -110,11 +123,17 @@ def _parse_spec(spec, key):
     raise AlignError(f"{key}: got {spec!r}, expected a file path, a datasets name or a mapping {{path, split}}")
 
 
+CHAT_ANSWERS = ("completion", "chosen", "rejected")
+"""Columns that `chat_prompt` wraps as the assistant's reply when they are strings."""
+
+
 def _map_columns(rows: list[dict], columns: dict[str, str], chat_prompt, label: str, key: str) -> list[dict]:
-    """Rename columns ({old: new}) and optionally wrap a string `prompt` as chat messages, row by row.
+    """Rename columns ({old: new}) and optionally wrap a string `prompt` (and string answers) as chat messages.
 
     >>> _map_columns([{"question": "1+1?", "answer": "#### 2"}], {"question": "prompt"}, True, "x", "k")
     [{'answer': '#### 2', 'prompt': [{'role': 'user', 'content': '1+1?'}]}]
+    >>> _map_columns([{"q": "1+1?", "completion": "2"}], {"q": "prompt"}, True, "x", "k")[0]["completion"]
+    [{'role': 'assistant', 'content': '2'}]
     """
     out = []
     for i, row in enumerate(rows):
@@ -131,6 +150,9 @@ def _map_columns(rows: list[dict], columns: dict[str, str], chat_prompt, label: 
                                  f"got {type(prompt).__name__} (columns: {sorted(row)})")
             system = [{"role": "system", "content": chat_prompt}] if isinstance(chat_prompt, str) else []
             row["prompt"] = system + [{"role": "user", "content": prompt}]
+            for answer in CHAT_ANSWERS:  # the reply to a chat prompt is an assistant turn (TRL's conversational form)
+                if isinstance(row.get(answer), str):
+                    row[answer] = [{"role": "assistant", "content": row[answer]}]
         out.append(row)
     return out
 
@@ -252,6 +274,15 @@ def chat_ids(tokenizer, messages, *, add_generation_prompt=False) -> list[int]:
     return list(ids)
 
 
+def cut_from_start(prompt_ids: list[int], budget: int, bos_id) -> list[int]:
+    """A prompt cut to its last `budget` tokens (a long dialogue keeps its latest turns, next to the answer);
+    a leading BOS is kept."""
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    head = prompt_ids[:1] if bos_id is not None and prompt_ids[:1] == [bos_id] else []
+    return head + prompt_ids[len(prompt_ids) - (budget - len(head)):]
+
+
 def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
     """Token ids of a prompt as generation sees it (chat template + generation prompt if conversational)."""
     if is_conversational(prompt):
@@ -291,16 +322,31 @@ def _tokenize_messages(tokenizer, messages, where) -> tuple[list[int], list[int]
         raise AlignError(f"{where}: no assistant message to train on")
     full = chat_ids(tokenizer, messages)
     labels = [IGNORE] * len(full)
+    special = set(tokenizer.all_special_ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        upto = chat_ids(tokenizer, messages[: i + 1])
-        if full[: len(upto)] != upto:
+        prompt = chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        start, end = len(prompt), _turn_end(full, chat_ids(tokenizer, messages[: i + 1]), special)
+        if end is None or end <= start or full[:start] != prompt:
             raise AlignError(f"{where}: the chat template renders turn {i} differently once later turns follow "
                              "(boundary drift); the loss mask would be wrong")
-        labels[start: len(upto)] = full[start: len(upto)]
+        labels[start:end] = full[start:end]
     return full, labels
+
+
+def _turn_end(full: list[int], upto: list[int], special: set[int]) -> int | None:
+    """Where a conversation rendered up to an assistant turn (`upto`) ends inside the whole one (`full`).
+
+    `upto` must be a prefix of `full`, except for special tokens a template adds only when the
+    conversation ends there: Phi-3's template closes a conversation with EOS after the last
+    `<|end|>`, which an earlier turn does not have. None when the rendering really differs (a
+    template that rewrites earlier turns, e.g. dropping their reasoning).
+    """
+    n = 0
+    while n < min(len(full), len(upto)) and full[n] == upto[n]:
+        n += 1
+    return n if all(t in special for t in upto[n:]) else None
 
 
 def tokenize_sft_row(tokenizer, row: dict, fmt: str, where: str) -> tuple[list[int], list[int]]:

@@ -31,15 +31,16 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from align.accel import make_accelerator
 from align.errors import AlignError
 from align.io_utils import JsonlLog, atomic_write_json, atomic_write_text
 from align.recipe import Recipe, TrainConfig, recipe_to_dict
@@ -48,127 +49,8 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
 # ---------------------------------------------------------------------------
-# accelerator, optimizer, schedule
+# optimizer, schedule
 # ---------------------------------------------------------------------------
-def make_accelerator(train: TrainConfig, output_dir: str):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    mixed = resolve_mixed_precision(train.mixed_precision)
-    forget_other_precision(mixed)
-    trackers = [t for t in train.report_to if t != "none"]
-    check_trackers(trackers)
-    # several CPU processes talk over gloo (with a DeepSpeed plugin each rank would otherwise think it is alone)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    accelerator = Accelerator(mixed_precision=mixed, log_with=trackers or None, project_dir=output_dir,
-                              kwargs_handlers=handlers)
-    warn_if_world_size_differs(accelerator)
-    return accelerator
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """`train.mixed_precision: auto`: the launcher's choice under `accelerate launch` (its
-    --mixed_precision or config file), else bf16 where the machine computes bf16 natively, else
-    fp32. An explicit recipe value always wins."""
-    if setting != "auto":
-        return setting
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launched:
-        return launched
-    return "bf16" if native_bf16() else "no"
-
-
-def native_bf16() -> bool:
-    """Does this machine compute bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX?
-
-    There `auto` trains under bf16 autocast, as TRL's default `bf16=True` does (measured on an
-    AVX512-BF16 CPU: a 6M-parameter Llama's forward/backward 1.5-1.7x faster than fp32).
-    """
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def forget_other_precision(mixed: str) -> None:
-    """Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
-    another mixed precision; runs done one after another in one process (a pipeline, eval-rm
-    after training, tests) each get their own. The process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and str(state.get("_mixed_precision", mixed)) != mixed:
-        AcceleratorState._reset_state(reset_partial_state=False)
-
-
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-
-
-def check_trackers(trackers: list[str]) -> None:
-    import importlib.util
-
-    for name in trackers:
-        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
-            raise AlignError(f"train.report_to: {name} is not installed; pip install {TRACKER_PACKAGES[name]}")
-
-
-def distributed_state():
-    """Accelerate's process state, set up as `make_accelerator` sets it up (CPU mode, gloo).
-
-    For code that needs ranks without an Accelerator (generate, the pipeline driver). A
-    plain `PartialState()` under `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu`
-    would see one process and leave the Accelerator made later undistributed.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = {"backend": "gloo"} if distributed and not torch.cuda.is_available() else {}
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **kwargs)
-
-
-def requested_processes() -> int | None:
-    """The --num_processes of the `accelerate launch` that started us, when visible (Linux)."""
-    try:
-        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    return num_processes_in_launch_args([a.decode(errors="replace") for a in args])
-
-
-def num_processes_in_launch_args(args: list[str]) -> int | None:
-    """`--num_processes N` from an `accelerate launch` command line (None when not one)."""
-    if not any("accelerate" in a for a in args[:3]):
-        return None
-    for i, arg in enumerate(args):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(args) and args[i + 1].isdigit():
-                return int(args[i + 1])
-            if arg.startswith(flag + "="):
-                return int(arg.split("=", 1)[1])
-    return None
-
-
-def warn_if_world_size_differs(accelerator) -> None:
-    """Stop when a launcher started several processes that each run alone; warn on other mismatches."""
-    from accelerate.utils import DistributedType
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and (accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.NO):
-        raise AlignError(
-            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate set up no "
-            f"distributed training (gradients would not be synchronised); on CPU set ACCELERATE_USE_CPU=true "
-            f"(ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} -m align ...)")
-    asked = requested_processes()
-    if asked is not None and asked != accelerator.num_processes:
-        print(f"\n*** WARNING: accelerate launch asked for {asked} processes but this run has "
-              f"{accelerator.num_processes}. On CPU start several processes with\n"
-              f"***   ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {asked} -m align ...\n"
-              f"*** (`--cpu --num_processes N` starts only one process).\n", file=sys.stderr, flush=True)
-
-
 def make_optimizer(model, train: TrainConfig):
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -222,12 +104,13 @@ def configure_deepspeed(accelerator, train: TrainConfig) -> None:
 
 def lr_factor(step: int, train: TrainConfig) -> float:
     """Multiplier of train.lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
+    warmup = train.warmup()
+    if step < warmup:
+        return (step + 1) / warmup
     if train.lr_scheduler == "constant":
         return 1.0
-    span = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
+    span = max(1, train.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = train.min_lr_ratio
     if train.lr_scheduler == "linear":
         return floor + (1 - floor) * (1 - progress)
@@ -329,41 +212,55 @@ class _Stop:
 # ---------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------
-def run(recipe: Recipe) -> dict:
-    """Build the accelerator and the recipe's stage, then train it."""
+def train_recipe(recipe: Recipe) -> dict:
+    """Build the accelerator and the recipe's stage, then train it (or report it finished).
+
+    Only trains: whatever the recipe needs from other recipes (an upstream model, policy-sample
+    pairs) is made and checked first by the planning layer (`align.planning.run`).
+    """
     from accelerate.utils import set_seed
 
-    from align.policy_pairs import ensure_policy_pairs
     from align.stages import STAGES
 
-    ensure_model(recipe.model, seed=recipe.seed)
-    ensure_policy_pairs(recipe.data.from_policy, seed=recipe.seed)
-    out = Path(recipe.output_dir)
-    finished = _finished_metrics(out, recipe.train.max_steps)
-    if finished is not None:
-        print(f"{out}: already trained to step {finished['train/steps']}; nothing to do "
-              f"(raise train.max_steps or use another output_dir to train more)")
+    # a budget in epochs is known in steps only once the stage has tokenized its data
+    if recipe.train.epochs is None and (finished := _already_trained(recipe)) is not None:
         return finished
     accelerator = make_accelerator(recipe.train, recipe.output_dir)
     set_seed(recipe.seed)
     stage = STAGES[recipe.stage].cls(recipe, accelerator)
+    resolve_budget(recipe, stage, accelerator)
+    if recipe.train.epochs is not None and (finished := _already_trained(recipe)) is not None:
+        return finished
     return train(stage, recipe, accelerator)
 
 
-def ensure_model(model_cfg, seed: int | None = None) -> None:
-    """Run `model.from_recipe` first when the folder it should produce holds no finished model yet.
+def resolve_budget(recipe: Recipe, stage, accelerator) -> None:
+    """train.epochs -> train.max_steps from the stage's training set; warn when warmup lasts the whole run.
 
-    `seed`: the seed of the recipe that needs the model; the upstream recipe runs with it, so
-    `seed=N` on a command line (or an `align pipeline ... seed=N`) seeds every model the run trains."""
-    if model_cfg.from_recipe is None or (Path(model_cfg.name_or_path) / "config.json").is_file() \
-            or (Path(model_cfg.name_or_path) / "adapter_config.json").is_file():
-        return
-    from align.recipe import load_recipe
+    max_steps = ceil(epochs x examples / global batch), examples being what train.batch_size counts
+    (packed rows for SFT with data.packing). A global batch never straddles two passes (`GlobalBatches`
+    drops each pass's remainder), so a fractional last pass starts a reshuffled one.
+    """
+    t = recipe.train
+    if t.epochs is not None:
+        examples, size = len(stage.batches.examples), stage.batches.global_batches.size
+        t.max_steps = max(1, math.ceil(t.epochs * examples / size - 1e-9))
+        accelerator.print(f"train.epochs={t.epochs:g}: {examples} training examples / global batch {size} "
+                          f"(batch_size x grad_accum x processes) -> train.max_steps={t.max_steps}")
+    if t.warmup() >= t.max_steps:
+        accelerator.print(f"warning: warmup ({t.warmup()} steps) >= train.max_steps ({t.max_steps}): the whole run "
+                          f"is warmup and the learning rate never reaches train.lr ({t.lr:g}); lower "
+                          f"train.warmup_steps or use train.warmup_ratio", flush=True)
 
-    overrides = [f"output_dir={model_cfg.name_or_path}"] + ([] if seed is None else [f"seed={seed}"])
-    upstream = load_recipe(model_cfg.from_recipe, overrides)
-    print(f"model.name_or_path {model_cfg.name_or_path} does not exist yet: training it with {model_cfg.from_recipe}")
-    run(upstream)
+
+def _already_trained(recipe: Recipe) -> dict | None:
+    """The metrics of a run already trained to train.max_steps in output_dir (None: there is work to do)."""
+    out = Path(recipe.output_dir)
+    finished = _finished_metrics(out, recipe.train.max_steps)
+    if finished is not None:
+        print(f"{out}: already trained to step {finished['train/steps']}; nothing to do "
+              f"(raise train.max_steps or train.epochs, or use another output_dir to train more)")
+    return finished
 
 
 def _trainer_state(stage, step: int, start_metrics) -> dict:
@@ -382,145 +279,176 @@ def _finished_metrics(out: Path, max_steps: int) -> dict | None:
     return metrics if metrics.get("train/steps", -1) >= max_steps else None
 
 
+@dataclass
+class _Loop:
+    """What one training run's steps share: the prepared model and optimizer, the logs, the running sums."""
+
+    stage: object
+    recipe: Recipe
+    accelerator: object
+    model: object
+    optimizer: object
+    deepspeed: bool
+    out: Path
+    log: JsonlLog | None = None
+    sums: MetricSums = field(default_factory=MetricSums)
+    tokens_since: int = 0
+    time_since: float = field(default_factory=time.perf_counter)
+
+
 def train(stage, recipe: Recipe, accelerator) -> dict:
     """Train `stage` as `recipe` says; returns the final metrics (also in metrics.json)."""
     from tqdm.auto import tqdm
 
-    out = Path(recipe.output_dir)
+    loop = _prepare(stage, recipe, accelerator)
     tcfg = recipe.train
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
-    model = stage.model
-    optimizer = make_optimizer(model, tcfg)
-    deepspeed = uses_deepspeed(accelerator)
-    if deepspeed:
-        configure_deepspeed(accelerator, tcfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # train mode: from_pretrained returns eval mode, where dropout and gradient checkpointing are silently off
-    model.train()
-    stage.model = model
-
-    # -- resume ------------------------------------------------------------
-    start_step, start_metrics = 0, None
-    found = checkpoints(out)
-    if found:
-        step, path = found[-1]
-        accelerator.load_state(str(path))
-        state = _read_state(path)
-        if "stage" in state and hasattr(stage, "load_checkpoint_state"):
-            stage.load_checkpoint_state(state["stage"])
-        start_step, start_metrics = state["step"], state.get("metrics_start")
-        accelerator.print(f"resuming from {path} (step {start_step} of {tcfg.max_steps})")
-    if accelerator.is_main_process:
-        log = JsonlLog(out / "log.jsonl", resume_step=start_step if found else None)
+    start_step, start_metrics = _resume(loop)
     if [t for t in tcfg.report_to if t != "none"]:
-        accelerator.init_trackers(out.name, config=_flat(recipe_to_dict(recipe)))
-
-    # -- evaluation before the first step ------------------------------------
+        accelerator.init_trackers(loop.out.name, config=_flat(recipe_to_dict(recipe)))
     if start_metrics is None:
-        start_metrics = stage.evaluate(model)
-        if accelerator.is_main_process:
-            log.write(0, start_metrics)
-            accelerator.log(start_metrics, step=0)
-        _print_metrics(accelerator, "before training", start_metrics)
-
+        start_metrics = _evaluate(loop, 0, "before training")
     previous_handlers = _Stop.install()
-    sums = MetricSums()
-    tokens_since, time_since = 0, time.perf_counter()
     bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not (accelerator.is_main_process and tcfg.progress_bar),
                desc=f"{recipe.stage}", dynamic_ncols=True)
     step = start_step
     try:
         while step < tcfg.max_steps:
-            # 1. this step's micro-batches; one all-reduce gives the global weight that normalises
-            #    their loss, and whether any process was asked to stop
-            micro = stage.micro_batches(step)
-            global_weight, stop = _reduce_step_header(accelerator, sum(b["_weight"] for b in micro), _Stop.requested)
-            if stop:
-                save_checkpoint(accelerator, out, step, _trainer_state(stage, step, start_metrics),
-                                tcfg.save_total_limit)
-                accelerator.print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same "
-                                  f"command to resume")
-                raise SystemExit(143)
-            if global_weight <= 0:
-                raise AlignError(f"train step {step + 1}: the batch has no trainable tokens")
-            scale = accelerator.num_processes / global_weight
-            # 2. forward/backward each micro-batch; DDP synchronises gradients on the last one only,
-            #    DeepSpeed reduces, clips and steps at the boundary the engine marks (the last one)
-            lr = set_lr(optimizer, step, tcfg)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                last = i == len(micro) - 1
-                with (accelerator.no_sync(model) if not last and accelerator.num_processes > 1 and not deepspeed
-                      else nullcontext()):
-                    with accelerator.autocast():
-                        loss_sum, metrics = stage.loss(model, batch)
-                    if deepspeed:
-                        accelerator.deepspeed_engine_wrapped.backward(loss_sum * scale, sync_gradients=last)
-                    else:
-                        accelerator.backward(loss_sum * scale)
-                step_loss += loss_sum.detach().float()
-                sums.add(metrics)
-                tokens_since += batch["_tokens"]
-            step_loss = step_loss.item()
-            if not math.isfinite(step_loss):
-                raise AlignError(f"train step {step + 1}: the loss is {step_loss} (not finite); "
-                                 f"lower train.lr or check the data (last good checkpoint kept)")
-            # 3. clip, step
-            grad_norm = None
-            if tcfg.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stage.after_step(step)
+            lr, step_loss, grad_norm = _optimizer_step(loop, step, start_metrics)
             step += 1
-            # summed over processes this is the step's loss, counted once per step
-            sums.add({"train/loss": (step_loss / global_weight, 1.0 / accelerator.num_processes)})
-            # 4. log, evaluate, checkpoint
-            if step % tcfg.log_steps == 0 or step == tcfg.max_steps:
-                elapsed = time.perf_counter() - time_since
-                record = sums.read(accelerator)
-                record["train/lr"] = lr
-                record["train/tokens_per_second"] = tokens_since * accelerator.num_processes / max(elapsed, 1e-9)
-                if grad_norm is not None:
-                    record["train/grad_norm"] = float(grad_norm)
-                tokens_since, time_since = 0, time.perf_counter()
-                if accelerator.is_main_process:
-                    log.write(step, record)
-                    accelerator.log(record, step=step)
-                    bar.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                    tok_s=f"{record['train/tokens_per_second']:.0f}")
-            if recipe.eval.steps and step % recipe.eval.steps == 0 and step < tcfg.max_steps:
-                evaluated = stage.evaluate(model)
-                if accelerator.is_main_process:
-                    log.write(step, evaluated)
-                    accelerator.log(evaluated, step=step)
-            bar.update(1)
-            if step % tcfg.save_steps == 0 and step < tcfg.max_steps:
-                save_checkpoint(accelerator, out, step, _trainer_state(stage, step, start_metrics),
-                                tcfg.save_total_limit)
+            _after_step(loop, step, lr, step_loss, grad_norm, start_metrics, bar)
     finally:
         bar.close()
         _Stop.restore(previous_handlers)
+    return _finish(loop, step, start_metrics)
 
-    # -- final evaluation and save ---------------------------------------------
-    final = stage.evaluate(model)
-    _print_metrics(accelerator, "after training", final)
+
+def _prepare(stage, recipe: Recipe, accelerator) -> _Loop:
+    """Write config.yaml, build the optimizer, let accelerate wrap model and optimizer (DDP/DeepSpeed/FSDP)."""
+    out = Path(recipe.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    optimizer = make_optimizer(stage.model, recipe.train)
+    deepspeed = uses_deepspeed(accelerator)
+    if deepspeed:
+        configure_deepspeed(accelerator, recipe.train)
+    model, optimizer = accelerator.prepare(stage.model, optimizer)
+    # train mode: from_pretrained returns eval mode, where dropout and gradient checkpointing are silently off
+    model.train()
+    stage.model = model
+    return _Loop(stage, recipe, accelerator, model, optimizer, deepspeed, out)
+
+
+def _resume(loop: _Loop) -> tuple[int, dict | None]:
+    """Load the newest checkpoint if there is one: -> (the step to continue from, the evaluation before step 1)."""
+    start_step, start_metrics = 0, None
+    found = checkpoints(loop.out)
+    if found:
+        step, path = found[-1]
+        loop.accelerator.load_state(str(path))
+        state = _read_state(path)
+        if "stage" in state and hasattr(loop.stage, "load_checkpoint_state"):
+            loop.stage.load_checkpoint_state(state["stage"])
+        start_step, start_metrics = state["step"], state.get("metrics_start")
+        loop.accelerator.print(f"resuming from {path} (step {start_step} of {loop.recipe.train.max_steps})")
+    if loop.accelerator.is_main_process:
+        loop.log = JsonlLog(loop.out / "log.jsonl", resume_step=start_step if found else None)
+    return start_step, start_metrics
+
+
+def _evaluate(loop: _Loop, step: int, title: str | None = None) -> dict:
+    """The stage's evaluation, written to log.jsonl and the trackers (and printed when titled)."""
+    metrics = loop.stage.evaluate(loop.model)
+    if loop.accelerator.is_main_process:
+        loop.log.write(step, metrics)
+        loop.accelerator.log(metrics, step=step)
+    if title:
+        _print_metrics(loop.accelerator, title, metrics)
+    return metrics
+
+
+def _optimizer_step(loop: _Loop, step: int, start_metrics: dict) -> tuple[float, float, float | None]:
+    """One optimizer step over the step's micro-batches: -> (lr, summed loss / global weight, grad norm)."""
+    acc, tcfg, model = loop.accelerator, loop.recipe.train, loop.model
+    # 1. this step's micro-batches; one all-reduce gives the global weight that normalises their loss,
+    #    and whether any process was asked to stop
+    micro = loop.stage.micro_batches(step)
+    global_weight, stop = _reduce_step_header(acc, sum(b["_weight"] for b in micro), _Stop.requested)
+    if stop:
+        save_checkpoint(acc, loop.out, step, _trainer_state(loop.stage, step, start_metrics), tcfg.save_total_limit)
+        acc.print(f"\nstopped by signal at step {step}; checkpoint saved, rerun the same command to resume")
+        raise SystemExit(143)
+    if global_weight <= 0:
+        raise AlignError(f"train step {step + 1}: the batch has no trainable tokens")
+    scale = acc.num_processes / global_weight
+    # 2. forward/backward each micro-batch; DDP synchronises gradients on the last one only,
+    #    DeepSpeed reduces, clips and steps at the boundary the engine marks (the last one)
+    lr = set_lr(loop.optimizer, step, tcfg)
+    step_loss = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        last = i == len(micro) - 1
+        with acc.no_sync(model) if not last and acc.num_processes > 1 and not loop.deepspeed else nullcontext():
+            with acc.autocast():
+                loss_sum, metrics = loop.stage.loss(model, batch)
+            if loop.deepspeed:
+                acc.deepspeed_engine_wrapped.backward(loss_sum * scale, sync_gradients=last)
+            else:
+                acc.backward(loss_sum * scale)
+        step_loss += loss_sum.detach().float()
+        loop.sums.add(metrics)
+        loop.tokens_since += batch["_tokens"]
+    step_loss = step_loss.item()
+    if not math.isfinite(step_loss):
+        raise AlignError(f"train step {step + 1}: the loss is {step_loss} (not finite); "
+                         f"lower train.lr or check the data (last good checkpoint kept)")
+    # 3. clip, step
+    grad_norm = None
+    if tcfg.max_grad_norm is not None:
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm))
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.stage.after_step(step)
+    return lr, step_loss / global_weight, grad_norm
+
+
+def _after_step(loop: _Loop, step: int, lr: float, loss: float, grad_norm, start_metrics: dict, bar) -> None:
+    """Log every train.log_steps, evaluate every eval.steps, checkpoint every train.save_steps."""
+    tcfg, acc = loop.recipe.train, loop.accelerator
+    # summed over processes this is the step's loss, counted once per step
+    loop.sums.add({"train/loss": (loss, 1.0 / acc.num_processes)})
+    if step % tcfg.log_steps == 0 or step == tcfg.max_steps:
+        elapsed = time.perf_counter() - loop.time_since
+        record = loop.sums.read(acc)
+        record["train/lr"] = lr
+        record["train/tokens_per_second"] = loop.tokens_since * acc.num_processes / max(elapsed, 1e-9)
+        if grad_norm is not None:
+            record["train/grad_norm"] = grad_norm
+        loop.tokens_since, loop.time_since = 0, time.perf_counter()
+        if acc.is_main_process:
+            loop.log.write(step, record)
+            acc.log(record, step=step)
+            bar.set_postfix(loss=f"{record['train/loss']:.4f}", tok_s=f"{record['train/tokens_per_second']:.0f}")
+    if loop.recipe.eval.steps and step % loop.recipe.eval.steps == 0 and step < tcfg.max_steps:
+        _evaluate(loop, step)
+    bar.update(1)
+    if step % tcfg.save_steps == 0 and step < tcfg.max_steps:
+        save_checkpoint(acc, loop.out, step, _trainer_state(loop.stage, step, start_metrics), tcfg.save_total_limit)
+
+
+def _finish(loop: _Loop, step: int, start_metrics: dict) -> dict:
+    """Final evaluation, the model in Hugging Face format, metrics.json."""
+    acc = loop.accelerator
+    final = _evaluate(loop, step, "after training")
     metrics = dict(final)
     metrics.update({f"{k}_start": v for k, v in start_metrics.items()})
     metrics["train/steps"] = step
-    if accelerator.is_main_process:
-        log.write(step, final)
-        accelerator.log(final, step=step)
-    stage.save(out, accelerator)
-    if accelerator.is_main_process:
-        atomic_write_json(out / "metrics.json", metrics)
-    accelerator.wait_for_everyone()
-    if [t for t in tcfg.report_to if t != "none"]:
-        accelerator.end_training()
+    loop.stage.save(loop.out, acc)
+    if acc.is_main_process:
+        atomic_write_json(loop.out / "metrics.json", metrics)
+    acc.wait_for_everyone()
+    if [t for t in loop.recipe.train.report_to if t != "none"]:
+        acc.end_training()
     return metrics
 
 
@@ -550,5 +478,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _print_metrics(accelerator, title: str, metrics: dict) -> None:
     if metrics:
-        shown = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+        shown = "  ".join(f"{k}={_shown(k, v, metrics)}" for k, v in sorted(metrics.items()))
         accelerator.print(f"[{title}] {shown}")
+
+
+def _shown(name: str, value, metrics: dict) -> str:
+    """A metric as printed; a pair accuracy where every pair ties (DPO before its first step) reads "ties"."""
+    if name == "eval/pair_accuracy" and metrics.get("eval/pair_ties") == 1.0:
+        return "ties"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

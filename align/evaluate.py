@@ -10,7 +10,7 @@ import torch
 
 from align.data import IGNORE, collate, encode_prompt, without_causal_padding_mask
 from align.losses import nll_sum
-from align.models import gathered
+from align.models import gathered, stop_token_ids
 
 
 def _reduce_sum(accelerator, values: list[float]) -> list[float]:
@@ -84,7 +84,7 @@ def _greedy_completions(model, tokenizer, prompts: list, *, max_new_tokens: int,
             mask[row, width - n:] = 1
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=False,
+                                   eos_token_id=stop_token_ids(model, tokenizer), synced_gpus=False,
                                    use_cache=True)  # the loader sets config.use_cache=False with checkpointing
         for row, i in enumerate(chunk):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)

@@ -255,8 +255,8 @@ def evaluate_reward_model(model_path: str, data, *, output: str | None = None, p
     summary (also written to `output` as JSON, and plotted to `plot`, on the main process).
     """
     from align import models
+    from align.accel import make_accelerator
     from align.data import load_rows
-    from align.engine import make_accelerator
     from align.preference_data import tokenize_preferences
     from align.recipe import ModelConfig, TrainConfig
 
@@ -266,6 +266,7 @@ def evaluate_reward_model(model_path: str, data, *, output: str | None = None, p
     pairs = tokenize_preferences(load_rows(data, key="--data"), tokenizer, max_length=max_length, key="--data",
                                  prompt_truncation=prompt_truncation, scores_tokens=False)
     model = models.load_model(cfg, tokenizer, head="score", trainable=False).to(accelerator.device)
+    models.check_positions(model, max(map(pair_length, pairs.examples)), f"--max-length {max_length}")
     chosen, rejected = score_pairs(model, pairs.examples, tokenizer.pad_token_id, batch_size=batch_size,
                                    accelerator=accelerator)
     summary = summarize(pairs.examples, chosen, rejected)

@@ -15,9 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from align import models
+from align.accel import distributed_state
 from align.data import encode_prompt, load_rows
-from align.engine import distributed_state
 from align.errors import AlignError
 from align.io_utils import atomic_write_text
 from align.recipe import ModelConfig
@@ -34,33 +36,41 @@ def prompt_of(row: dict, where: str):
 
 
 def sample_jobs(model, tokenizer, rows, jobs: list[tuple[int, int]], *, sampling: SamplingConfig, num_samples: int,
-                seed: int, do_sample: bool) -> dict[tuple[int, int], str]:
+                seed: int, do_sample: bool, progress: str | None = None) -> dict[tuple[int, int], str]:
     """Completion text of each (row index, sample index) job: this process's share of `align generate`.
 
     Each job samples with its own key (from the seed and its index i x num_samples + s), so what it
     samples depends neither on the batch it lands in nor on how the jobs are dealt out to processes.
+    `progress`: the label of a progress bar counting samples (shown on a terminal only); None: no bar.
     """
     encoded = [encode_prompt(tokenizer, prompt_of(rows.rows[i], rows.where(i)), rows.where(i)) for i, _ in jobs]
     keys = row_keys(seed, [i * num_samples + s for i, s in jobs]) if do_sample else None
     order = sorted(range(len(jobs)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
     by_job = {}
+    bar = tqdm(total=len(jobs), desc=progress, unit="sample", dynamic_ncols=True,
+               disable=True if progress is None else None)  # None: tqdm shows it on a terminal only
     for start in range(0, len(order), sampling.batch_size):
         chunk = order[start: start + sampling.batch_size]
         ids, mask = left_pad([encoded[k] for k in chunk], tokenizer.pad_token_id)
-        out = sample(model, ids, mask, sampling=sampling, eos_id=tokenizer.eos_token_id,
+        out = sample(model, ids, mask, sampling=sampling, eos_id=models.stop_token_ids(model, tokenizer),
                      pad_id=tokenizer.pad_token_id, do_sample=do_sample,
                      keys=keys[chunk] if keys is not None else None)
-        keep, _ = completion_mask(out, tokenizer.eos_token_id)
+        keep, _ = completion_mask(out, models.stop_token_ids(model, tokenizer))
         for row, k in enumerate(chunk):
             n = int(keep[row].sum())
             by_job[jobs[k]] = tokenizer.decode(out[row, :n].tolist(), skip_special_tokens=True)
+        bar.update(len(chunk))
+    bar.close()
     return by_job
 
 
 def generate(model_path: str, prompts_path: str, *, output: str | None = None, max_new_tokens: int = 64,
              batch_size: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             num_samples: int = 1, seed: int = 0, trust_remote_code: bool = False) -> list[dict]:
-    """Sample completions for every prompt; returns the output rows (also written to `output` or stdout)."""
+             num_samples: int = 1, seed: int = 0, trust_remote_code: bool = False,
+             progress: str = "sampling") -> list[dict]:
+    """Sample completions for every prompt; returns the output rows (also written to `output` or stdout).
+
+    The main process shows a progress bar labelled `progress` on a terminal."""
     from accelerate.utils import gather_object
 
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1 or temperature < 0:
@@ -76,7 +86,7 @@ def generate(model_path: str, prompts_path: str, *, output: str | None = None, m
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, top_p=top_p,
                               top_k=top_k, batch_size=batch_size)
     by_job = sample_jobs(model, tokenizer, rows, mine, sampling=sampling, num_samples=num_samples, seed=seed,
-                         do_sample=temperature > 0)
+                         do_sample=temperature > 0, progress=progress if state.is_main_process else None)
     texts = [(job, by_job[job]) for job in mine]
     if state.num_processes > 1:
         texts = gather_object(texts)

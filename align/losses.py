@@ -33,16 +33,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.T
     return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
+def masked_moments(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of the masked entries of `x` (population variance)."""
+    mean = masked_mean(x, mask)
+    return mean, masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8,
+           moments=masked_moments) -> torch.Tensor:
     """(x - mean) / std over the masked entries; with `shift_mean=False` the mean is kept.
 
     A separate step from GAE on purpose: callers choose whether to whiten advantages
-    (per batch, per minibatch, or not at all).
+    (per batch, per minibatch, or not at all). `moments(x, mask) -> (mean, var)` gives the
+    statistics: of `x` itself by default, or of every process's batch (LLM PPO passes one
+    that all-reduces, so the update does not depend on how the batch is split).
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    mean, var = moments(x, mask)
+    out = (x - mean) * torch.rsqrt(torch.as_tensor(var + eps, dtype=x.dtype))
     if not shift_mean:
         out = out + mean
     return out if mask is None else out * mask.to(x.dtype)
@@ -188,12 +195,12 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """1 - Var[target - predicted] / Var[target]; nan when the target is constant."""
-    var_target = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
-    resid = target - predicted
-    var_resid = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
-    return float("nan") if var_target.item() == 0 else float(1.0 - var_resid / var_target)
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
+                       moments=masked_moments) -> float:
+    """1 - Var[target - predicted] / Var[target]; nan when the target is constant (`moments` as in `whiten`)."""
+    var_target = float(moments(target, mask)[1])
+    var_resid = float(moments(target - predicted, mask)[1])
+    return float("nan") if var_target == 0 else 1.0 - var_resid / var_target
 
 
 # ---------------------------------------------------------------------------
@@ -350,6 +357,66 @@ def orpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------
+# KTO: unpaired desirable / undesirable completions
+# ---------------------------------------------------------------------------
+def kto_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, *, reduce=None) -> torch.Tensor:
+    """KTO's reference point z_0 (Ethayarajh et al. 2024, eq. 6 and sec. 4.1), a detached scalar.
+
+        z_0 = max(0, mean_j [log pi(y'_j | x_j) - log pi_ref(y'_j | x_j)])
+
+    over MISMATCHED pairs (x_j, y'_j): a prompt with another example's completion, so y' is a
+    sample of the completions' marginal and the mean estimates KL(pi(y|x) || pi_ref(y|x)) up to
+    the shift the paper accepts. Summed completion log-probs (B,), (B,). `reduce` maps the
+    statistics tensor [sum, count] to the global one (an all-reduce over processes, a sum over
+    micro-batches): the estimate then covers the whole step's batch however it is split. No
+    gradient flows through z_0 (TRL 1.16 `KTOTrainer`: `.detach()` and `clamp(min=0)` after the
+    mean over processes).
+
+    >>> kto_reference_point(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -5.5])).item()
+    0.75
+    >>> kto_reference_point(torch.tensor([-3.0]), torch.tensor([-2.0])).item()  # clamped at 0
+    0.0
+    """
+    ratios = (kl_logps - ref_kl_logps).detach().float()
+    stats = torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))])
+    if reduce is not None:
+        stats = reduce(stats)
+    return (stats[0] / stats[1].clamp(min=1.0)).clamp(min=0.0)
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, reference_point: torch.Tensor, *,
+             beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7) per example: (B,) summed log-probs, (B,) bool -> (losses, rewards).
+
+    With rho = logp - ref_logp (SUMMED over the completion tokens, TRL's convention) and z_0 the
+    detached reference point (`kto_reference_point`):
+
+        desirable:    lambda_D * (1 - sigma(beta * (rho - z_0)))
+        undesirable:  lambda_U * (1 - sigma(beta * (z_0 - rho)))
+
+    lambda_D / lambda_U are TRL's `desirable_weight` / `undesirable_weight` (the paper's eq. 8
+    asks lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the labels are imbalanced). The paper
+    writes the loss as lambda_y - v(x, y); the constant lambda_y is dropped, as TRL does. Rewards
+    are beta * rho, detached. `losses.mean()` over a batch equals TRL 1.16 `KTOTrainer`'s
+    `loss_type="kto"` loss for the same z_0.
+
+    Worked example: beta 0.1, rho = 2, z_0 = 1, desirable -> 1 - sigma(0.1) = 0.4750:
+
+    >>> losses, _ = kto_loss(torch.tensor([-3.0, -3.0]), torch.tensor([-5.0, -5.0]), torch.tensor([True, False]),
+    ...                      torch.tensor(1.0))
+    >>> [round(x, 4) for x in losses.tolist()]
+    [0.475, 0.525]
+    """
+    rho = logps - ref_logps
+    z = torch.as_tensor(reference_point, dtype=rho.dtype, device=rho.device).detach()
+    desirable = desirable.to(torch.bool)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (rho - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - rho))))
+    return losses, beta * rho.detach()
+
+
+# ---------------------------------------------------------------------------
 # GRPO: group-relative advantages and token aggregation
 # ---------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group",
@@ -389,36 +456,157 @@ _REWARD_SCALES = {
 }
 
 
+def rloo_advantages(rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "none",
+                    eps: float = 1e-4) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, eq. 6): (B,) -> (B,), B = groups x G.
+
+    Rows of one prompt are contiguous, as in `group_advantages`. Each completion's baseline
+    is the mean reward of the OTHER G - 1 completions of its group:
+
+        A_i = r_i - (sum_{j in group} r_j - r_i) / (G - 1)  =  G / (G - 1) * (r_i - mean_group(r))
+
+    scale_rewards "none" (TRL's default `normalize_advantages=False`) returns that; "batch"
+    (TRL's `normalize_advantages=True`) then whitens over all B rows: (A - mean A) / (unbiased
+    std A + eps). A group's advantages sum to zero, so the batch mean is 0 up to rounding.
+    Equals TRL 1.16 `RLOOTrainer`'s advantages (no reward KL: TRL puts RLOO's KL into the
+    reward, align's GRPO stage keeps it in the loss).
+
+    Worked example (G = 3): baselines [0, 0.5, 0.5]:
+
+    >>> rloo_advantages(torch.tensor([1.0, 0.0, 0.0]), 3).tolist()
+    [1.0, -0.5, -0.5]
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size or group_size < 2:
+        raise ValueError(f"rloo_advantages: rewards must be (groups x group_size,) with group_size >= 2, got "
+                         f"{tuple(rewards.shape)} with group_size {group_size}")
+    grouped = rewards.view(-1, group_size)  # (groups, G)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # (groups, G)
+    advantages = (grouped - baseline).view(-1)  # (B,)
+    if scale_rewards == "none":
+        return advantages
+    if scale_rewards == "batch":
+        std = advantages.std() if advantages.numel() > 1 else advantages.new_zeros(())
+        return (advantages - advantages.mean()) / (std + eps)
+    raise ValueError(f"rloo_advantages: scale_rewards {scale_rewards!r}; expected 'none' or 'batch' (the "
+                     f"leave-one-out baseline is not scaled per group)")
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                            eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++ advantages (Hu 2025, eq. 10): no baseline, one normalisation over the GLOBAL batch.
+
+    rewards: (B,) sequence rewards of EVERY process's rollouts (gather first); lengths: (B,)
+    completion token counts (None: 1 each). REINFORCE++ gives each token t the return
+    G_t = r - beta * sum_{s >= t} KL_s (gamma = 1) and normalises those token advantages over
+    the batch. In align the KL stays in the loss (as GRPO's), so every token of completion i
+    has the return r_i, and the token-level statistics over the batch are length-weighted:
+
+        mu     = sum_i n_i r_i / sum_i n_i
+        var    = sum_i n_i (r_i - mu)^2 / sum_i n_i          (population variance)
+        A_i    = (r_i - mu) / sqrt(max(var, eps))
+
+    which is OpenRLHF's `advantage_estimator=reinforce` normalisation (masked token mean and
+    variance over all action tokens, rsqrt(var.clamp(min=1e-8))) for these returns. All rewards
+    equal: var = 0 and every advantage is 0 (no signal), as in GRPO.
+
+    Worked example: rewards [1, 0, 0, 1], lengths [2, 1, 1, 4] -> mu = 6/8 = 0.75,
+    var = (2 x 0.0625 + 2 x 0.5625 + 4 x 0.0625) / 8 = 0.1875, sqrt 0.4330:
+
+    >>> [round(a, 4) for a in reinforce_pp_advantages(torch.tensor([1.0, 0, 0, 1]), torch.tensor([2, 1, 1, 4])).tolist()]
+    [0.5774, -1.7321, -1.7321, 0.5774]
+    """
+    weights = torch.ones_like(rewards) if lengths is None else lengths.to(rewards.dtype)
+    total = weights.sum().clamp(min=1.0)
+    mean = (weights * rewards).sum() / total
+    var = (weights * (rewards - mean) ** 2).sum() / total
+    return (rewards - mean) * var.clamp(min=eps).rsqrt()
+
+
+ADVANTAGE_ESTIMATORS = {
+    # r - group mean, scaled by scale_rewards (default "group": the group's std): Shao et al. 2024
+    "grpo": lambda rewards, G, lengths, scale: group_advantages(rewards, G, scale_rewards=scale or "group"),
+    # r - mean of the other G - 1 of the group (Ahmadian et al. 2024); "batch" whitens (TRL's normalize_advantages)
+    "rloo": lambda rewards, G, lengths, scale: rloo_advantages(rewards, G, scale_rewards=scale or "none"),
+    # no baseline, token-weighted whitening over the global batch (Hu 2025; OpenRLHF's reinforce)
+    "reinforce_pp": lambda rewards, G, lengths, scale: reinforce_pp_advantages(rewards, lengths),
+}
+"""grpo.advantage_estimator -> f(rewards (B,), group_size, lengths (B,), scale_rewards or None) -> (B,).
+
+Each takes the GLOBAL batch (every process's rows, groups contiguous); the GRPO stage gathers
+rewards and completion lengths first, then keeps its own rows.
+"""
+
+
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> int:
     """Number of groups whose rewards are all equal (no learning signal): (B,) -> int."""
     grouped = rewards.view(-1, group_size)
     return int((grouped.max(-1).values == grouped.min(-1).values).sum())
 
 
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """GSPO's sequence-level log importance weight, on every token: (B, T), (B, T) -> (B, T).
+
+        log s_i = mean_{t in y_i} (log pi(y_i,t) - log pi_old(y_i,t)),   s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|)
+
+    (Zheng et al. 2025, eq. 7). Broadcast to every token of the sequence, as TRL 1.16 does
+    (it keeps a (B, 1) tensor): the per-token loss then has the same value on each token, and
+    its gradient reaches token t as s_i * A_i * grad log pi_t / |y_i| — what GSPO-token's
+    sg[s_i] * pi_t / sg[pi_t] gives under the per-sequence token mean, so no explicit
+    stop-gradient is needed (checked in tests/test_grpo_losses.py).
+
+    Worked example (the third token is padding):
+
+    >>> sequence_log_ratio(torch.tensor([[0.3, -0.1, 9.0]]), torch.tensor([[1, 1, 0]])).tolist()
+    [[0.10000000894069672, 0.10000000894069672, 0.10000000894069672]]
+    """
+    if mask is None:
+        raise ValueError("importance_sampling_level='sequence' needs the completion mask")
+    mask = mask.to(log_ratio.dtype)
+    per_sequence = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
+    return per_sequence.expand_as(log_ratio)
+
+
+IMPORTANCE_SAMPLING_LEVELS = {
+    "token": lambda log_ratio, mask: log_ratio,  # PPO / GRPO: one ratio per token
+    "sequence": sequence_log_ratio,  # GSPO (Zheng et al. 2025): one length-normalised ratio per sequence
+}
+"""importance_sampling_level -> f(log_ratio (B, T), mask (B, T)) -> log importance weight (B, T) (TRL's names)."""
+
+
 def grpo_token_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
                       clip_eps: float = 0.2, clip_eps_high: float | None = None, beta: float = 0.0,
-                      ref_logprobs: torch.Tensor | None = None,
-                      kl_ratio_correction: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      ref_logprobs: torch.Tensor | None = None, kl_ratio_correction: bool = False,
+                      importance_sampling_level: str = "token",
+                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GRPO's per-token loss: clipped surrogate with the sequence's advantage + beta * k3 KL.
 
-    logprobs, old_logprobs, ref_logprobs: (B, T); advantages: (B,) (one per sequence).
+    logprobs, old_logprobs, ref_logprobs, mask: (B, T); advantages: (B,) (one per sequence).
     Returns (losses (B, T), clipped (B, T), kl (B, T) or None). The surrogate is
-    `ppo_clip_loss` (separate low/high epsilon: DAPO's clip-higher); the KL is
+    `ppo_clip_loss` (separate low/high epsilon: DAPO's clip-higher) on the importance weight
+    of `importance_sampling_level` (`IMPORTANCE_SAMPLING_LEVELS`): "token", each token's
+    ratio exp(logprobs - old_logprobs); "sequence", GSPO's exp(mean_t log-ratio) of the whole
+    completion, clipped once per sequence (`sequence_log_ratio`; needs `mask`). The KL is
     `kl_penalty(..., estimator="k3")` to the reference, added per token inside the
     aggregation as DeepSeekMath's eq. 3 and TRL do. `kl_ratio_correction` multiplies the
-    KL term by the importance ratio exp(logprobs - old_logprobs) (DeepSeek-V3.2: its gradient
-    is then the unbiased gradient of the reverse KL; TRL 1.16's default
-    `use_bias_correction_kl=True`); False is DeepSeekMath's plain k3. The returned `kl` is
-    the uncorrected k3 (what TRL logs).
+    KL term by the importance weight (DeepSeek-V3.2: its gradient is then the unbiased
+    gradient of the reverse KL; TRL 1.16's default `use_bias_correction_kl=True`, which uses
+    the sequence weight under "sequence" too); False is DeepSeekMath's plain k3. The returned
+    `kl` is the uncorrected k3 (what TRL logs).
     """
-    losses, clipped = ppo_clip_loss(logprobs, old_logprobs, advantages[:, None], clip_eps=clip_eps,
-                                    clip_eps_high=clip_eps_high)
+    try:
+        level = IMPORTANCE_SAMPLING_LEVELS[importance_sampling_level]
+    except KeyError:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; expected one of "
+                         f"{sorted(IMPORTANCE_SAMPLING_LEVELS)}") from None
+    log_weight = level(logprobs - old_logprobs, mask)  # (B, T)
+    losses, clipped = ppo_clip_loss(log_weight, torch.zeros_like(log_weight), advantages[:, None],
+                                    clip_eps=clip_eps, clip_eps_high=clip_eps_high)
     kl = None
     if beta != 0.0:
         if ref_logprobs is None:
             raise ValueError("grpo_token_losses: beta > 0 needs ref_logprobs")
         kl = kl_penalty(logprobs, ref_logprobs, estimator="k3")
-        weight = torch.exp(logprobs - old_logprobs) if kl_ratio_correction else 1.0
+        weight = torch.exp(log_weight) if kl_ratio_correction else 1.0
         losses = losses + beta * weight * kl
     return losses, clipped, kl
 

@@ -12,6 +12,7 @@ Safetensors only; `trust_remote_code` stays off unless the recipe turns it on.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -61,6 +62,48 @@ def load_tokenizer(cfg: ModelConfig, *, padding_side: str = "right"):
     return tokenizer
 
 
+@contextmanager
+def _held_load_report():
+    """Hold back the weight-loading report transformers logs (a table of MISSING/UNEXPECTED keys); yields the
+    held log records, for `_explain_loading` to replace by one line or to pass on."""
+    import logging
+
+    held = []
+
+    def hold(record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+
+
+SCORE_HEADS = ("score", "classifier")
+
+
+def _explain_loading(loading: dict, held: list, head: str) -> None:
+    """A causal LM loaded with a score head has no weights for that head and drops its LM head: expected, so
+    one line says so. Any other missing, unexpected or mismatched weight gets transformers' own report."""
+    import logging
+
+    missing, unexpected = set(loading["missing_keys"]), set(loading["unexpected_keys"])
+    fresh_head = (head != "causal_lm" and missing and not loading["mismatched_keys"]
+                  and all(k.split(".")[0] in SCORE_HEADS for k in missing)
+                  and all(k.split(".")[0] == "lm_head" for k in unexpected))
+    if fresh_head:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("score head initialised fresh: expected for a reward/value model built from a causal LM", flush=True)
+        return
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -104,10 +147,11 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
         if cfg.quantization.load_in_4bit:
             kwargs.update(quantization_kwargs(cfg, trainable=trainable, adapter=bool(adapter_of)))
         try:
-            with _without_zero3_init() if not trainable else nullcontext():
-                model = auto.from_pretrained(source, **kwargs)
+            with _without_zero3_init() if not trainable else nullcontext(), _held_load_report() as held:
+                model, loading = auto.from_pretrained(source, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as err:
             raise AlignError(f"model.name_or_path: cannot load {source!r} ({_first_line(err)})") from None
+        _explain_loading(loading, held, head)
         if adapter_of:
             from peft import PeftModel
 
@@ -218,6 +262,57 @@ def _wrap_lora(model, cfg: ModelConfig, head: str):
     if gradient_checkpointing(cfg.gradient_checkpointing):
         model.enable_input_require_grads()
     return get_peft_model(model, peft_config)
+
+
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+"""Names of learned absolute position tables (GPT-2 / GPT-Neo / OPT / BERT-style)."""
+
+
+def position_limit(model) -> int | None:
+    """Positions a model with a LEARNED absolute position table takes (GPT-2's n_positions), through
+    DDP/PEFT wrappers; None for rotary or ALiBi models, which run past their configured length (and
+    extrapolate) rather than fail."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            return module.num_embeddings - getattr(module, "offset", 0)  # OPT's table has 2 extra rows
+    return None
+
+
+def check_positions(model, longest: int, what: str) -> None:
+    """One clear error before training where a sequence of `longest` tokens would index past the model's
+    position table: an IndexError deep inside the embedding on CPU, a device-side assert on a GPU."""
+    limit = position_limit(model)
+    if limit is not None and longest > limit:
+        raise AlignError(f"{what}: sequences of up to {longest} tokens, but the model has {limit} positions "
+                         f"(a learned position table, e.g. GPT-2's n_positions); keep them within {limit}")
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generated completion: the tokenizer's EOS, then every EOS id of the model's
+    generation config, the set `generate` stops at (Gemma 2 instruct ends a turn with <end_of_turn>,
+    Llama 3.1 Instruct with any of <|end_of_text|>, <|eom_id|>, <|eot_id|>). TRL 1.16's GRPOTrainer
+    stops at the same set."""
+    return _with_generation_eos(tokenizer, getattr(model, "generation_config", None))
+
+
+def saved_stop_token_ids(cfg: ModelConfig, tokenizer) -> list[int]:
+    """`stop_token_ids` of a model folder without loading the weights (its generation_config.json; a hub id
+    from the local cache only): what `align check` audits the trained completions against."""
+    from transformers import GenerationConfig
+
+    source = _adapter_base(cfg.name_or_path) or cfg.name_or_path
+    try:
+        config = None if builtin.is_builtin(source) else GenerationConfig.from_pretrained(source,
+                                                                                          local_files_only=True)
+    except (OSError, ValueError):
+        config = None
+    return _with_generation_eos(tokenizer, config)
+
+
+def _with_generation_eos(tokenizer, generation_config) -> list[int]:
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return [tokenizer.eos_token_id] + [i for i in ids if i != tokenizer.eos_token_id]
 
 
 def is_peft(model) -> bool:

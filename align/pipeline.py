@@ -189,11 +189,31 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None):
     return pipeline, plan
 
 
+def plan_steps(plan: list) -> dict[str, list]:
+    """Each training step's planned steps (its own upstream recipes first), all checked together, in order,
+    before anything runs: a bad input of the last step stops the pipeline before the first one trains."""
+    from align.planning import EvalRMStep, check_plan
+    from align.planning import plan as plan_recipe
+
+    plans, flat, made = {}, [], frozenset()
+    for step, job in plan:
+        if step.eval_rm is not None:
+            flat.append(EvalRMStep(job["model"], job["data"], f"step {step.name}"))
+            continue
+        plans[step.name] = plan_recipe(job, why=f"step {step.name}", made=made)
+        flat += plans[step.name]
+        made = made | {str(Path(s.recipe.output_dir)) for s in plans[step.name] if hasattr(s, "recipe")}
+    check_plan(flat)
+    return plans
+
+
 def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[dict]:
-    from align.engine import distributed_state, run
+    from align.accel import distributed_state
     from align.evaluate_rm import evaluate_reward_model
+    from align.planning import execute
 
     pipeline, plan = load_pipeline(path, overrides)
+    plans = plan_steps(plan)  # every input of every step checked before any step runs
     state_of_run = distributed_state()  # under `accelerate launch` every process runs each step together
     main = state_of_run.is_main_process
     out = Path(pipeline.output_dir)
@@ -218,7 +238,7 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[d
                     evaluate_reward_model(args.pop("model"), args.pop("data"), output=str(target),
                                           plot=str(out / step.name / "margins.png"), **args)
             else:
-                run(job)
+                execute(plans[step.name])
                 write_samples(job, out / step.name)
         except AlignError as err:
             raise AlignError(f"pipeline step {step.name} failed: {err} (earlier steps' results are kept; rerun to "
@@ -248,7 +268,7 @@ def _check_seed(pipeline: PipelineConfig, state: dict, out: Path) -> None:
                          f"another output_dir (e.g. output_dir={out}-seed{pipeline.seed})")
 
 
-GENERATIVE = {"sft", "dpo", "orpo", "simpo", "ppo", "grpo"}
+GENERATIVE = {"sft", "dpo", "orpo", "simpo", "kto", "ppo", "grpo"}
 
 
 def write_samples(recipe, folder: Path, n: int = 5) -> None:
@@ -292,7 +312,7 @@ def collect_rows(pipeline: PipelineConfig, state: dict) -> list[dict]:
             metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
             config = folder / "config.yaml"
             row["kind"] = _stage_of(config)
-            for _, key in COLUMNS:
+            for key in [key for _, key in COLUMNS] + ["eval/pair_ties"]:
                 row[key] = metrics.get(key)
                 row[key + "_start"] = metrics.get(key + "_start")
         rows.append(row)
@@ -309,9 +329,17 @@ def _cell(row: dict, key: str) -> str:
     after, before = row.get(key), row.get(key + "_start")
     if after is None:
         return "—"
-    if before is None or before == after:
-        return f"{after:.3f}"
-    return f"{before:.3f} → {after:.3f}"
+    shown = _number(row, key, "")
+    if before is None or (before == after and _number(row, key, "_start") == shown):
+        return shown
+    return f"{_number(row, key, '_start')} → {shown}"
+
+
+def _number(row: dict, key: str, suffix: str) -> str:
+    """A table value; a pair accuracy where every pair ties (DPO before its first step) reads "ties"."""
+    if key == "eval/pair_accuracy" and row.get("eval/pair_ties" + suffix) == 1.0:
+        return "ties"
+    return f"{row[key + suffix]:.3f}"
 
 
 def format_table(rows: list[dict], control: str | None = None) -> str:
@@ -384,7 +412,7 @@ CURVES = {  # file suffix -> the metrics drawn on one picture
 
 
 def write_report(pipeline: PipelineConfig, rows: list[dict], table: str) -> Path:
-    from align.plots import plot_curves
+    from align.plots import plot_curves, series_title
 
     out = Path(pipeline.output_dir)
     parts = ["# Pipeline report", ""]
@@ -409,7 +437,7 @@ def write_report(pipeline: PipelineConfig, rows: list[dict], table: str) -> Path
             series = {k: v for k, v in series.items() if v[0]}
             if not series:
                 continue
-            png = plot_curves(out / f"{step.name}_{kind}.png", series, title=f"{step.name}: {kind.replace('_', ', ')}")
+            png = plot_curves(out / f"{step.name}_{kind}.png", series, title=series_title(step.name, series))
             images.append(png.name)
         parts += [f"## {step.name}", ""] + [f"![{name}]({name})" for name in images] + [""]
         samples = out / step.name / "samples.jsonl"

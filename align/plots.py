@@ -4,6 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# how a title names a logged metric; a name not here is shown as it is
+WORDS = {
+    "train/loss": "training loss", "eval/loss": "held-out loss",
+    "train/reward": "reward (proxy)", "eval/reward": "reward (proxy)",
+    "train/task_accuracy": "training accuracy (true)", "eval/task_accuracy": "held-out accuracy (true)",
+    "train/kl": "KL to the reference", "eval/kl": "KL to the reference",
+    "rewards/chosen": "implicit rewards", "rewards/rejected": "implicit rewards", "rewards/margins": "margins",
+}
+
+
+def series_title(prefix: str, series: dict[str, tuple[list, list]], words: dict[str, str] | None = None) -> str:
+    """"prefix: a, b and c", naming only the series that have points (each phrase once, in order).
+
+    >>> series_title("grpo", {"train/reward": ([], []), "eval/task_accuracy": ([1], [0.5])})
+    'grpo: held-out accuracy (true)'
+    """
+    words = WORDS if words is None else words
+    shown = list(dict.fromkeys(words.get(name, name) for name, (xs, _) in series.items() if len(xs)))
+    text = ", ".join(shown[:-1]) + " and " + shown[-1] if len(shown) > 1 else "".join(shown) or "nothing logged"
+    return f"{prefix}: {text}"
+
 
 def plot_curves(path: str | Path, series: dict[str, tuple[list, list]], title: str = "", xlabel: str = "step",
                 ylabel: str = "value", hlines: dict[str, float] | None = None) -> Path:

@@ -18,9 +18,9 @@ Here the labeller is simulated by a reward function (`align.rewards`, default
    to `pairs_per_prompt` distinct (chosen = correct, rejected = incorrect) pairs with a
    seeded RNG (`build_pairs`). Prompts whose samples all agree give no pair.
 
-A recipe asks for it under `data.from_policy`; `align.engine.run` writes the files before
-the stage starts when they are missing (as `model.from_recipe` trains a missing model),
-after training the policy by `policy_recipe` when its folder is missing too. Existing
+A recipe asks for it under `data.from_policy`; the planning layer (`align.planning`) writes
+the files before the stage starts when they are missing (as `model.from_recipe` trains a
+missing model), after training the policy by `policy_recipe` when its folder is missing too. Existing
 files are used as they are: delete them to rebuild. Deterministic for a given policy and
 seed, whatever the number of processes (every (prompt, sample) has its own sampling key).
 """
@@ -29,38 +29,10 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from align import config as cfg
 from align.errors import AlignError
-
-
-@dataclass
-class PolicySource:
-    prompts: Any = None
-    """Prompt rows (any source the data layer reads, with a `prompt` column)."""
-    output: str = ""
-    """The pairs file (.jsonl) to write."""
-
-
-@dataclass
-class PolicyPairsConfig:
-    policy: str = ""
-    """Folder of the policy to sample (e.g. the SFT model PPO starts from)."""
-    policy_recipe: str | None = None
-    """A recipe that trains `policy` when that folder has no model yet."""
-    train: PolicySource = field(default_factory=PolicySource)
-    eval: PolicySource | None = None
-    num_samples: int = field(default=4, metadata=cfg.positive("data.from_policy.num_samples"))
-    temperature: float = field(default=1.0, metadata=cfg.positive("data.from_policy.temperature"))
-    max_new_tokens: int = field(default=8, metadata=cfg.positive("data.from_policy.max_new_tokens"))
-    pairs_per_prompt: int = field(default=1, metadata=cfg.positive("data.from_policy.pairs_per_prompt"))
-    label: str = "exact_match"
-    """The simulated labeller: a reward function of `align.rewards` (name or module:function); > 0.5 is correct."""
-    seed: int = 0
-    batch_size: int = field(default=512, metadata=cfg.positive("data.from_policy.batch_size"))
+from align.recipe import PolicyPairsConfig, PolicySource
 
 
 def build_pairs(rows: list[dict], samples: list[list[str]], labels: list[list[float]], *, pairs_per_prompt: int = 1,
@@ -91,8 +63,8 @@ def build_pairs(rows: list[dict], samples: list[list[str]], labels: list[list[fl
 
 def _make_source(config: PolicyPairsConfig, source: PolicySource, key: str) -> dict:
     from align import rewards
+    from align.accel import distributed_state
     from align.data import load_rows
-    from align.engine import distributed_state
     from align.generate import generate
     from align.io_utils import atomic_write_text
 
@@ -103,7 +75,8 @@ def _make_source(config: PolicyPairsConfig, source: PolicySource, key: str) -> d
     rows = load_rows(source.prompts, key=f"{key}.prompts").rows
     sampled = generate(config.policy, source.prompts, output=str(samples_path), max_new_tokens=config.max_new_tokens,
                        batch_size=config.batch_size, temperature=config.temperature,
-                       num_samples=config.num_samples, seed=config.seed)
+                       num_samples=config.num_samples, seed=config.seed,
+                       progress=f"{key}: sampling {config.policy}")
     K = config.num_samples
     texts = [[sampled[i * K + s]["completion"] for s in range(K)] for i in range(len(rows))]
     label_fn = rewards.resolve(config.label)
@@ -127,20 +100,21 @@ def _make_source(config: PolicyPairsConfig, source: PolicySource, key: str) -> d
     return stats
 
 
-def ensure_policy_pairs(config: PolicyPairsConfig | None, seed: int | None = None) -> None:
-    """Write the pairs files of `data.from_policy` that do not exist yet (training the policy first if needed,
-    by `policy_recipe` with `seed`, the seed of the recipe that asks for the pairs)."""
-    if config is None:
-        return
+def missing_sources(config: PolicyPairsConfig) -> list[tuple[str, PolicySource]]:
+    """(key, source) of each pairs file of `data.from_policy` that does not exist yet."""
     sources = [("data.from_policy.train", config.train)]
     if config.eval is not None:
         sources.append(("data.from_policy.eval", config.eval))
-    missing = [(k, s) for k, s in sources if not s.output or not Path(s.output).is_file()]
-    if not missing:
-        return
-    from align.engine import ensure_model
-    from align.recipe import ModelConfig
+    return [(k, s) for k, s in sources if not s.output or not Path(s.output).is_file()]
 
-    ensure_model(ModelConfig(name_or_path=config.policy, from_recipe=config.policy_recipe), seed=seed)
-    for key, source in missing:
+
+def ensure_policy_pairs(config: PolicyPairsConfig | None) -> None:
+    """Write the pairs files of `data.from_policy` that do not exist yet, from the policy's samples.
+
+    The policy must exist: when `policy_recipe` has to train it first, the planning layer
+    (`align.planning`) runs that recipe before this step.
+    """
+    if config is None:
+        return
+    for key, source in missing_sources(config):
         _make_source(config, source, key)

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data import IGNORE, Rows, encode_prompt_completion, is_conversational, prefix_sharing_mask
+from align.data import (
+    IGNORE,
+    Rows,
+    cut_from_start,
+    encode_prompt_completion,
+    is_conversational,
+    prefix_sharing_mask,
+)
 from align.errors import AlignError
 
 ASSISTANT_MARKER = "Assistant:"
@@ -124,14 +131,17 @@ def _check_roles(prompt, chosen, rejected, where):
 PROMPT_TRUNCATION = ("keep_start", "keep_end")
 
 
+def pair_truncation(recipe) -> str:
+    """A recipe's rule for too-long pairs: `data.prompt_truncation`, or the deprecated `reward.prompt_truncation`
+    when a recipe still sets it."""
+    old = getattr(recipe.stage_args, "prompt_truncation", None)
+    return old if old is not None else recipe.data.prompt_truncation
+
+
 def _keep_prompt_end(prompt_ids: list[int], longest: int, max_length: int, bos_id) -> list[int]:
     """The prompt cut from the left to leave room for the longer completion (its first
     half of max_length at least); a leading BOS is kept."""
-    budget = max(max_length - longest, max_length // 2)
-    if len(prompt_ids) <= budget:
-        return prompt_ids
-    head = prompt_ids[:1] if bos_id is not None and prompt_ids[:1] == [bos_id] else []
-    return head + prompt_ids[len(prompt_ids) - (budget - len(head)):]
+    return cut_from_start(prompt_ids, max(max_length - longest, max_length // 2), bos_id)
 
 
 def tokenize_preferences(rows: Rows, tokenizer, *, max_length: int, key: str,
@@ -236,7 +246,8 @@ def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.T
     [prompt, chosen] and [prompt, rejected] of `collate_pairs`.
 
     input_ids, position_ids, segments (PROMPT/CHOSEN/REJECTED/PAD): (B, T) with
-    T = max(P + C + R); position_ids [0..P+C-1, P..P+R-1, then the pads' own];
+    T = max(P + C + R); position_ids [0..P+C-1, P..P+R-1, then the pads' own, none past the batch's
+    longest pair: max(P + max(C, R)) - 1];
     attention_mask: (B, 1, T, T) bool from `align.data.prefix_sharing_mask` (PROMPT = 0 is the
     shared prefix: chosen sees prompt + chosen, rejected prompt + rejected, pads the prompt and
     the pads; every query sees itself);
@@ -266,6 +277,10 @@ def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.T
         segments[b, :p] = PROMPT
         position_ids[b, p + c:] -= c  # rejected continue the prompt; pads continue after them
         ends[:, b] = torch.tensor([p - 1, p + c - 1, p + c + r - 1])
+    # ... up to the last position a pair of the batch needs: pads of a short pair batched with a long one would
+    # otherwise run to width - C, past data.max_length and a learned position table (GPT-2's n_positions)
+    position_ids.clamp_(max=max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                                for e in examples) - 1)
     batch = {"input_ids": input_ids, "attention_mask": prefix_sharing_mask(segments), "position_ids": position_ids,
              "segments": segments, "prompt_last": ends[0], "chosen_last": ends[1], "rejected_last": ends[2]}
     if examples and "margin" in examples[0]:
@@ -311,3 +326,108 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     T = attention_mask.shape[-1]
     positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(-1).values
+
+
+# ---------------------------------------------------------------------------
+# unpaired rows (KTO): prompt, completion, label
+# ---------------------------------------------------------------------------
+@dataclass
+class UnpairedSet:
+    """Tokenized unpaired examples: dicts `prompt_ids`, `completion_ids`, `label` (bool), `pair` (the
+    preference row an example came from, or None) and `kl_completion_ids` (`add_kl_completions`)."""
+
+    examples: list[dict]
+    truncated: int = 0
+    dropped_empty: int = 0
+    from_pairs: int = 0
+
+    @property
+    def desirable(self) -> int:
+        return sum(e["label"] for e in self.examples)
+
+    def summary(self) -> str:
+        n = len(self.examples)
+        return (f"{n} examples ({self.desirable} desirable, {n - self.desirable} undesirable; {self.from_pairs} "
+                f"preference pairs split into two), {self.truncated} truncated, {self.dropped_empty} with no "
+                f"completion token left")
+
+
+def unpaired_rows(row: dict, where: str) -> list[tuple]:
+    """[(prompt, completion, label)] of one row: an unpaired row as it is, or a preference row as two
+    (chosen -> True, rejected -> False: TRL's `unpair_preference_dataset`)."""
+    if "chosen" in row or "rejected" in row:
+        prompt, chosen, rejected = _row_parts(row, where)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    missing = [c for c in ("prompt", "completion", "label") if c not in row]
+    if missing:
+        raise AlignError(f"{where}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                         f"unpaired data needs prompt, completion and label (true: desirable, false: undesirable), "
+                         f"or preference rows with chosen and rejected; got columns {sorted(row)}")
+    if not isinstance(row["label"], bool):
+        raise AlignError(f"{where}: label must be true or false (a boolean), got {row['label']!r}")
+    if row["completion"] in (None, "", []):
+        raise AlignError(f"{where}: empty 'completion'")
+    return [(row["prompt"] if row["prompt"] is not None else "", row["completion"], row["label"])]
+
+
+def tokenize_unpaired(rows: Rows, tokenizer, *, max_length: int, key: str) -> UnpairedSet:
+    """Tokenize every unpaired example (preference rows become two). A too-long example loses the
+    end of its completion; one left with no scored token is dropped and counted (all: an error)."""
+    out = UnpairedSet([])
+    for i, row in enumerate(rows.rows):
+        where = f"{key}: {rows.where(i)}"
+        parts = unpaired_rows(row, where)
+        pair = i if len(parts) == 2 else None
+        out.from_pairs += pair is not None
+        for prompt, completion, label in parts:
+            prompt_ids, completion_ids = encode_prompt_completion(tokenizer, prompt, completion, where)
+            room = max(max_length - len(prompt_ids), 0)
+            out.truncated += len(completion_ids) > room
+            completion_ids = completion_ids[:room]
+            if len(completion_ids) < (1 if prompt_ids else 2):  # with no prompt the first token is not scored
+                out.dropped_empty += 1
+                continue
+            out.examples.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": label,
+                                 "pair": pair})
+    if not out.examples:
+        raise AlignError(f"{key}: no usable example in {rows.origins[0][0]} ({out.summary()}); check data.max_length")
+    return out
+
+
+def add_kl_completions(examples: list[dict], seed: int) -> None:
+    """Give each example a MISMATCHED completion `kl_completion_ids` for KTO's reference point: the
+    completion of the example before it in a seeded shuffle, skipping examples with the same prompt
+    (a preference row's two halves share theirs). Fixed once, so its reference log-prob is computed
+    once like the others (TRL 1.16 rotates completions by one within each fixed batch instead)."""
+    if len(examples) < 2:
+        raise AlignError("kto: at least 2 examples are needed (the reference point pairs a prompt with another "
+                         "example's completion)")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    for k, i in enumerate(order):
+        for back in range(1, len(order)):
+            j = order[k - back]
+            if examples[j]["prompt_ids"] != examples[i]["prompt_ids"]:
+                break
+        examples[i]["kl_completion_ids"] = examples[j]["completion_ids"]
+
+
+def kto_pair_view(example: dict) -> dict:
+    """An unpaired example as a pair sharing its prompt: (completion, KL completion), so the pair machinery
+    (`collate_pairs`, `collate_shared_pairs`, the preference stage's scorer) scores both in one forward."""
+    return {"prompt_ids": example["prompt_ids"], "chosen_ids": example["completion_ids"],
+            "rejected_ids": example["kl_completion_ids"]}
+
+
+def label_balance_warning(desirable: int, undesirable: int, desirable_weight: float,
+                          undesirable_weight: float) -> str | None:
+    """A warning when lambda_D n_D / (lambda_U n_U) is outside KTO's eq. 8 range [1, 4/3], with TRL's
+    suggestion (change ONE of the weights), else None."""
+    n_d, n_u = max(desirable, 1), max(undesirable, 1)
+    ratio = desirable_weight * n_d / (undesirable_weight * n_u)
+    if 1.0 <= ratio <= 4 / 3:
+        return None
+    d_lo, d_hi = n_u * undesirable_weight / n_d, n_u * undesirable_weight / n_d * 4 / 3
+    u_lo, u_hi = n_d * desirable_weight / n_u * 3 / 4, n_d * desirable_weight / n_u
+    return (f"kto: {desirable} desirable and {undesirable} undesirable examples give desirable_weight x n_D / "
+            f"(undesirable_weight x n_U) = {ratio:.2f}, outside [1, 1.33] (KTO paper, eq. 8); set EITHER "
+            f"kto.desirable_weight in [{d_lo:.2f}, {d_hi:.2f}] OR kto.undesirable_weight in [{u_lo:.2f}, {u_hi:.2f}]")

@@ -14,13 +14,15 @@ declares. Defaults live here and in the stage sections only.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from align import config as cfg
+from align import trl_names
 from align.errors import AlignError
-from align.policy_pairs import PolicyPairsConfig
 
 
 @dataclass
@@ -28,8 +30,11 @@ class LoraConfig:
     enabled: bool = False
     """Train a LoRA adapter (PEFT) instead of the full model."""
     r: int = field(default=16, metadata=cfg.positive("lora rank r"))
+    """Rank of the adapter matrices."""
     alpha: float = field(default=32.0, metadata=cfg.positive("lora alpha"))
+    """Scale: the adapter's update is multiplied by alpha / r."""
     dropout: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.99, "lora dropout"))
+    """Dropout on the adapter's input (kept when model.disable_dropout switches the model's off)."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or PEFT's "all-linear"."""
 
@@ -40,6 +45,7 @@ class QuantizationConfig:
     adapter trained on top in `compute_dtype`. Needs a CUDA GPU and `pip install bitsandbytes`."""
 
     load_in_4bit: bool = False
+    """Load the frozen base weights in 4 bits (needs model.lora.enabled)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """NF4 (4-bit NormalFloat, the QLoRA paper's data type) or plain FP4."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -53,10 +59,13 @@ class ModelConfig:
     name_or_path: str = "builtin:tiny"
     """A hub id, a local folder (full model or PEFT adapter), or builtin:tiny / builtin:small."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of name_or_path."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in (auto: the checkpoint's)."""
     attn_implementation: str | None = None
     """None keeps transformers' default (sdpa)."""
     trust_remote_code: bool = False
+    """Run model code shipped with a hub checkpoint; off unless set."""
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute each layer's activations in the backward pass instead of keeping them: about a
     third more compute for a fraction of the activation memory. auto: on with a GPU (as TRL's
@@ -88,19 +97,62 @@ class ModelConfig:
 
 
 @dataclass
+class PolicySource:
+    prompts: Any = None
+    """Prompt rows (any source the data layer reads, with a `prompt` column)."""
+    output: str = ""
+    """The pairs file (.jsonl) to write."""
+
+
+@dataclass
+class PolicyPairsConfig:
+    policy: str = ""
+    """Folder of the policy to sample (e.g. the SFT model PPO starts from)."""
+    policy_recipe: str | None = None
+    """A recipe that trains `policy` when that folder has no model yet."""
+    train: PolicySource = field(default_factory=PolicySource)
+    eval: PolicySource | None = None
+    """Held-out pairs made the same way (optional)."""
+    num_samples: int = field(default=4, metadata=cfg.positive("data.from_policy.num_samples"))
+    """Completions sampled per prompt."""
+    temperature: float = field(default=1.0, metadata=cfg.positive("data.from_policy.temperature"))
+    """Sampling temperature."""
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("data.from_policy.max_new_tokens"))
+    """Longest sampled completion."""
+    pairs_per_prompt: int = field(default=1, metadata=cfg.positive("data.from_policy.pairs_per_prompt"))
+    """At most this many (correct, incorrect) pairs per prompt."""
+    label: str = "exact_match"
+    """The simulated labeller: a reward function of `align.rewards` (name or module:function); > 0.5 is correct."""
+    seed: int = 0
+    """Seeds the sampling and the choice of pairs."""
+    batch_size: int = field(default=512, metadata=cfg.positive("data.from_policy.batch_size"))
+    """Rows per generate call."""
+
+
+@dataclass
 class DataConfig:
     train: Any = None
     """Training data: a local .jsonl/.json/.jsonl.gz/.parquet/.csv file, a datasets name, a mapping
     {path, name, split, take, columns, chat_prompt}, or a list of these (a mixture, concatenated).
     `columns: {question: prompt}` renames columns as rows are read; `chat_prompt: true` (or a system
-    prompt string) makes a string `prompt` a chat conversation (`align.data`)."""
+    prompt string) makes a string `prompt` a chat conversation and string answers (completion, chosen,
+    rejected) the assistant's reply (`align.data`)."""
     eval: Any = None
     """Held-out data in the same forms (optional)."""
     max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))
-    """Longest tokenized sample (prompt + completion); longer samples are truncated at the end."""
+    """Longest tokenized sequence the model is given to learn from: SFT, a sample (prompt + completion; with
+    packing, a row); reward and DPO family, one side of a pair (prompt + the longer answer); GRPO/PPO, a
+    prompt (completions add up to grpo/ppo.max_new_tokens). Too long: `data.prompt_truncation` cuts pair
+    and online prompts, `data.truncation` SFT samples."""
     truncation: Literal["keep_start", "drop"] = "keep_start"
     """keep_start: cut the end of too-long samples; drop: drop them. Either way a sample left with
     no trainable token is dropped and counted, and the run fails if every sample is dropped."""
+    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    """Preference pairs (reward, DPO, SimPO, ORPO) longer than max_length: keep_end first cuts the BEGINNING
+    of the prompt (a long dialogue keeps its last turns, next to the answers), then the ends of the answers;
+    keep_start cuts only the ends of the answers (a long prompt can leave no answer token: the pair is
+    dropped and counted). GRPO/PPO prompts longer than max_length: keep_end cuts their beginning, keep_start
+    refuses them."""
     packing: bool = True
     """SFT: concatenate whole samples into rows of max_length (best-fit decreasing; position_ids restart
     at each sample, so attention and the loss stay within it). Rows, not samples, then fill batch_size.
@@ -129,11 +181,16 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = field(default=100, metadata=cfg.positive("train.max_steps"))
-    """Optimizer steps. Each step consumes batch_size x grad_accum x processes samples (packed rows when
-    SFT packs, the default)."""
+    """Optimizer steps (or give train.epochs). Each step consumes batch_size x grad_accum x processes
+    samples (packed rows when SFT packs, the default)."""
     batch_size: int = field(default=8, metadata=cfg.positive("train.batch_size"))
     """Samples (SFT with data.packing: rows of data.max_length) per micro-batch per process."""
+    epochs: float | None = field(default=None, metadata=cfg.positive("train.epochs"))
+    """Offline stages (sft, reward, dpo, simpo, orpo): the budget in passes over the training set instead
+    of max_steps (give one of the two); max_steps = ceil(epochs x examples / global batch), resolved and
+    printed once the data is tokenized (SFT with packing counts packed rows). TRL's num_train_epochs."""
     grad_accum: int = field(default=1, metadata=cfg.positive("train.grad_accum"))
+    """Micro-batches accumulated per optimizer step."""
     micro_batch_tokens: int | Literal["auto"] | None = field(default="auto",
                                                             metadata=cfg.positive("train.micro_batch_tokens"))
     """Offline stages: at most this many padded tokens per forward pass (rows x longest row; a
@@ -143,22 +200,47 @@ class TrainConfig:
     peak activation memory and padding do. null: grad_accum micro-batches of batch_size. auto:
     1,024 on a CPU without gradient checkpointing, else null (`align.device`)."""
     lr: float = field(default=1e-4, metadata=cfg.positive("train.lr"))
+    """AdamW's peak learning rate."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Shape of the learning rate after warmup, down to min_lr_ratio x lr at max_steps."""
     warmup_steps: int = field(default=0, metadata=cfg.non_negative("train.warmup_steps"))
+    """Steps of linear warmup from 0 to lr."""
+    warmup_ratio: float | None = field(default=None, metadata=cfg.in_range(0.0, 1.0, "train.warmup_ratio"))
+    """Warmup as a fraction of max_steps (rounded up, as TRL does), instead of warmup_steps."""
     min_lr_ratio: float = field(default=0.0, metadata=cfg.in_range(0.0, 1.0, "train.min_lr_ratio"))
+    """Final learning rate of the linear/cosine schedule, as a fraction of lr."""
     weight_decay: float = field(default=0.0, metadata=cfg.non_negative("train.weight_decay"))
+    """AdamW's decoupled weight decay (not applied to biases and norms)."""
     adam_beta1: float = field(default=0.9, metadata=cfg.in_range(0.0, 0.999999, "train.adam_beta1"))
+    """AdamW's decay rate of the gradient's running mean."""
     adam_beta2: float = field(default=0.999, metadata=cfg.in_range(0.0, 0.999999, "train.adam_beta2"))
+    """AdamW's decay rate of the squared gradient's running mean."""
     max_grad_norm: float | None = field(default=1.0, metadata=cfg.positive("train.max_grad_norm"))
+    """Clip the global gradient norm to this (null: no clipping)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: the launcher's --mixed_precision under `accelerate launch`; else bf16 autocast where the
     machine computes bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), as TRL's
     default bf16=True; else no (fp32)."""
     save_steps: int = field(default=500, metadata=cfg.positive("train.save_steps"))
+    """Write an atomic checkpoint every this many steps (a rerun resumes from the newest)."""
     save_total_limit: int = field(default=2, metadata=cfg.positive("train.save_total_limit"))
+    """Checkpoints kept (the oldest are deleted)."""
     log_steps: int = field(default=10, metadata=cfg.positive("train.log_steps"))
+    """Write a line of log.jsonl (and the trackers) every this many steps."""
     report_to: list[Literal["none", "tensorboard", "wandb", "trackio"]] = field(default_factory=lambda: ["none"])
+    """Trackers to log to besides log.jsonl."""
     progress_bar: bool = True
+    """A tqdm bar with loss and tokens/s on the main process."""
+
+    def validate(self) -> None:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise AlignError("train.warmup_ratio and train.warmup_steps are both set; give one")
+
+    def warmup(self) -> int:
+        """Warmup steps: warmup_steps, or ceil(warmup_ratio x max_steps)."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * self.max_steps)
 
 
 @dataclass
@@ -166,6 +248,7 @@ class EvalConfig:
     steps: int | None = field(default=None, metadata=cfg.positive("eval.steps"))
     """Evaluate every this many steps (None: only before the first and after the last step)."""
     batch_size: int = field(default=256, metadata=cfg.positive("eval.batch_size"))
+    """Rows per forward (or generate call) while evaluating."""
     generate: bool = True
     """Compute eval/task_accuracy: exact match of greedy generations against the reference completions."""
     max_new_tokens: int = field(default=8, metadata=cfg.positive("eval.max_new_tokens"))
@@ -175,8 +258,11 @@ class EvalConfig:
 @dataclass
 class Recipe:
     stage: str = ""
+    """The stage to run: sft, reward, dpo, simpo, orpo, grpo or ppo (`align train --help`)."""
     output_dir: str = ""
+    """Folder of the run: the model, metrics.json, log.jsonl, config.yaml, checkpoints/ (required)."""
     seed: int = 0
+    """Seeds model initialisation (built-in models), data order and sampling."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -190,24 +276,54 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
     from align.stages import STAGES
 
     raw = cfg.read_yaml(path) if path is not None else dict(data or {})
-    raw = cfg.apply_overrides(raw, overrides or [])
-    stage = raw.get("stage")
+    stage = cfg.apply_overrides(raw, overrides or []).get("stage")
     if not isinstance(stage, str) or stage not in STAGES:
         close = cfg.difflib.get_close_matches(str(stage), list(STAGES), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise AlignError(f"stage: got {stage!r}, expected one of {', '.join(STAGES)}{hint}")
     args_cls = STAGES[stage].args_cls
     section_name = STAGES[stage].section
-    common = {k: v for k, v in raw.items() if k != section_name}
-    if "stage_args" in common:
+    if "stage_args" in raw:
         raise AlignError(f"unknown key stage_args; the stage's own settings go under {section_name}:")
+    # TRL's names (learning_rate, per_device_train_batch_size, beta ...) become align's keys, then the overrides
+    raw = trl_names.apply_names(raw, overrides or [], stage, field_names(args_cls, section_name))
+    common = {k: v for k, v in raw.items() if k != section_name}
     recipe = cfg.build(Recipe, common)
     recipe.stage_args = cfg.build(args_cls, raw.get(section_name) or {}, section_name)
     if not recipe.output_dir:
         raise AlignError("output_dir: required (the folder the run writes its model, logs and checkpoints to)")
     if recipe.data.train is None:
         raise AlignError("data.train: required (a data file or a datasets name)")
+    if recipe.train.epochs is not None and STAGES[stage].online:
+        raise AlignError(f"train.epochs: {stage} is an online stage (it samples new completions every step, so "
+                         f"there is no training set to pass over); set its budget with train.max_steps")
     return recipe
+
+
+def field_names(args_cls, section_name: str) -> dict[str, set[str]]:
+    """align's own key names per section ("" the top level) of a recipe whose stage section is `section_name`."""
+    hints = typing.get_type_hints(Recipe)
+    sections = {"": {name for name in hints if name != "stage_args"} | {section_name}}
+    for name, tp in hints.items():
+        if dataclasses.is_dataclass(tp):
+            sections[name] = {f.name for f in dataclasses.fields(tp)}
+    sections[section_name] = {f.name for f in dataclasses.fields(args_cls)}
+    return sections
+
+
+def recipe_keys(stage: str | None = None) -> list[tuple[str, object, str]]:
+    """[(key, default, docstring)] of every recipe key: the common sections, then the stage sections
+    (every stage's, or `stage`'s only), read from the schema (`align keys`)."""
+    from align.stages import STAGES
+
+    rows = [row for row in cfg.schema_keys(Recipe) if row[0] != "stage_args"]
+    seen = set()
+    for name, spec in STAGES.items():
+        if (stage is not None and name != stage) or spec.section in seen:
+            continue
+        seen.add(spec.section)
+        rows += cfg.schema_keys(spec.args_cls, spec.section + ".")
+    return rows
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

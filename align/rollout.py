@@ -87,17 +87,18 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_mask(completion_ids: torch.Tensor, eos_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """1 up to and including the first EOS of each row, 0 after: (B, C) -> mask (B, C), ended (B,).
 
-    A row without EOS (cut by max_new_tokens) keeps every token and has ended False.
-    Found from the first EOS, never from the pad id, so pad == eos is safe.
+    `eos_id`: the stop token id, or several (`align.models.stop_token_ids`). A row without
+    one (cut by max_new_tokens) keeps every token and has ended False. Found from the first
+    stop token, never from the pad id, so pad == eos is safe.
 
     >>> mask, ended = completion_mask(torch.tensor([[4, 2, 0], [4, 4, 4], [2, 2, 2]]), eos_id=2)
     >>> mask.tolist(), ended.tolist()
     ([[1, 1, 0], [1, 1, 1], [1, 0, 0]], [True, False, True])
     """
-    is_eos = completion_ids == eos_id  # (B, C)
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_id, device=completion_ids.device))  # (B, C)
     ended = is_eos.any(-1)
     C = completion_ids.shape[1]
     first = torch.where(ended, is_eos.int().argmax(-1), torch.full_like(ended, C, dtype=torch.long))  # (B,)
@@ -251,7 +252,7 @@ def _prompt_pass(model, prompt_ids, prompt_mask, shared):
     return logits, cache
 
 
-def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_id: int, pad_id: int,
+def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos_id: int | list[int], pad_id: int,
             sampler: _GumbelMax | None) -> torch.Tensor:
     """Greedy (sampler None) or Gumbel-max decoding of left-padded prompts (B, P): -> (B, C), pads after EOS.
 
@@ -266,13 +267,14 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int
     B = ids.shape[0]
     position = position_ids_of(mask)[:, -1:]  # (B, 1) position of each row's last prompt token
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
+    stops = torch.as_tensor(eos_id, device=ids.device)
     ones = torch.ones(B, 1, dtype=mask.dtype, device=mask.device)
     tokens = []
     for t in range(max_new_tokens):
         scores = logits if sampler is None else sampler.perturb(logits, t)
         token = torch.where(unfinished, scores.argmax(-1), pad_id)  # (B,)
         tokens.append(token)
-        unfinished &= token != eos_id
+        unfinished &= ~torch.isin(token, stops)
         if t + 1 == max_new_tokens or not unfinished.any():
             break
         mask, position = torch.cat([mask, ones], 1), position + 1
@@ -283,7 +285,8 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int
 
 
 @torch.no_grad()
-def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, sampling: SamplingConfig, eos_id: int,
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, sampling: SamplingConfig,
+           eos_id: int | list[int],
            pad_id: int, accelerator=None, do_sample: bool = True, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Sample completions for left-padded prompts (B, P) -> completion ids (B, C), C <= max_new_tokens.
 
@@ -450,7 +453,7 @@ class Rollout:
                 for ids, n in zip(self.completion_ids, self.lengths)]
 
 
-def rollout(model, prompts: list[list[int]], *, sampling: SamplingConfig, eos_id: int, pad_id: int,
+def rollout(model, prompts: list[list[int]], *, sampling: SamplingConfig, eos_id: int | list[int], pad_id: int,
             accelerator=None, ref_model=None, policy_logprobs: bool = True, generator_seed: int | None = None,
             row_ids=None, do_sample: bool = True) -> Rollout:
     """Sample one completion per prompt (repeat a prompt G times for a group) and score it.

@@ -94,7 +94,7 @@ def child(system: str, work: Path, batch: int, max_length: int, beta: float) -> 
     base = rss_mb("VmRSS")
     steps = sum(1 for _ in (work / "pairs.jsonl").open()) // batch
     if system.startswith("align"):
-        from align.engine import run
+        from align.planning import run
         from align.recipe import load_recipe
         from align.stages import preference  # noqa: F401
 

@@ -48,7 +48,8 @@ def save_model(name: str, folder: Path) -> None:
 def child_align(model_dir: str, total: int, out_dir: str) -> list[float]:
     from accelerate.utils import set_seed
 
-    from align.engine import make_accelerator, train
+    from align.accel import make_accelerator
+    from align.engine import train
     from align.recipe import load_recipe
     from align.stages.grpo import GRPOStage
 

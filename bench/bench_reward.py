@@ -106,7 +106,8 @@ def child(system: str, work: Path, steps: int) -> dict:
     state = {}
     tool, settings = SYSTEMS[system]
     if tool == "align":
-        from align.engine import make_accelerator, train
+        from align.accel import make_accelerator
+        from align.engine import train
         from align.recipe import load_recipe
         from align.stages import STAGES
 

@@ -15,7 +15,7 @@ seen is discarded and retried (see `bench/common.py`).
     first trained. The figure is the median time of the steps after `--a-warmup`:
     - `plain`: a plain loop on prebuilt (B, T) tensors: forward, summed cross-entropy /
       token count, backward, clip_grad_norm_(1.0), AdamW step, zero_grad, loss.item();
-    - `align`: `align.engine.run(load_recipe(...))` in fp32 without checkpointing, the whole batch
+    - `align`: `align.planning.run(load_recipe(...))` in fp32 without checkpointing, the whole batch
       in one forward and no packing (like the plain loop), the real engine path on a JSONL
       (stage sft, its defaults + the batch, length, lr and steps); per-step time read
       from `log.jsonl` (`train.log_steps=1`: tokens / train/tokens_per_second), which
@@ -28,7 +28,7 @@ seen is discarded and retried (see `bench/common.py`).
 (b) One pass over `--b-rows` HH-RLHF dialogues (the `chosen` transcripts as `text`,
     a seeded sample, truncated at `--max-length` tokens, one token per character),
     wall time from building the trainer/stage (model load and tokenization included)
-    to the end of training (align: `engine.run`, which also writes the final model;
+    to the end of training (align: `planning.run`, which also writes the final model;
     TRL: `SFTTrainer(...)` + `train()`, no save), and peak resident memory:
     - `align`: align's defaults: packing (rows of max_length, one fixed shape), bf16 autocast
       where the CPU/GPU computes bf16 natively (`train.mixed_precision: auto`; this machine's CPU
@@ -200,7 +200,7 @@ def child_a(system: str, work: Path, args) -> dict:
     if system == "plain":
         times = plain_loop(work, args, steps)
     elif system == "align":
-        from align.engine import run
+        from align.planning import run
 
         run(align_recipe(work, out, "fixed.jsonl", [
             f"data.max_length={args.seq}", f"train.batch_size={args.batch}", f"train.max_steps={steps}",
@@ -269,7 +269,7 @@ def child_b(system: str, work: Path, args) -> dict:
     base = reset_peak_rss()
     start = time.perf_counter()
     if system.startswith("align"):
-        from align.engine import run
+        from align.planning import run
 
         run(align_recipe(work, out, "hh.jsonl", [
             f"data.max_length={args.max_length}", f"train.batch_size={args.batch}",

@@ -26,10 +26,10 @@ def _fp32_unless_asked():
     may or may not have it: tests compare exact numbers, so in-process runs see a machine without
     native bf16 (subprocess tests pass --mixed_precision no to accelerate launch). Its own patcher:
     a test's monkeypatch.undo() must not undo it, and module-scoped fixtures run under it too. tests/test_engine.py checks the choice itself."""
-    from align import engine
+    from align import accel
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(engine, "native_bf16", lambda: False)
+    patch.setattr(accel, "native_bf16", lambda: False)
     yield
     patch.undo()
 
@@ -38,3 +38,20 @@ def _fp32_unless_asked():
 def _run_from_repo(monkeypatch):
     """Recipes name data relative to the repository root, as the README's commands run there."""
     monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """`family_dir("qwen2")` -> the folder of a tiny random-weight model of that family with its
+    tokenizer conventions (tests/families.py), built on first request and kept for the session."""
+    from families import build_family
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, pathlib.Path] = {}
+
+    def get(name: str) -> pathlib.Path:
+        if name not in built:
+            built[name] = build_family(name, root)
+        return built[name]
+
+    return get

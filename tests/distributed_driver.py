@@ -7,7 +7,7 @@ JOBS.json is a list of jobs, run in order by every process:
 
 | kind | fields | does |
 |---|---|---|
-| train | recipe (a recipe as a dict) | `align.engine.run` (what `align train` does) |
+| train | recipe (a recipe as a dict) | `align.planning.run` (what `align train` does) |
 | eval_rm | model, data, output | `align eval-rm` (`evaluate_reward_model`) |
 | task_accuracy | model, prompts, references, output | `align.evaluate.task_accuracy`, and which prompts were completed |
 
@@ -25,7 +25,7 @@ def task_accuracy(job: dict) -> None:
     from accelerate.utils import gather_object
 
     from align import evaluate, models
-    from align.engine import make_accelerator
+    from align.accel import make_accelerator
     from align.io_utils import atomic_write_json
     from align.recipe import ModelConfig, TrainConfig
 
@@ -43,13 +43,13 @@ def task_accuracy(job: dict) -> None:
 
 
 def main(jobs_path: str) -> None:
-    from align import engine
+    from align import planning
     from align.evaluate_rm import evaluate_reward_model
     from align.recipe import load_recipe
 
     for job in json.loads(Path(jobs_path).read_text()):
         if job["kind"] == "train":
-            engine.run(load_recipe(None, [], data=job["recipe"]))
+            planning.run(load_recipe(None, [], data=job["recipe"]))
         elif job["kind"] == "eval_rm":
             evaluate_reward_model(job["model"], job["data"], output=job["output"], quiet=True)
         elif job["kind"] == "task_accuracy":

@@ -42,8 +42,12 @@ def out(tmp_path):
 
 def test_recipe_typo_and_unknown_key(tmp_path, capsys, out):
     recipe = tiny_sft_recipe(out)
+    recipe["train"]["lerning_rate"] = 1e-3
+    _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "unknown key train.lerning_rate; did you mean train.lr",
+                   out)
+    recipe = tiny_sft_recipe(out)  # TRL's name is accepted, but not beside align's
     recipe["train"]["learning_rate"] = 1e-3
-    _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "unknown key train.learning_rate", out)
+    _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "train.learning_rate and train.lr are both set", out)
     _expect_exit_2(capsys, ["train", _write(tmp_path, tiny_sft_recipe(out)), "train.bach_size=4"],
                    "did you mean train.batch_size", out)
     _expect_exit_2(capsys, ["train", str(tmp_path / "nope.yaml")], "file not found", out)
@@ -73,6 +77,45 @@ def test_prompts_longer_than_max_length(tmp_path, capsys, out):
     data = _data(tmp_path, [{"prompt": "1" * 40 + "=", "completion": "2"}] * 8)
     recipe = tiny_sft_recipe(out, **{"data.train": data, "data.max_length": 16})
     _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "no trainable token left", out)
+
+
+def _gpt2_folder(tmp_path, *, score_head: bool) -> str:
+    """A tiny GPT-2 (128 learned positions) with the built-in character tokenizer; a reward model (score head)
+    or a causal LM, so that loading it logs no missing-weights report."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from align import builtin
+
+    tok = builtin.load_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2, num_labels=1,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = tmp_path / ("gpt2-rm" if score_head else "gpt2")
+    (GPT2ForSequenceClassification if score_head else GPT2LMHeadModel)(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo", "eval-rm"])
+def test_sequences_longer_than_a_learned_position_table(tmp_path, capsys, out, stage):
+    """GPT-2-style models look positions up in a table (n_positions): a longer sequence is an IndexError deep
+    in the embedding on CPU (a device-side assert on a GPU). One clear line, before any step, instead."""
+    folder = _gpt2_folder(tmp_path, score_head=stage in ("reward", "eval-rm"))
+    long = "1+1=" * 40  # 160 characters, one token each
+    recipe = tiny_sft_recipe(out, **{"model.name_or_path": folder, "data.max_length": 256})
+    if stage == "sft":
+        recipe["data"]["train"] = _data(tmp_path, [{"prompt": long, "completion": "2"}] * 8)
+    elif stage in ("reward", "dpo", "eval-rm"):
+        recipe["stage"] = "dpo" if stage == "dpo" else "reward"
+        recipe["data"]["train"] = _data(tmp_path, [{"prompt": long, "chosen": "2", "rejected": "3"}] * 8)
+    else:
+        recipe.update(stage="grpo", grpo={"num_generations": 2, "max_new_tokens": 8})
+        recipe["data"]["train"] = _data(tmp_path, [{"prompt": long[:124], "completion": "2"}] * 8)
+    if stage == "eval-rm":
+        _expect_exit_2(capsys, ["eval-rm", "--model", folder, "--data", recipe["data"]["train"], "--max-length", "256"],
+                       "128 positions")
+        return
+    message = _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "128 positions", out)
+    assert ("data.max_length" if stage != "grpo" else "grpo.max_new_tokens") in message
 
 
 def _model_folder(tmp_path, *, pad: bool, chat_template: bool):

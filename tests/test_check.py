@@ -230,7 +230,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from align import builtin
-from align.engine import run
+from align.planning import run
 from align.recipe import load_recipe
 
 builtin.MODEL_CONFIGS["m50"] = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,

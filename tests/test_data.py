@@ -56,6 +56,38 @@ def test_conversational_messages_mask_every_assistant_turn(tmp_path, tok):
     assert trained == [None] * 6 + ["2", "<eos>"] + [None] * 5 + ["4", "<eos>"]
 
 
+# Phi-3-mini's template: turns end with <|end|>, and a conversation rendered WITHOUT a generation prompt ends
+# with EOS, which an earlier turn followed by later ones does not have (here "\n" stands for <|end|>)
+PHI3_LIKE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_template_that_closes_the_conversation_with_eos_trains_each_turn(tmp_path):
+    """Before the fix every multi-turn Phi-3 conversation was refused as boundary drift."""
+    tok = builtin.load_tokenizer()
+    tok.chat_template = PHI3_LIKE
+    messages = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    ex = tokenize_sft(_rows(tmp_path, [{"messages": messages}]), tok, max_length=64, truncation="keep_start",
+                      key="data.train").examples[0]
+    trained = [t for t, label in zip(_chars(tok, ex["input_ids"]), ex["labels"]) if label != IGNORE]
+    assert trained == ["2", "\n", "4", "\n", "<eos>"]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_still_refused(tmp_path):
+    """A template that renders an earlier reply differently once later turns follow (as reasoning templates
+    drop earlier thinking) would misplace the mask: refused."""
+    tok = builtin.load_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if loop.last or m['role'] != "
+                         "'assistant' %}{{ m['content'] }}{% else %}{{ '...' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    messages = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    with pytest.raises(AlignError, match="boundary drift"):
+        tokenize_sft(_rows(tmp_path, [{"messages": messages}]), tok, max_length=64, truncation="keep_start",
+                     key="data.train")
+
+
 def test_conversational_prompt_completion(tmp_path, tok):
     rows = _rows(tmp_path, [{"prompt": [{"role": "user", "content": "9+9"}],
                              "completion": [{"role": "assistant", "content": "18"}]}])
@@ -253,3 +285,17 @@ def test_a_local_file_takes_a_split_slice(tmp_path):
     assert len(load_rows({"path": str(path), "split": "train"}, key="data.train").rows) == 10
     with pytest.raises(AlignError, match=r"data.train: split 'train\[a:\]'; expected a slice"):
         load_rows({"path": str(path), "split": "train[a:]"}, key="data.train")
+
+
+def test_eval_limit_applies_once_to_raw_rows(tmp_path):
+    """data.eval_limit keeps the first N held-out rows, for every stage, before tokenizing (the reward stage cut
+    its tokenized pairs instead)."""
+    from align.data import load_eval_rows
+    from align.recipe import DataConfig
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(10)))
+    rows = load_eval_rows(DataConfig(train="x", eval=str(path), eval_limit=3))
+    assert [r["i"] for r in rows.rows] == [0, 1, 2] and rows.where(2).endswith("row 3")
+    assert len(load_eval_rows(DataConfig(train="x", eval=str(path))).rows) == 10
+    assert load_eval_rows(DataConfig(train="x")) is None

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from align import engine
+from align import planning
 from align.recipe import load_recipe
 
 from helpers import REPO, tiny_sft_recipe, weights
@@ -61,7 +61,7 @@ def _launch(config: str, recipe: dict, tmp_path, name: str, overrides=()) -> sub
 
 
 def _run_here(recipe: dict) -> dict:
-    return engine.run(load_recipe(None, [], data=recipe))
+    return planning.run(load_recipe(None, [], data=recipe))
 
 
 def _relative_difference(reference: dict, other: dict) -> float:

@@ -99,7 +99,7 @@ def test_packed_rows_at_full_width_give_the_same_loss_and_gradients():
 
 def test_packed_sft_forwards_have_one_shape(tmp_path, cpu_only, monkeypatch):
     """SFT's default (packing, auto memory settings on a CPU): every forward is (rows, data.max_length)."""
-    from align import engine
+    from align import planning
     from align.stages.sft import SFTStage
 
     seen = []
@@ -111,6 +111,6 @@ def test_packed_sft_forwards_have_one_shape(tmp_path, cpu_only, monkeypatch):
 
     monkeypatch.setattr(SFTStage, "loss", spy)
     # 16 packed rows of 128 tokens per step = 2,048 tokens: two forwards of 1,024 under auto on a CPU
-    engine.run(recipe(tmp_path, **{"data.max_length": 128, "train.batch_size": 16, "train.max_steps": 2,
+    planning.run(recipe(tmp_path, **{"data.max_length": 128, "train.batch_size": 16, "train.max_steps": 2,
                                    "data.train.take": 512}))
     assert seen == [(8, 128)] * 4

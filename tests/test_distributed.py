@@ -1,7 +1,7 @@
 """Two CPU processes under `accelerate launch` train every stage as one process does, and evaluate once.
 
 The invariance guarantee (same global batch -> same update, whatever the split over
-micro-batches and processes) for SFT, reward, DPO, GRPO and PPO: each runs a few steps on a
+micro-batches and processes) for SFT, reward, DPO, KTO, GRPO and PPO: each runs a few steps on a
 micro Llama (hidden 32, 2 layers) as ONE process (batch B, or B/2 x grad_accum 2) and
 as TWO CPU processes (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2`, batch B/2 each); the final weights agree to 1e-4 relative and the
@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-from align import engine
+from align import planning
 from align.recipe import load_recipe
 
 from helpers import REPO, max_relative_difference, weights
@@ -56,7 +56,7 @@ def _micro_model(out):
 
 
 def _recipe(stage, out, micro, *, batch_size, grad_accum=1, max_steps=3, **sections) -> dict:
-    pairs = stage in ("reward", "dpo")
+    pairs = stage in ("reward", "dpo", "kto")
     train_file, eval_file = ("prefs_train", "prefs_eval") if pairs else ("sft_train", "sft_eval")
     recipe = {
         "stage": stage, "output_dir": str(out), "seed": 0,
@@ -88,6 +88,9 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
         # global batch 8 pairs: 4 x grad_accum 2 x 1 process, or 4 x 2 processes
         "dpo": _recipe("dpo", out / "dpo", micro, batch_size=4, grad_accum=1 if two else 2,
                        dpo={"beta": 0.1, "rpo_alpha": 0.5}),
+        # global batch 8 unpaired examples (4 pairs split in two): 4 x grad_accum 2 x 1 process, or 4 x 2; KTO's
+        # reference point z_0 covers the whole step's batch, so it is the same number either way
+        "kto": _recipe("kto", out / "kto", micro, batch_size=4, grad_accum=1 if two else 2, kto={"beta": 0.5}),
         # global batch 8 completions = 4 prompts x G=2
         "grpo": _recipe("grpo", out / "grpo", micro, batch_size=4 if two else 8, grpo=grpo),
         # 8 prompts per optimizer step (4 x grad_accum 2, or 4 x 2 processes); rollouts of 16 prompts
@@ -122,7 +125,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     micro = _micro_model(root / "micro")
     for recipe in _stage_recipes(root, micro, 1).values():
-        engine.run(load_recipe(None, [], data=recipe))
+        planning.run(load_recipe(None, [], data=recipe))
 
     # task accuracy on an odd number of prompts, with references that make it exactly 3/5
     prompts = [json.loads(line)["prompt"] for line in (DATA / "sft_eval.jsonl").read_text().splitlines()[:EVAL_PROMPTS]]
@@ -205,6 +208,14 @@ def test_dpo_two_processes_train_and_evaluate_as_one_accumulating(runs):
     assert m_one["eval/pair_accuracy"] * EVAL_PAIRS == pytest.approx(round(m_one["eval/pair_accuracy"] * EVAL_PAIRS))
     assert m_one["eval/pair_accuracy"] == m_two["eval/pair_accuracy"]
     assert m_one["eval/loss"] == pytest.approx(m_two["eval/loss"], rel=1e-6)
+
+
+def test_kto_two_processes_train_and_evaluate_as_one_accumulating(runs):
+    root = runs["root"]
+    m_one, m_two = _assert_same_run(root / "p1/kto", root / "p2/kto")  # includes the logged z_0 (`kl`) per step
+    assert _moved(root / "p1/kto", runs["micro"]) > 1e-3
+    assert any(r.get("kl", 0) > 0 for r in _log(root / "p1/kto"))  # the reference point moved off 0
+    assert m_one["eval/pair_accuracy"] == m_two["eval/pair_accuracy"]
 
 
 def test_grpo_two_processes_sample_the_same_rollouts_and_train_as_one(runs):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from align import models
-from align.engine import run
+from align.planning import run
 from align.recipe import ModelConfig, load_recipe
 
 from helpers import save_dropout_model

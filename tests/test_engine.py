@@ -10,14 +10,14 @@ import time
 import pytest
 import yaml
 
-from align import engine
+from align import accel, engine, planning
 from align.recipe import TrainConfig, load_recipe
 
 from helpers import REPO, max_relative_difference, tiny_sft_recipe, weights
 
 
 def _run(recipe_dict, overrides=()):
-    return engine.run(load_recipe(None, list(overrides), data=recipe_dict))
+    return planning.run(load_recipe(None, list(overrides), data=recipe_dict))
 
 
 def _env():
@@ -153,13 +153,13 @@ def test_cpu_flag_with_two_processes_warns_that_one_process_runs(monkeypatch, ca
 
     from accelerate.utils import DistributedType
 
-    monkeypatch.setattr(engine, "requested_processes", lambda: 2)
+    monkeypatch.setattr(accel, "requested_processes", lambda: 2)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    engine.warn_if_world_size_differs(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+    accel.warn_if_world_size_differs(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
     assert "asked for 2 processes but this run has 1" in capsys.readouterr().err
-    assert engine.num_processes_in_launch_args(["python", "/bin/accelerate", "launch", "--num_processes=4"]) == 4
-    assert engine.num_processes_in_launch_args(["python", "/bin/accelerate", "launch", "--num_processes", "3"]) == 3
-    assert engine.num_processes_in_launch_args(["python", "train.py", "--num_processes", "4"]) is None
+    assert accel.num_processes_in_launch_args(["python", "/bin/accelerate", "launch", "--num_processes=4"]) == 4
+    assert accel.num_processes_in_launch_args(["python", "/bin/accelerate", "launch", "--num_processes", "3"]) == 3
+    assert accel.num_processes_in_launch_args(["python", "train.py", "--num_processes", "4"]) is None
 
 
 def test_report_to_tensorboard_writes_events(tmp_path):
@@ -182,21 +182,22 @@ def test_two_processes_without_cpu_mode_stop_instead_of_training_unsynchronised(
     for alone in (SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO),
                   SimpleNamespace(num_processes=2, distributed_type=DistributedType.NO)):
         with pytest.raises(AlignError, match="set ACCELERATE_USE_CPU=true"):
-            engine.warn_if_world_size_differs(alone)
-    monkeypatch.setattr(engine, "requested_processes", lambda: 2)
-    engine.warn_if_world_size_differs(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+            accel.warn_if_world_size_differs(alone)
+    monkeypatch.setattr(accel, "requested_processes", lambda: 2)
+    accel.warn_if_world_size_differs(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU,
+                                                      is_main_process=True, device=SimpleNamespace(type="cpu")))
 
 
 def test_auto_mixed_precision_follows_the_launcher_then_the_hardware(monkeypatch):
     """auto: accelerate launch's --mixed_precision, else bf16 where bf16 is native, else fp32."""
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr(engine, "native_bf16", lambda: True)
-    assert engine.resolve_mixed_precision("auto") == "bf16"
-    assert engine.resolve_mixed_precision("no") == "no"  # an explicit recipe value wins
-    monkeypatch.setattr(engine, "native_bf16", lambda: False)
-    assert engine.resolve_mixed_precision("auto") == "no"
+    monkeypatch.setattr(accel, "native_bf16", lambda: True)
+    assert accel.resolve_mixed_precision("auto") == "bf16"
+    assert accel.resolve_mixed_precision("no") == "no"  # an explicit recipe value wins
+    monkeypatch.setattr(accel, "native_bf16", lambda: False)
+    assert accel.resolve_mixed_precision("auto") == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert engine.resolve_mixed_precision("auto") == "bf16"
+    assert accel.resolve_mixed_precision("auto") == "bf16"
 
 
 def test_runs_with_different_precisions_follow_each_other_in_one_process(tmp_path):
@@ -204,3 +205,21 @@ def test_runs_with_different_precisions_follow_each_other_in_one_process(tmp_pat
     _run(tiny_sft_recipe(tmp_path / "bf16", **{"train.mixed_precision": "bf16", "train.max_steps": 1}))
     _run(tiny_sft_recipe(tmp_path / "fp32", **{"train.mixed_precision": "no", "train.max_steps": 1}))
     assert (tmp_path / "fp32/model.safetensors").is_file()
+
+
+def test_every_stage_provides_what_the_engine_needs():
+    """Each registered stage class implements the Stage protocol's methods, and none subclasses another stage
+    (they share by composition)."""
+    import inspect
+
+    from align.stages import STAGES, Stage
+
+    methods = [name for name, _ in inspect.getmembers(Stage, inspect.isfunction) if not name.startswith("_")]
+    assert set(methods) == {"micro_batches", "loss", "after_step", "evaluate", "save"}
+    classes = {spec.cls for spec in STAGES.values()}
+    for cls in classes:
+        for name in methods:
+            assert callable(getattr(cls, name, None)), (cls.__name__, name)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == list(
+                inspect.signature(getattr(Stage, name)).parameters), (cls.__name__, name)
+        assert not any(other in cls.__mro__[1:] for other in classes), cls.__name__

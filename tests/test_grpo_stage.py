@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from align.engine import run
 from align.errors import AlignError
+from align.planning import run
 from align.recipe import load_recipe
 
 from helpers import REPO
@@ -176,3 +176,69 @@ def test_reference_runs_under_the_policys_autocast(tmp_path):
     run(load_recipe(None, data=recipe))
     first = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()][1]
     assert first["train/kl"] == 0.0
+
+
+def test_long_prompts_lose_their_beginning_or_are_refused(tmp_path, capsys):
+    """data.prompt_truncation: keep_end (default) cuts a prompt longer than data.max_length from its beginning,
+    BOS kept, so the latest turn stays next to the completion; keep_start refuses it with one line."""
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "earlier turns " * 3 + f"{a}+{b}=", "completion": str(a + b)})
+                            + "\n" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]))
+    from accelerate import Accelerator
+
+    from align.stages.online import PromptSource
+
+    recipe = load_recipe(None, data={**grpo_recipe(tmp_path), "data": {"train": str(rows), "max_length": 12}})
+    prompts = PromptSource(recipe, Accelerator(cpu=True), per_process=2)
+    assert "4 of 4 prompts longer than data.max_length=12 cut from their beginning" in capsys.readouterr().out
+    tok = prompts.tokenizer
+    assert all(len(ids) == 12 and ids[0] == tok.bos_token_id for ids in prompts.prompt_ids)
+    assert tok.decode(prompts.prompt_ids[0][1:]).endswith("1+2=")
+    strict = load_recipe(None, data={**grpo_recipe(tmp_path), "data": {"train": str(rows), "max_length": 12,
+                                                                       "prompt_truncation": "keep_start"}})
+    with pytest.raises(AlignError, match=r"long.jsonl row 1: the prompt has \d+ tokens, more than data.max_length=12"):
+        PromptSource(strict, Accelerator(cpu=True), per_process=2)
+
+
+@pytest.mark.parametrize("settings", [
+    {"advantage_estimator": "rloo"},
+    {"advantage_estimator": "rloo", "scale_rewards": "batch"},
+    {"advantage_estimator": "reinforce_pp"},
+    {"advantage_estimator": "reinforce_pp", "num_generations": 1},
+    {"importance_sampling_level": "sequence", "num_iterations": 2},
+], ids=["rloo", "rloo-batch", "reinforce_pp", "reinforce_pp-G1", "gspo"])
+def test_advantage_estimators_and_gspo_move_reward_up(tmp_path, settings):
+    """The same 8-step run as above with RLOO / REINFORCE++ advantages, or GSPO's sequence ratio reused twice."""
+    recipe = grpo_recipe(tmp_path, **settings)
+    recipe["eval"]["generate"] = False
+    run(load_recipe(None, data=recipe))
+    train = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train = [r for r in train if "train/reward" in r]
+    first = sum(r["train/reward"] for r in train[:2]) / 2
+    last = sum(r["train/reward"] for r in train[-2:]) / 2
+    assert last > first + 0.1, (first, last)
+    if settings.get("num_generations") == 1:
+        assert "train/zero_std_groups" not in train[0]  # no groups to count
+
+
+def test_stage_advantages_come_from_the_estimator(tmp_path):
+    from align.losses import reinforce_pp_advantages, rloo_advantages
+
+    for estimator in ("rloo", "reinforce_pp"):
+        stage = build(tmp_path / estimator, advantage_estimator=estimator)
+        out, advantages, _ = stage.make_rollout(0)
+        reward, _ = stage.score([stage.prompts.rows[i] for i in stage.prompts.step(0) for _ in range(8)], out)
+        expected = (rloo_advantages(reward, 8) if estimator == "rloo"
+                    else reinforce_pp_advantages(reward, out.lengths))
+        torch.testing.assert_close(advantages, expected)
+
+
+def test_estimator_settings_are_checked(tmp_path):
+    with pytest.raises(AlignError, match="grpo.num_generations >= 2 with advantage_estimator rloo"):
+        build(tmp_path, advantage_estimator="rloo", num_generations=1)
+    with pytest.raises(AlignError, match="scale_rewards 'group' does not apply to advantage_estimator rloo"):
+        build(tmp_path, advantage_estimator="rloo", scale_rewards="group")
+    with pytest.raises(AlignError, match="reinforce_pp whitens itself"):
+        build(tmp_path, advantage_estimator="reinforce_pp", scale_rewards="batch")
+    with pytest.raises(AlignError, match="importance_sampling_level"):
+        build(tmp_path, importance_sampling_level="seq")

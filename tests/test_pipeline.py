@@ -58,13 +58,27 @@ def test_pipeline_runs_in_order_resumes_and_reports(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
 
 
-def test_failing_step_names_itself_and_keeps_earlier_results(tmp_path, capsys):
+def test_bad_input_of_a_later_step_stops_the_pipeline_before_any_step_runs(tmp_path, capsys):
+    """Every step's inputs are checked before the first one trains (before the planning layer, the missing file
+    of the last step was found only after the SFT step had trained)."""
     steps = _steps(sft_steps=2)[:1] + [{"name": "broken", "recipe": {"stage": "sft", "output_dir": "x",
                                                                      "data": {"train": str(tmp_path / "none.jsonl")}}}]
-    path = _pipeline(tmp_path, steps)
-    assert main(["pipeline", str(path), "all.train.progress_bar=false"]) == 2
+    assert main(["pipeline", str(_pipeline(tmp_path, steps)), "all.train.progress_bar=false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: pipeline step broken failed:") and "none.jsonl" in err
+    assert err.startswith("error: step broken: data.train: file") and "none.jsonl not found" in err
+    assert not (tmp_path / "run/sft/model.safetensors").exists()
+
+
+def test_failing_step_names_itself_and_keeps_earlier_results(tmp_path, capsys):
+    """A step that fails while it runs (here: every sample longer than max_length, dropped) names itself;
+    the steps before it keep their results."""
+    broken = {"name": "broken", "recipe": {"stage": "sft", "output_dir": "x",
+                                           "data": {"train": str(REPO / "data/arith/sft_train.jsonl"),
+                                                    "max_length": 3, "truncation": "drop"}}}
+    assert main(["pipeline", str(_pipeline(tmp_path, _steps(sft_steps=2)[:1] + [broken])),
+                 "all.train.progress_bar=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: pipeline step broken failed:") and "data.max_length" in err
     assert (tmp_path / "run/sft/model.safetensors").is_file()
 
 

@@ -82,7 +82,7 @@ def test_reward_model_on_policy_pairs_ranks_the_policys_held_out_samples(tmp_pat
     """recipes/tiny/reward-ppo.yaml: held-out pairs of the start policy's own samples ranked >= 0.7 (measured 0.735).
 
     Uses runs/tiny/policy-pairs/ when present (else samples them, ~1 min); ~9 min on a busy 2-core CPU."""
-    from align.engine import run
+    from align.planning import run
 
     recipe = load_recipe(REPO / "recipes/tiny/reward-ppo.yaml",
                          [f"output_dir={tmp_path / 'rm'}", "train.progress_bar=false"])

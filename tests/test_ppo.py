@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from align.engine import run
 from align.losses import gae_advantages, whiten
+from align.planning import run
 from align.recipe import load_recipe
 from align.stages import ppo
 
@@ -170,7 +170,7 @@ def test_eval_reward_scores_the_generated_ids_with_the_missing_eos_penalty(tmp_p
         return ppo.PPOStage(recipe, Accelerator(cpu=True))
 
     plain, penalised = stage(0.0), stage(5.0)
-    greedy = rollout(plain.model.policy, plain.eval_prompt_ids, sampling=replace(plain.sampling, max_new_tokens=2),
+    greedy = rollout(plain.model.policy, plain.prompts.eval_prompt_ids, sampling=replace(plain.sampling, max_new_tokens=2),
                      eos_id=plain.tokenizer.eos_token_id, pad_id=plain.tokenizer.pad_token_id, policy_logprobs=False,
                      do_sample=False)
     unfinished = (~greedy.ended).float().mean().item()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from align.engine import run
 from align.evaluate_rm import pair_rewards, score_pairs
+from align.planning import run
 from align.preference_data import (
     CHOSEN,
     PAD,
@@ -56,6 +56,28 @@ def test_shared_row_layout():
     assert mask[5].tolist() == [True, True, True, False, False, True, False, False]  # rejected: prompt + itself
     assert mask[4].tolist() == [True] * 5 + [False] * 3  # chosen: causal
     assert batch["attention_mask"].any(-1).all()  # no empty row (pads included)
+
+
+def test_pads_take_no_position_past_the_longest_pair():
+    """The pads of a shared-prompt row take no position past those the batch's longest pair needs
+    (P + max(C, R)), so a model with a learned position table (GPT-2's n_positions) sized to
+    data.max_length takes every batch. Pads used to continue to P + R + pads: a short pair batched
+    with a long one indexed past the table (IndexError: HH-RLHF reward/DPO on GPT-2 at max_length 512)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    long = {"prompt_ids": [1] + list(range(5, 15)), "chosen_ids": list(range(15, 25)) + [2],
+            "rejected_ids": list(range(25, 35)) + [2]}  # P 11 + max(C, R) 11 = 22 positions
+    short = {"prompt_ids": [1], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}
+    batch = collate_shared_pairs([long, short], pad_id=0)
+    assert batch["input_ids"].shape == (2, 33) and batch["position_ids"].max().item() == 21
+    assert batch["position_ids"][1, :5].tolist() == [0, 1, 2, 1, 2]  # real tokens: as before
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=22, n_embd=32, n_layer=2, n_head=4,
+                                       attn_implementation="sdpa")).eval()
+    with torch.no_grad():
+        shared, two = pair_logps(model, batch), pair_logps(model, collate_pairs([long, short], 0))
+    for side in ("chosen", "rejected"):
+        torch.testing.assert_close(shared[side], two[side], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("nll_on_prompt", [False, True])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from align.engine import run
 from align.errors import AlignError
+from align.planning import run
 from align.recipe import load_recipe
 
 PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10)}
@@ -111,8 +111,9 @@ def test_bad_preference_rows(tmp_path, capsys):
     rows = PAIRS + [{"prompt": "10+10=", "chosen": "20", "rejected": "21"}]
     data = _write(tmp_path / "trunc.jsonl", rows)
     # max_length 8 leaves one completion token for "10+10=" (bos + 6 chars): "2" vs "2" become identical
+    # (keep_start: only the answers are cut; the default keep_end would shorten the prompt instead)
     recipe = load_recipe(None, ["stage=orpo", f"output_dir={tmp_path / 'y'}", f"data.train={data}",
-                                "data.max_length=8", "train.max_steps=1", "train.progress_bar=false",
+                                "data.max_length=8", "data.prompt_truncation=keep_start", "train.max_steps=1", "train.progress_bar=false",
                                 "eval.generate=false"])
     run(recipe)
     assert "1 dropped as identical after truncation" in capsys.readouterr().out
@@ -139,3 +140,27 @@ def test_pair_logps_without_mask_equals_masked_forward():
     sums, counts = sequence_logps(masked, batch["labels"])
     torch.testing.assert_close(torch.cat([lp["chosen"], lp["rejected"]]), sums, atol=1e-5, rtol=1e-5)
     assert torch.cat([lp["chosen_n"], lp["rejected_n"]]).tolist() == counts.tolist()
+
+
+def test_long_dialogues_keep_their_end_in_every_pair_stage(tmp_path, capsys):
+    """data.prompt_truncation (default keep_end) cuts a too-long prompt from its beginning, so the answers
+    survive; keep_start cuts only the answers, and a prompt longer than max_length leaves none (dropped)."""
+    long_prompt = "Human: " + "tell me more about it. " * 4 + "Assistant:"
+    rows = [{"prompt": long_prompt + f" {i}", "chosen": " yes", "rejected": " no"} for i in range(8)]
+    data = _write(tmp_path / "long.jsonl", rows)
+    kept = run(_recipe(tmp_path, "dpo", f"data.train={data}", f"data.eval={data}", "data.max_length=24",
+                       "train.max_steps=1", name="end"))
+    assert kept["eval/pair_accuracy_start"] is not None
+    assert "8 pairs kept" in capsys.readouterr().out
+    with pytest.raises(AlignError, match="no usable pair"):
+        run(_recipe(tmp_path, "dpo", f"data.train={data}", f"data.eval={data}", "data.max_length=24",
+                    "data.prompt_truncation=keep_start", "train.max_steps=1", name="start"))
+
+
+def test_reward_prompt_truncation_is_a_deprecated_alias(tmp_path, capsys):
+    recipe = _recipe(tmp_path, "reward", "reward.prompt_truncation=keep_start", "train.max_steps=1")
+    from align.preference_data import pair_truncation
+
+    assert pair_truncation(recipe) == "keep_start"
+    run(recipe)
+    assert "reward.prompt_truncation is deprecated: use data.prompt_truncation" in capsys.readouterr().out

@@ -5,7 +5,7 @@
 
 import pytest
 
-from align.engine import run
+from align.planning import run
 from align.recipe import load_recipe
 
 pytestmark = pytest.mark.slow

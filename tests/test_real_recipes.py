@@ -102,6 +102,32 @@ def test_columns_rename_and_chat_prompt(tmp_path):
     assert ids == data.chat_ids(tok, user[0]["prompt"], add_generation_prompt=True) and len(ids) > 30
 
 
+def test_chat_prompt_makes_string_answers_the_assistant_turn(tmp_path):
+    """GSM8K for SFT (`columns: {question: prompt, answer: completion}, chat_prompt: true`): the string
+    completion becomes the assistant's reply, so SFT trains on it through the chat template (it was
+    refused: "prompt and completion must both be strings or both message lists"); the same for the
+    chosen/rejected answers of an explicit-prompt preference file."""
+    from align import builtin
+    from align.preference_data import tokenize_preferences
+
+    path = _gsm8k_file(tmp_path)
+    spec = {"path": str(path), "columns": {"question": "prompt", "answer": "completion"}, "chat_prompt": True}
+    rows = data.load_rows(spec)
+    assert rows.rows[0]["completion"] == [{"role": "assistant", "content": "3 + 4 = 7\n#### 7"}]
+    tok = builtin.load_tokenizer()
+    example = data.tokenize_sft(rows, tok, max_length=256, truncation="keep_start", key="data.train").examples[0]
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != data.IGNORE]
+    assert tok.decode(trained) == "3 + 4 = 7\n#### 7" + tok.eos_token
+    assert example["input_ids"][: len(example["input_ids"]) - len(trained)] == data.encode_prompt(
+        tok, rows.rows[0]["prompt"])
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"question": "2+2?", "chosen": "#### 4", "rejected": "#### 5"}) + "\n")
+    rows = data.load_rows({"path": str(prefs), "columns": {"question": "prompt"}, "chat_prompt": True})
+    assert rows.rows[0]["rejected"] == [{"role": "assistant", "content": "#### 5"}]
+    pair = tokenize_preferences(rows, tok, max_length=256, key="data.train").examples[0]
+    assert tok.decode(pair["chosen_ids"]) == "#### 4" + tok.eos_token
+
+
 def test_column_mapping_errors(tmp_path):
     path = _gsm8k_file(tmp_path)
     with pytest.raises(AlignError, match=r"gsm.jsonl row 1 has no column 'problem'"):
@@ -185,7 +211,7 @@ def test_qlora_builds_the_qlora_papers_bnb_config(monkeypatch):
 
 def test_grpo_runs_on_a_gsm8k_shaped_file(tmp_path):
     """The GSM8K recipe's data spec and rewards through the GRPO stage (builtin tiny model, 1 step)."""
-    from align.engine import run
+    from align.planning import run
 
     path = tmp_path / "gsm.jsonl"
     path.write_text("".join(json.dumps({"question": f"{a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n"

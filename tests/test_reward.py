@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align import engine
+from align import planning
 from align.cli import main
 from align.evaluate_rm import sequence_rewards
 from align.losses import bradley_terry_loss
@@ -175,7 +175,7 @@ def test_reward_stage_learns_held_out_pairs_and_saves_a_loadable_model(tmp_path)
 
     paths = _write_max_digit_task(tmp_path)
     out = tmp_path / "rm"
-    metrics = engine.run(load_recipe(None, data=_reward_recipe(out, paths["train"], paths["eval"],
+    metrics = planning.run(load_recipe(None, data=_reward_recipe(out, paths["train"], paths["eval"],
                                                                reward={"center_rewards_coefficient": 0.01})))
     assert metrics["eval/pair_accuracy_start"] < 0.75
     assert metrics["eval/pair_accuracy"] >= 0.9
@@ -266,7 +266,7 @@ def test_recipe_keys_are_checked():
 @pytest.mark.slow
 def test_tiny_reward_recipe_reaches_its_target(tmp_path):
     """recipes/tiny/reward.yaml as shipped (from the SFT model; trains it first when missing)."""
-    metrics = engine.run(load_recipe(str(REPO / "recipes/tiny/reward.yaml"), [f"output_dir={tmp_path / 'rm'}"]))
+    metrics = planning.run(load_recipe(str(REPO / "recipes/tiny/reward.yaml"), [f"output_dir={tmp_path / 'rm'}"]))
     assert metrics["eval/pair_accuracy"] >= 0.95
 
 
@@ -278,7 +278,7 @@ def test_hh_rlhf_recipe_trains_on_real_pairs_and_eval_rm_scores_the_rest(tmp_pat
     from align.evaluate_rm import evaluate_reward_model
 
     out = tmp_path / "rm"
-    metrics = engine.run(load_recipe(str(REPO / "recipes/tiny/reward-hh.yaml"), [f"output_dir={out}"]))
+    metrics = planning.run(load_recipe(str(REPO / "recipes/tiny/reward-hh.yaml"), [f"output_dir={out}"]))
     assert metrics["eval/loss"] < metrics["eval/loss_start"] + 0.05
     summary = evaluate_reward_model(str(out), {"path": str(HH.parent), "split": "test[1800:]"}, max_length=256,
                                     quiet=True)
@@ -299,7 +299,7 @@ def test_lora_reward_model_saves_an_adapter_that_eval_rm_scores_like_the_run(tmp
     recipe = _reward_recipe(out, paths["train"], paths["eval"])
     recipe["model"] = {"name_or_path": str(base), "lora": {"enabled": True, "r": 4}}
     recipe["train"].update(max_steps=4)
-    metrics = engine.run(load_recipe(None, data=recipe))
+    metrics = planning.run(load_recipe(None, data=recipe))
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     summary = evaluate_reward_model(str(out), str(paths["eval"]), max_length=16, quiet=True)
     assert summary["accuracy"] == pytest.approx(metrics["eval/pair_accuracy"], abs=1e-6)

@@ -212,3 +212,23 @@ def test_shared_prompt_forward_equals_the_single_forward_values_and_gradients(ti
     assert g["input_ids"].shape == (2, 4 + 3 * 3)  # 2 distinct prompts, widest group 3 copies x 3 fed tokens
     model.gradient_checkpointing_disable()
     model.eval()
+
+
+def test_sampling_stops_at_every_eos_of_the_generation_config(tiny):
+    """Gemma 2 instruct ends a turn with <end_of_turn>, which its generation config lists next to the
+    tokenizer's <eos>: `generate` stops at both, and so do align's rollouts and greedy evaluation."""
+    from align.evaluate import greedy_completions
+    from align.models import stop_token_ids
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    end_of_turn = tok.convert_tokens_to_ids("<|assistant|>")  # stands in for Gemma's <end_of_turn>
+    model.generation_config.eos_token_id = [tok.eos_token_id, end_of_turn]
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, end_of_turn]
+    model.lm_head.register_forward_hook(lambda m, a, out: out.index_add(  # the only choice: a +1e4 logit
+        -1, torch.tensor([end_of_turn]), torch.full(out.shape[:-1] + (1,), 1e4)))
+    out = ro.rollout(model, [[1, 20, 21], [1, 30]], sampling=ro.SamplingConfig(max_new_tokens=4),
+                     eos_id=stop_token_ids(model, tok), pad_id=tok.pad_token_id, generator_seed=0)
+    assert out.completion_ids[:, 0].tolist() == [end_of_turn] * 2
+    assert out.lengths.tolist() == [1, 1] and out.ended.all()
+    assert greedy_completions(model, tok, ["12+34="], max_new_tokens=4, batch_size=1) == {0: ""}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from align import engine
+from align import planning
 from align.recipe import load_recipe
 
 from helpers import REPO, tiny_sft_recipe
@@ -20,7 +20,7 @@ def test_short_sft_learns_and_saves_a_loadable_model(tmp_path):
         "data.eval": str(REPO / "data/arith/sft_eval.jsonl"), "data.eval_limit": 100,
         "eval.generate": True, "eval.max_new_tokens": 4,
     })
-    metrics = engine.run(load_recipe(None, data=recipe))
+    metrics = planning.run(load_recipe(None, data=recipe))
     # held-out loss falls far below where it started (4.55 nats/token at random init)
     assert metrics["eval/loss_start"] > 4.0
     assert metrics["eval/loss"] < 0.5 * metrics["eval/loss_start"]
@@ -57,7 +57,7 @@ def test_lora_sft_saves_an_adapter_that_reloads(tmp_path):
     recipe = tiny_sft_recipe(out, **{"model.name_or_path": str(base_dir), "model.lora.enabled": True,
                                      "model.lora.r": 4, "model.lora.target_modules": ["q_proj", "v_proj"],
                                      "train.lr": 1e-2})
-    engine.run(load_recipe(None, data=recipe))
+    planning.run(load_recipe(None, data=recipe))
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -80,14 +80,14 @@ def test_lora_sft_saves_an_adapter_that_reloads(tmp_path):
 
     SFTStage.loss = spy
     try:
-        engine.run(load_recipe(None, data=tiny_sft_recipe(tmp_path / "mode", **{"model.name_or_path": str(base_dir),
+        planning.run(load_recipe(None, data=tiny_sft_recipe(tmp_path / "mode", **{"model.name_or_path": str(base_dir),
                                                                               "train.max_steps": 1})))
     finally:
         SFTStage.loss = original
     assert seen == [True]
     # the loader takes the adapter folder as a model too (trains on from it)
     more = tiny_sft_recipe(tmp_path / "lora2", **{"model.name_or_path": str(out)})
-    engine.run(load_recipe(None, data=more))
+    planning.run(load_recipe(None, data=more))
     assert (tmp_path / "lora2/adapter_config.json").is_file()
 
 
@@ -97,7 +97,7 @@ def test_tiny_sft_recipe_reaches_target(tmp_path):
 
     Run with `OMP_NUM_THREADS=1 python -m pytest -m slow tests/test_sft.py`.
     """
-    metrics = engine.run(load_recipe(REPO / "recipes/tiny/sft.yaml", [f"output_dir={tmp_path / 'sft'}",
+    metrics = planning.run(load_recipe(REPO / "recipes/tiny/sft.yaml", [f"output_dir={tmp_path / 'sft'}",
                                                                       "train.progress_bar=false"]))
     assert metrics["eval/task_accuracy"] >= 0.9
 
@@ -105,12 +105,12 @@ def test_tiny_sft_recipe_reaches_target(tmp_path):
 def test_checkpointed_training_saves_a_model_that_generates_with_its_cache(tmp_path):
     """Gradient checkpointing (the default on a GPU) turns the KV cache off for training; the saved config
     keeps it on."""
-    from align import engine
+    from align import planning
     from align.recipe import load_recipe
 
     from helpers import tiny_sft_recipe
 
     recipe = load_recipe(None, [], data=tiny_sft_recipe(tmp_path / "run", **{"train.max_steps": 1,
                                                                            "model.gradient_checkpointing": True}))
-    engine.run(recipe)
+    planning.run(recipe)
     assert json.loads((tmp_path / "run/config.json").read_text())["use_cache"] is True

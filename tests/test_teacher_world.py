@@ -9,8 +9,8 @@ import json
 import pytest
 
 from align import task
-from align.engine import run
 from align.pipeline import run_pipeline
+from align.planning import run
 from align.recipe import load_recipe
 
 from helpers import REPO

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from align.config import positive
 from align.errors import AlignError
 from align.io_utils import JsonlLog, atomic_write_json
-from align.plots import plot_curves
+from align.plots import plot_curves, series_title
 from align.rl.envs import SOLVE_THRESHOLDS, check_env_id, make_env
 
 
@@ -194,9 +194,9 @@ class RunLog:
         }
         self.jsonl.write(self.step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
         atomic_write_json(self.out / "metrics.json", metrics)
-        plot_curves(self.out / "curve.png",
-                    {"train episodic return": _smooth(self.train_curve), "eval return (mean)": self.eval_curve},
-                    title=f"{self.cfg.algo} on {self.cfg.env}", xlabel="environment steps", ylabel="return")
+        curves = {"train episodic return": _smooth(self.train_curve), "eval return (mean)": self.eval_curve}
+        plot_curves(self.out / "curve.png", curves, title=series_title(f"{self.cfg.algo} on {self.cfg.env}", curves),
+                    xlabel="environment steps", ylabel="return")
         return metrics
 
 

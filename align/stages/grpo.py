@@ -9,6 +9,20 @@ per-token loss is PPO's clipped surrogate with separate low/high epsilon (DAPO's
 clip-higher) plus beta * k3 KL to the reference (`grpo_token_losses`), aggregated by
 `grpo.aggregation` (`align.losses.TOKEN_AGGREGATIONS`: grpo, dr_grpo, dapo).
 
+Two neighbours are settings of this stage, not trainers of their own:
+`grpo.advantage_estimator` picks how rewards become advantages
+(`align.losses.ADVANTAGE_ESTIMATORS`): `grpo` (above), `rloo` (RLOO, Ahmadian et al. 2024:
+reward minus the mean of the other G-1 completions of its group) or `reinforce_pp`
+(REINFORCE++, Hu 2025: no baseline, whitened over the whole global batch, token-weighted).
+Where they depart from their papers/TRL: the loss stays this stage's per-token clipped
+surrogate and aggregation (TRL's RLOOTrainer clips one ratio per sequence, of summed
+log-probs), and the KL to the reference stays in the loss (RLOO and REINFORCE++ subtract
+it from the reward). `grpo.importance_sampling_level: sequence` is GSPO (Zheng et al.
+2025): one importance ratio per completion, exp(mean_t log-ratio), clipped per sequence
+(`align.losses.sequence_log_ratio`, TRL's `importance_sampling_level`); it changes
+anything only with num_iterations > 1 (on-policy every ratio is 1 and the surrogate's
+gradient is GRPO's).
+
 One optimizer step = one global batch of `train.batch_size x train.grad_accum x
 processes` completions (TRL's convention: batch sizes count completions), i.e. that
 divided by G prompts. `micro_batches(step)` generates the step's rollouts: each process
@@ -46,83 +60,29 @@ completions). At the end the curves are plotted to `grpo_curves.png` and `grpo_k
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from align import config as cfg
 from align import evaluate, models, rewards
-from align.data import encode_prompt, load_rows
 from align.errors import AlignError
 from align.losses import (
+    ADVANTAGE_ESTIMATORS,
     aggregate_token_losses,
-    group_advantages,
     grpo_token_losses,
-    kl_penalty,
     masked_sum,
     zero_std_groups,
 )
 from align.recipe import Recipe
-from align.rollout import Rollout, SamplingConfig, completion_logprobs, rollout
-
-
-@dataclass
-class GRPOArgs:
-    num_generations: int = field(default=8, metadata=cfg.at_least(
-        2, "grpo.num_generations", "advantages compare a completion with the others of its group: one alone has "
-        "no baseline (zero advantage, or NaN when scaled by the group's std)"))
-    """G: completions sampled per prompt (a group), at least 2."""
-    max_new_tokens: int = field(default=8, metadata=cfg.positive("grpo.max_new_tokens"))
-    """Longest completion (TRL's max_completion_length; dr_grpo's constant normaliser)."""
-    temperature: float = field(default=1.0, metadata=cfg.positive("grpo.temperature"))
-    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "grpo.top_p"))
-    top_k: int = field(default=0, metadata=cfg.non_negative("grpo.top_k"))
-    """0: no top-k filtering."""
-    beta: float = field(default=0.0, metadata=cfg.non_negative("grpo.beta"))
-    """Weight of the k3 KL to the reference. 0 loads no reference model."""
-    kl_ratio_correction: bool = True
-    """Multiply the KL term by the importance ratio (DeepSeek-V3.2's unbiased KL gradient; TRL 1.16's default
-    use_bias_correction_kl). False: DeepSeekMath's plain k3."""
-    clip_eps: float = field(default=0.2, metadata=cfg.positive("grpo.clip_eps"))
-    """Lower clip: the ratio is kept above 1 - clip_eps."""
-    clip_eps_high: float | None = field(default=None, metadata=cfg.positive("grpo.clip_eps_high"))
-    """Upper clip (DAPO's clip-higher, e.g. 0.28); None: clip_eps."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    """Token aggregation of the loss (see align.losses.TOKEN_AGGREGATIONS)."""
-    num_iterations: int = field(default=1, metadata=cfg.positive("grpo.num_iterations"))
-    """Optimizer steps per rollout batch (1: on-policy)."""
-    reward_funcs: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Built-in names (exact_match, format, length) or package.module:function."""
-    reward_weights: list[float] | None = None
-    """One weight per reward function (default 1 each)."""
-    accuracy: str = "exact_match"
-    """The reward function (a name as in reward_funcs) whose mean over held-out greedy completions is
-    eval/task_accuracy: exact_match for answer-only completions; math_answer when the completion
-    reasons first and ends with its answer (GSM8K)."""
-    missing_eos_penalty: float | None = field(default=None, metadata=cfg.non_negative("grpo.missing_eos_penalty"))
-    """Subtracted from the reward of completions with no EOS."""
-    generation_batch_size: int = field(default=256, metadata=cfg.positive("grpo.generation_batch_size"))
-    """Rows per generate call / scoring forward."""
-    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("grpo.eval_kl_prompts"))
-    """Held-out prompts sampled once each for eval/kl (with a reference only)."""
-    plot: bool = True
-    """Write grpo_curves.png and grpo_kl.png into output_dir at the end."""
+from align.rollout import Rollout, completion_logprobs, rollout, score_logprobs
+from align.stage_settings import GRPOArgs  # noqa: F401  (re-exported)
+from align.stages.online import PromptSource, eval_kl, plot_run, sampling_config
 
 
 def batch_weight(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> float:
     """A micro-batch's share of the step's loss normaliser under `aggregation` (see TOKEN_AGGREGATIONS)."""
     return aggregate_token_losses(torch.zeros(mask.shape), mask, aggregation=aggregation,
                                   max_completion_length=max_new_tokens)[1]
-
-
-def sampling_config(a) -> SamplingConfig:
-    """The sampling settings of an online stage's section (GRPO's and PPO's share the names)."""
-    return SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          batch_size=a.generation_batch_size)
 
 
 class GRPOStage:
@@ -134,14 +94,16 @@ class GRPOStage:
         if per_process % a.num_generations:
             raise AlignError(f"train.batch_size x train.grad_accum = {per_process} completions per process per "
                              f"step must be a multiple of grpo.num_generations = {a.num_generations}")
-        self.prompts_per_process = per_process // a.num_generations
-        self._load_prompts(recipe)
+        self.prompts = PromptSource(recipe, accelerator, per_process // a.num_generations)
+        self.tokenizer = self.prompts.tokenizer
         self.reward_names = list(a.reward_funcs)
         self.reward_fns = [rewards.resolve(n) for n in self.reward_names]
         self.reward_fn = rewards.weighted_sum(self.reward_fns, a.reward_weights)
         self.accuracy_fn = rewards.resolve(a.accuracy)
         self.sampling = sampling_config(a)
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.prompts.check_positions(self.model, a.max_new_tokens)
+        self.stop_ids = models.stop_token_ids(self.model, self.tokenizer)
         self.ref_model = None
         if a.beta > 0 and not self._reference_is_base_model():
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
@@ -154,49 +116,11 @@ class GRPOStage:
         adapter folder is base + adapter: its reference is a frozen copy of that (a second base in memory)."""
         return models.is_peft(self.model) and not models._adapter_base(self.recipe.model.name_or_path)
 
-    def _load_prompts(self, recipe: Recipe) -> None:
-        """Left-padding tokenizer (EOS required), training prompts and held-out prompts (shared with PPO)."""
-        self.tokenizer = models.load_tokenizer(recipe.model, padding_side="left")
-        if self.tokenizer.eos_token_id is None:
-            raise AlignError("model: the tokenizer has no EOS token; completions could never end")
-        self.rows, self.prompt_ids = self._prompts(recipe.data.train, "data.train")
-        self.eval_rows, self.eval_prompt_ids = [], []
-        if recipe.data.eval is not None:
-            self.eval_rows, self.eval_prompt_ids = self._prompts(recipe.data.eval, "data.eval",
-                                                                 limit=recipe.data.eval_limit)
-
-    def _prompts(self, spec, key, limit=None):
-        rows = load_rows(spec, key=key)
-        if limit is not None:
-            rows.rows, rows.origins = rows.rows[:limit], rows.origins[:limit]
-        encoded = []
-        for i, row in enumerate(rows.rows):
-            if "prompt" not in row:
-                raise AlignError(f"{key}: {rows.where(i)} has no 'prompt' column (GRPO samples completions for "
-                                 f"prompts; columns: {sorted(row)})")
-            ids = encode_prompt(self.tokenizer, row["prompt"], rows.where(i))
-            if len(ids) > self.recipe.data.max_length:
-                raise AlignError(f"{key}: {rows.where(i)}: the prompt has {len(ids)} tokens, more than "
-                                 f"data.max_length={self.recipe.data.max_length}")
-            encoded.append(ids)
-        return rows.rows, encoded
-
-    # -- rollouts ------------------------------------------------------------------------
-    def _step_prompts(self, generation: int) -> list[int]:
-        """Indices of this process's prompts for rollout batch `generation` (an epoch-wise shuffle)."""
-        n = len(self.rows)
-        global_prompts = self.prompts_per_process * self.accelerator.num_processes
-        per_epoch = max(1, n // global_prompts)
-        epoch, k = divmod(generation, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed * 7919 + epoch)).tolist()
-        start = k * global_prompts + self.accelerator.process_index * self.prompts_per_process
-        return [order[(start + j) % n] for j in range(self.prompts_per_process)]
-
     def score(self, rows: list[dict], out: Rollout) -> tuple[torch.Tensor, dict]:
         """Rewards (B,) of a rollout of `rows` (one row per completion) and each function's (B,) scores."""
         texts = out.texts(self.tokenizer)
         prompts = [r["prompt"] for r in rows]
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        columns = self.prompts.columns(rows)
         per_fn = {}
         for name, fn in zip(self.reward_names, self.reward_fns):
             values = fn(prompts, texts, **columns)
@@ -206,49 +130,44 @@ class GRPOStage:
         total = sum(w * s for w, s in zip(weights, per_fn.values()))
         return rewards.missing_eos_penalty(total, out.ended, self.args.missing_eos_penalty), per_fn
 
-    def rollout_seed(self, generation: int, rows: int) -> dict:
-        """Sampling seed of rollout batch `generation` and this process's rows' GLOBAL indices in it.
-
-        Not the process index: the batch samples the same completions on any number of
-        processes (see align.rollout).
-        """
-        first = self.accelerator.process_index * rows
-        return {"generator_seed": (self.recipe.seed * 1_000_003 + generation) * 1009,
-                "row_ids": range(first, first + rows)}
-
     def make_rollout(self, generation: int) -> tuple[Rollout, torch.Tensor, dict]:
         """Rollout batch `generation` of this process: (rollout, advantages (B,), rollout metrics)."""
         a, G = self.args, self.args.num_generations
         acc = self.accelerator
-        indices = self._step_prompts(generation)
-        rows = [self.rows[i] for i in indices for _ in range(G)]  # (B,) groups contiguous
-        prompts = [self.prompt_ids[i] for i in indices for _ in range(G)]
-        out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.tokenizer.eos_token_id,
+        indices = self.prompts.step(generation)
+        rows = [self.prompts.rows[i] for i in indices for _ in range(G)]  # (B,) groups contiguous
+        prompts = [self.prompts.prompt_ids[i] for i in indices for _ in range(G)]
+        out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.stop_ids,
                       pad_id=self.tokenizer.pad_token_id, accelerator=acc, ref_model=self.ref_model,
-                      policy_logprobs=a.num_iterations > 1, **self.rollout_seed(generation, len(prompts)))
+                      policy_logprobs=a.num_iterations > 1, **self.prompts.rollout_seed(generation, len(prompts)))
         if a.beta > 0 and self.ref_model is None:  # LoRA: the reference is the base model, adapter disabled
             base = acc.unwrap_model(self.model)
             with base.disable_adapter():
-                from align.rollout import score_logprobs
-
                 out.ref_logprobs = score_logprobs(base, out.prompt_ids, out.prompt_mask, out.completion_ids,
                                                   out.completion_mask, temperature=a.temperature,
                                                   batch_size=a.generation_batch_size)
         reward, per_fn = self.score(rows, out)
-        # advantages from the rewards of the whole global batch (groups never straddle processes)
-        all_rewards = acc.gather(reward.to(acc.device)).cpu() if acc.num_processes > 1 else reward
-        advantages = group_advantages(all_rewards, G, scale_rewards=a.scale_rewards)
+        # advantages from the rewards (and lengths) of the whole global batch (groups never straddle processes)
+        lengths = out.lengths.to(reward.dtype)
+        if acc.num_processes > 1:
+            all_rewards, all_lengths = acc.gather(torch.stack([reward, lengths]).T.contiguous().to(acc.device)).cpu().T
+        else:
+            all_rewards, all_lengths = reward, lengths
+        advantages = ADVANTAGE_ESTIMATORS[a.advantage_estimator](all_rewards, G, all_lengths, a.scale_rewards)
         B = reward.shape[0]
         advantages = advantages[acc.process_index * B: (acc.process_index + 1) * B]
         n_groups = B // G
         metrics = {
             "train/reward": (reward.sum().item(), B),
-            "train/reward_std": (reward.view(-1, G).std(-1).sum().item(), n_groups),
-            "train/zero_std_groups": (zero_std_groups(reward, G), 1.0 / acc.num_processes),
-            "train/frac_zero_std_groups": (zero_std_groups(reward, G), n_groups),
             "train/completion_length": (out.lengths.sum().item(), B),
             "train/ended": (out.ended.sum().item(), B),
         }
+        if G > 1:  # (reinforce_pp may sample one completion a prompt: no groups)
+            metrics.update({
+                "train/reward_std": (reward.view(-1, G).std(-1).sum().item(), n_groups),
+                "train/zero_std_groups": (zero_std_groups(reward, G), 1.0 / acc.num_processes),
+                "train/frac_zero_std_groups": (zero_std_groups(reward, G), n_groups),
+            })
         metrics.update({f"rewards/{name}": (s.sum().item(), B) for name, s in per_fn.items()})
         return out, advantages, metrics
 
@@ -296,7 +215,8 @@ class GRPOStage:
         losses, clipped, kl = grpo_token_losses(logps, old, batch["advantages"], clip_eps=a.clip_eps,
                                                 clip_eps_high=a.clip_eps_high, beta=a.beta,
                                                 ref_logprobs=batch.get("ref_logprobs"),
-                                                kl_ratio_correction=a.kl_ratio_correction)
+                                                kl_ratio_correction=a.kl_ratio_correction,
+                                                importance_sampling_level=a.importance_sampling_level, mask=mask)
         numerator, _ = aggregate_token_losses(losses, mask, aggregation=a.aggregation,
                                               max_completion_length=a.max_new_tokens)
         tokens = float(mask.sum())
@@ -311,71 +231,25 @@ class GRPOStage:
         pass
 
     def evaluate(self, model) -> dict:
-        ev, acc = self.recipe.eval, self.accelerator
-        if not self.eval_rows or not ev.generate:
+        ev, acc, eval_rows = self.recipe.eval, self.accelerator, self.prompts.eval_rows
+        if not eval_rows or not ev.generate:
             return {}
-        prompts = [r["prompt"] for r in self.eval_rows]
-        completions = evaluate.greedy_completions(model, self.tokenizer, prompts, max_new_tokens=ev.max_new_tokens,
-                                                  batch_size=ev.batch_size, accelerator=acc)
+        completions = evaluate.greedy_completions(model, self.tokenizer, [r["prompt"] for r in eval_rows],
+                                                  max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                                                  accelerator=acc)
         mine = sorted(completions)
-        rows = [self.eval_rows[i] for i in mine]
-        texts = [completions[i] for i in mine]
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        rows, texts = [eval_rows[i] for i in mine], [completions[i] for i in mine]
+        columns = self.prompts.columns(rows)
         reward = self.reward_fn([r["prompt"] for r in rows], texts, **columns)
         correct = self.accuracy_fn([r["prompt"] for r in rows], texts, **columns)
         total, right, count = evaluate._reduce_sum(acc, [sum(reward), sum(correct), float(len(rows))])
         metrics = {"eval/reward": total / max(count, 1.0), "eval/task_accuracy": right / max(count, 1.0)}
-        if self._has_reference() and self.args.eval_kl_prompts:
-            metrics["eval/kl"] = self._eval_kl(model)
+        if self.args.beta > 0 and self.args.eval_kl_prompts:
+            metrics["eval/kl"] = eval_kl(model, self.ref_model, self.prompts, self.sampling, self.stop_ids,
+                                         self.args.eval_kl_prompts)
         return metrics
-
-    def _has_reference(self) -> bool:
-        return self.args.beta > 0
-
-    def _eval_kl(self, model) -> float:
-        """Mean over held-out prompts of the sequence KL estimate sum_t (log pi - log ref) of a sample."""
-        acc = self.accelerator
-        n = min(self.args.eval_kl_prompts, len(self.eval_prompt_ids))
-        mine = list(evaluate.shard(n, acc))
-        out = rollout(model, [self.eval_prompt_ids[i] for i in mine], sampling=self.sampling,
-                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
-                      ref_model=self.ref_model, generator_seed=self.recipe.seed + 17, row_ids=mine)
-        if out.ref_logprobs is None:  # LoRA: adapter disabled
-            from align.rollout import score_logprobs
-
-            base = acc.unwrap_model(model)
-            with base.disable_adapter():
-                out.ref_logprobs = score_logprobs(base, out.prompt_ids, out.prompt_mask, out.completion_ids,
-                                                  out.completion_mask, temperature=self.args.temperature)
-        kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), out.completion_mask)
-        total, count = evaluate._reduce_sum(acc, [kl.item(), float(len(mine))])
-        return total / max(count, 1.0)
 
     def save(self, out_dir, accelerator) -> None:
         models.save_pretrained(self.model, self.tokenizer, out_dir, accelerator)
         if self.args.plot and accelerator.is_main_process:
             plot_run(Path(out_dir), "grpo")
-
-
-def plot_run(out_dir: Path, prefix: str, train_kl: str = "token mean of k3") -> list[Path]:
-    """Proxy reward vs true accuracy (one PNG) and KL (another) against steps, from log.jsonl."""
-    from align.plots import plot_curves
-
-    log = out_dir / "log.jsonl"
-    if not log.is_file():
-        return []
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-
-    def series(name):
-        pts = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    paths = [plot_curves(out_dir / f"{prefix}_curves.png",
-                         {n: series(n) for n in ("train/reward", "eval/reward", "train/task_accuracy",
-                                                 "eval/task_accuracy")},
-                         title=f"{prefix}: reward (proxy) and held-out accuracy (true)", ylabel="value")]
-    kl = {f"train/kl ({train_kl})": series("train/kl"), "eval/kl (per sequence, sum of k1)": series("eval/kl")}
-    if any(xs for xs, _ in kl.values()):
-        paths.append(plot_curves(out_dir / f"{prefix}_kl.png", kl, title=f"{prefix}: KL to the reference",
-                                 ylabel="KL (nats)"))
-    return paths

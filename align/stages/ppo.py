@@ -55,63 +55,30 @@ objective the proxy stands for), `train/completion_length`, `objective/entropy`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import replace
+from functools import partial
 
 import torch
 
-from align import config as cfg
 from align import evaluate, models, rewards
 from align.evaluate_rm import score_head
 from align.losses import (
     approx_kl,
     clipped_value_loss,
     entropy_from_logits,
+    explained_variance,
     gae_advantages,
     kl_penalty,
     masked_mean,
     masked_sum,
     ppo_clip_loss,
     token_logprobs,
+    whiten,
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
-from align.stages.grpo import GRPOStage, plot_run, sampling_config
-
-
-@dataclass
-class PPOArgs:
-    reward_model: str = "runs/tiny/reward"
-    """Folder (or hub id) of the reward model (reward stage output; same tokenizer as the policy)."""
-    reward_model_recipe: str | None = None
-    """A recipe that trains `reward_model` when that folder has no model yet."""
-    value_model: str | None = None
-    """Initialisation of the value model; None: the reward model (InstructGPT)."""
-    max_new_tokens: int = field(default=8, metadata=cfg.positive("ppo.max_new_tokens"))
-    temperature: float = field(default=1.0, metadata=cfg.positive("ppo.temperature"))
-    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "ppo.top_p"))
-    top_k: int = field(default=0, metadata=cfg.non_negative("ppo.top_k"))
-    kl_coef: float = field(default=0.05, metadata=cfg.non_negative("ppo.kl_coef"))
-    """beta (initial beta with the adaptive controller)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL in the reward (k1 is InstructGPT's log-ratio)."""
-    target_kl: float | None = field(default=None, metadata=cfg.positive("ppo.target_kl"))
-    """Adaptive beta toward this mean sequence KL (Ziegler et al. 2019); None: fixed beta."""
-    kl_horizon: int = field(default=10000, metadata=cfg.positive("ppo.kl_horizon"))
-    gamma: float = field(default=1.0, metadata=cfg.in_range(0.0, 1.0, "ppo.gamma"))
-    lam: float = field(default=0.95, metadata=cfg.in_range(0.0, 1.0, "ppo.lam"))
-    clip_eps: float = field(default=0.2, metadata=cfg.positive("ppo.clip_eps"))
-    clip_eps_value: float | None = field(default=0.2, metadata=cfg.positive("ppo.clip_eps_value"))
-    vf_coef: float = field(default=0.1, metadata=cfg.non_negative("ppo.vf_coef"))
-    whiten_advantages: bool = True
-    ppo_epochs: int = field(default=4, metadata=cfg.positive("ppo.ppo_epochs"))
-    num_mini_batches: int = field(default=1, metadata=cfg.positive("ppo.num_mini_batches"))
-    """Minibatches (optimizer steps) per epoch; a rollout batch is num_mini_batches x batch_size x grad_accum
-    prompts per process."""
-    missing_eos_penalty: float | None = field(default=1.0, metadata=cfg.non_negative("ppo.missing_eos_penalty"))
-    generation_batch_size: int = field(default=256, metadata=cfg.positive("ppo.generation_batch_size"))
-    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("ppo.eval_kl_prompts"))
-    plot: bool = True
+from align.stage_settings import PPOArgs  # noqa: F401  (re-exported)
+from align.stages.online import PromptSource, eval_kl, plot_run, sampling_config
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -178,43 +145,35 @@ class AdaptiveKL:
         self.beta *= 1.0 + error * n / self.horizon
 
 
-def global_moments(accelerator, tensors: list[torch.Tensor], mask: torch.Tensor) -> list[tuple[float, float]]:
-    """(mean, variance) of each tensor's masked entries over every process's rollout (two all-reduces)."""
+def global_moments(accelerator, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, variance) of the masked entries of `x` over every process's rollout (two all-reduces): the
+    `moments` that `align.losses.whiten` and `explained_variance` take, so they see the global batch."""
     m = mask.double()
-    first = evaluate._reduce_sum(accelerator, [float((t.double() * m).sum()) for t in tensors] + [float(m.sum())])
-    count = max(first[-1], 1.0)
-    means = [total / count for total in first[:-1]]
-    squares = evaluate._reduce_sum(accelerator, [float((((t.double() - mu) ** 2) * m).sum())
-                                                 for t, mu in zip(tensors, means)])
-    return [(mu, sq / count) for mu, sq in zip(means, squares)]
+    total, count = evaluate._reduce_sum(accelerator, [float((x.double() * m).sum()), float(m.sum())])
+    mean = total / max(count, 1.0)
+    squares, = evaluate._reduce_sum(accelerator, [float((((x.double() - mean) ** 2) * m).sum())])
+    return mean, squares / max(count, 1.0)
 
 
-def global_explained_variance(accelerator, predicted, target, mask) -> float:
-    """`align.losses.explained_variance` over every process's rollout."""
-    (_, var_target), (_, var_resid) = global_moments(accelerator, [target, target - predicted], mask)
-    return float("nan") if var_target == 0 else 1.0 - var_resid / var_target
-
-
-class PPOStage(GRPOStage):
-    """Reuses GRPOStage's prompt loading, prompt scheduling and evaluation; its own rollout and loss."""
+class PPOStage:
+    """PPO's rollout, advantages and loss; prompts, their schedule and eval/kl shared with GRPO by composition
+    (`align.stages.online`)."""
 
     def __init__(self, recipe: Recipe, accelerator):
-        from align.engine import ensure_model
-
         self.recipe, self.accelerator = recipe, accelerator
         self.args: PPOArgs = recipe.stage_args
         a, t = self.args, recipe.train
         self.per_step = t.batch_size * t.grad_accum  # prompts per optimizer step per process
-        self.prompts_per_process = self.per_step * a.num_mini_batches  # one rollout batch
-        self._load_prompts(recipe)
+        self.prompts = PromptSource(recipe, accelerator, self.per_step * a.num_mini_batches)  # one rollout batch
+        self.tokenizer = self.prompts.tokenizer
         self.sampling = sampling_config(a)
-        rm_cfg = ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe,
-                             dtype=recipe.model.dtype)
-        ensure_model(rm_cfg, seed=recipe.seed)
+        rm_cfg = ModelConfig(name_or_path=a.reward_model, dtype=recipe.model.dtype)  # (made by the planning layer)
         self.reward_model = rewards.RewardModel(
             models.load_model(rm_cfg, self.tokenizer, head="score", trainable=False).to(accelerator.device),
             batch_size=a.generation_batch_size)
         policy = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        self.prompts.check_positions(policy, a.max_new_tokens)
+        self.stop_ids = models.stop_token_ids(policy, self.tokenizer)
         value_cfg = ModelConfig(name_or_path=a.value_model or a.reward_model, dtype=recipe.model.dtype,
                                 disable_dropout=recipe.model.disable_dropout)
         value = models.load_model(value_cfg, self.tokenizer, head="score", seed=recipe.seed)
@@ -229,13 +188,13 @@ class PPOStage(GRPOStage):
     # -- rollout ---------------------------------------------------------------------------
     def make_rollout(self, generation: int) -> tuple[dict, dict]:
         a, acc = self.args, self.accelerator
-        indices = self._step_prompts(generation)
-        rows = [self.rows[i] for i in indices]
+        indices = self.prompts.step(generation)
+        rows = [self.prompts.rows[i] for i in indices]
         with models.gathered(self.model, acc) as whole:  # ZeRO-3: the engine's parameters gathered to generate
-            out = rollout(whole.policy, [self.prompt_ids[i] for i in indices], sampling=self.sampling,
-                          eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+            out = rollout(whole.policy, [self.prompts.prompt_ids[i] for i in indices], sampling=self.sampling,
+                          eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                           ref_model=self.ref_model, policy_logprobs=False,
-                          **self.rollout_seed(generation, len(indices)))
+                          **self.prompts.rollout_seed(generation, len(indices)))
         mask = out.completion_mask
         model = self.model
         with torch.no_grad():
@@ -251,14 +210,14 @@ class PPOStage(GRPOStage):
         kl = kl_penalty(out.logprobs, out.ref_logprobs, estimator=a.kl_estimator) * mask  # (B, C)
         token_rewards, dones = kl_penalized_rewards(score, kl, mask, self.kl_ctl.beta)
         advantages, returns = gae_advantages(token_rewards, values, gamma=a.gamma, lam=a.lam, dones=dones)
-        if a.whiten_advantages:  # over the GLOBAL rollout batch, so the update does not depend on the split
-            (mean, var), = global_moments(acc, [advantages], mask)
-            advantages = (advantages - mean) * torch.rsqrt(torch.tensor(var + 1e-8))
+        over_processes = partial(global_moments, acc)  # the GLOBAL rollout batch: the update does not depend on the split
+        if a.whiten_advantages:
+            advantages = whiten(advantages, mask, moments=over_processes)
         advantages, returns = advantages * mask, returns * mask
         seq_kl = masked_sum(kl_penalty(out.logprobs, out.ref_logprobs, estimator="k1"), mask, dim=-1)  # (B,)
         texts = out.texts(self.tokenizer)
         correct = self.accuracy_fn([r["prompt"] for r in rows], texts,
-                                   **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+                                   **self.prompts.columns(rows))
         B = len(rows)
         kl_global = evaluate._reduce_sum(acc, [seq_kl.sum().item(), float(B)])
         beta_used = self.kl_ctl.beta
@@ -272,7 +231,7 @@ class PPOStage(GRPOStage):
             "train/completion_length": (mask.sum().item(), B),
             "train/ended": (out.ended.sum().item(), B),
             "objective/kl_coef": (beta_used, 1),
-            "val/explained_variance": (global_explained_variance(acc, values, returns, mask), 1),
+            "val/explained_variance": (explained_variance(values, returns, mask, moments=over_processes), 1),
         }
         data = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
                 "completion_mask": mask, "old_logprobs": out.logprobs, "old_values": values,
@@ -285,7 +244,7 @@ class PPOStage(GRPOStage):
         per_rollout = a.ppo_epochs * a.num_mini_batches
         generation, k = divmod(step, per_rollout)
         if self._cache is None or self._cache[0] != generation:
-            with self.accelerator.autocast():  # the loss's computation (see GRPOStage.micro_batches)
+            with self.accelerator.autocast():  # the loss's computation (see align.stages.grpo.GRPOStage.micro_batches)
                 self._cache = (generation, *self.make_rollout(generation))
         _, data, metrics = self._cache
         epoch, minibatch = divmod(k, a.num_mini_batches)
@@ -356,12 +315,17 @@ class PPOStage(GRPOStage):
     def load_checkpoint_state(self, state: dict) -> None:
         self.kl_ctl.beta = float(state["kl_coef"])
 
+    def after_step(self, step: int) -> None:
+        pass
+
     def evaluate(self, model) -> dict:
         with models.gathered(model, self.accelerator) as whole:  # ZeRO-3: gathered once for the evaluation
             with self.accelerator.autocast():
-                metrics = self._greedy_metrics(whole.policy) if self.eval_rows and self.recipe.eval.generate else {}
+                metrics = (self._greedy_metrics(whole.policy) if self.prompts.eval_rows and self.recipe.eval.generate
+                           else {})
             if metrics and self.args.eval_kl_prompts:
-                metrics["eval/kl"] = self._eval_kl(whole.policy)
+                metrics["eval/kl"] = eval_kl(whole.policy, self.ref_model, self.prompts, self.sampling, self.stop_ids,
+                                               self.args.eval_kl_prompts)
         return metrics
 
     def _greedy_metrics(self, policy) -> dict:
@@ -372,18 +336,18 @@ class PPOStage(GRPOStage):
         a completion cut by max_new_tokens is not made to look finished by an appended EOS.
         """
         ev, acc = self.recipe.eval, self.accelerator
-        mine = list(evaluate.shard(len(self.eval_prompt_ids), acc))
+        mine = list(evaluate.shard(len(self.prompts.eval_prompt_ids), acc))
         if not mine:  # more processes than held-out prompts
             return dict(zip(("eval/reward", "eval/task_accuracy"), self._reduce_means(0.0, 0.0, 0.0)))
         greedy = replace(self.sampling, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
-        out = rollout(policy, [self.eval_prompt_ids[i] for i in mine], sampling=greedy,
-                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
+        out = rollout(policy, [self.prompts.eval_prompt_ids[i] for i in mine], sampling=greedy,
+                      eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
                       policy_logprobs=False, do_sample=False)
         score = rewards.missing_eos_penalty(self.reward_model.score_rollout(out), out.ended,
                                             self.args.missing_eos_penalty)
-        rows = [self.eval_rows[i] for i in mine]
+        rows = [self.prompts.eval_rows[i] for i in mine]
         correct = self.accuracy_fn([r["prompt"] for r in rows], out.texts(self.tokenizer),
-                                   **{k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"})
+                                   **self.prompts.columns(rows))
         reward, accuracy = self._reduce_means(score.sum().item(), float(sum(correct)), float(len(mine)))
         return {"eval/reward": reward, "eval/task_accuracy": accuracy}
 

@@ -37,7 +37,8 @@ with `orpo.nll_on_prompt: true` (TRL's ORPOTrainer, which again takes a batch to
 Metrics (TRL's names): `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
 `rewards/margins`, `logps/chosen`, `logps/rejected` (summed for DPO, length-averaged for
 SimPO/ORPO, as TRL logs them), `nll_loss`; evaluation: `eval/loss`,
-`eval/pair_accuracy` (implicit reward of chosen > rejected on held-out pairs),
+`eval/pair_accuracy` (implicit reward of chosen > rejected on held-out pairs), `eval/pair_ties` (the
+share of held-out pairs whose implicit rewards tie: all of them before DPO's first step),
 `eval/rewards/margins`, and `eval/task_accuracy` (greedy exact match of the held-out
 prompts against their chosen answer, when the eval rows have an explicit prompt).
 """
@@ -45,14 +46,13 @@ prompts against their chosen answer, when the eval rows have an explicit prompt)
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
-from align import config as cfg
 from align import evaluate, models
-from align.data import load_rows, without_causal_padding_mask
+from align.data import load_eval_rows, load_rows, without_causal_padding_mask
 from align.device import micro_batch_tokens
 from align.errors import AlignError
 from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
@@ -64,53 +64,19 @@ from align.preference_data import (
     collate_shared_pairs,
     is_shared_batch,
     pair_length,
+    pair_truncation,
     shared_pair_width,
     supports_shared_prompt,
     tokenize_preferences,
 )
 from align.recipe import Recipe
+from align.stage_settings import DPOArgs, ORPOArgs, SimPOArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches, tensors_only
 
 
 # ---------------------------------------------------------------------------
 # settings (one section per stage name)
 # ---------------------------------------------------------------------------
-@dataclass
-class DPOArgs:
-    beta: float = field(default=0.1, metadata=cfg.positive("dpo.beta"))
-    """Strength of the implicit KL constraint (IPO: its tau)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "dpo.label_smoothing"))
-    """sigmoid: conservative DPO; robust: the assumed label-flip rate."""
-    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("dpo.rpo_alpha"))
-    """Weight of the NLL of the chosen answer added to each pair's loss (RPO). 0: plain DPO."""
-    ref_model: str | None = None
-    """The reference: a local folder or hub id with the same tokenizer. None: the starting policy."""
-    precompute_ref_logps: bool = True
-    """Score the reference once before training. False (LoRA only): every step, adapter disabled."""
-    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("dpo.ref_batch_size"))
-    """Pairs per forward while precomputing the reference log-probs (None: train.batch_size, so the
-    precompute never needs more memory than a training step)."""
-
-
-@dataclass
-class SimPOArgs:
-    beta: float = field(default=2.0, metadata=cfg.positive("simpo.beta"))
-    gamma: float = field(default=0.5, metadata=cfg.non_negative("simpo.gamma"))
-    """Target reward margin (TRL's simpo_gamma)."""
-    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "simpo.label_smoothing"))
-    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("simpo.rpo_alpha"))
-    """Weight of the NLL of the chosen answer (TRL's cpo_alpha). 0: pure SimPO."""
-
-
-@dataclass
-class ORPOArgs:
-    lam: float = field(default=0.1, metadata=cfg.positive("orpo.lam"))
-    """Weight of the odds-ratio term (the paper's lambda, TRL's beta)."""
-    nll_on_prompt: bool = False
-    """NLL over prompt + chosen (TRL's ORPOTrainer) instead of the chosen completion only."""
-
-
 # ---------------------------------------------------------------------------
 # objectives: per-pair (losses, chosen_rewards, rejected_rewards) from the pair's log-probs
 # ---------------------------------------------------------------------------
@@ -219,7 +185,7 @@ def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, 
 
 
 @torch.no_grad()
-def score_pairs(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
+def summed_pair_logps(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
                 shared_prompt: bool = False) -> torch.Tensor:
     """Summed completion log-probs of every pair under `model`: (N, 2) [chosen, rejected].
 
@@ -265,15 +231,15 @@ class PreferenceStage:
         train_set = self._tokenize(load_rows(data.train, key="data.train"), "data.train")
         self.examples = train_set.examples
         self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
-        if data.eval is not None:
-            rows = load_rows(data.eval, key="data.eval")
-            if data.eval_limit is not None:
-                rows.rows, rows.origins = rows.rows[: data.eval_limit], rows.origins[: data.eval_limit]
+        rows = load_eval_rows(data)
+        if rows is not None:
             self.eval_examples = self._tokenize(rows, "data.eval").examples
             if all("prompt" in r and "chosen" in r for r in rows.rows):
                 self.eval_prompts = [r["prompt"] for r in rows.rows]
                 self.eval_references = [r["chosen"] for r in rows.rows]
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        models.check_positions(self.model, max(map(pair_length, self.examples + self.eval_examples)),
+                               f"data.max_length={data.max_length}")
         self.shared_prompt = data.shared_prompt and supports_shared_prompt(self.model)
         if data.shared_prompt and not self.shared_prompt:
             accelerator.print(f"data.shared_prompt: attention {self.model.config._attn_implementation!r} cannot take "
@@ -292,7 +258,8 @@ class PreferenceStage:
 
     # -- data and reference ------------------------------------------------------------
     def _tokenize(self, rows, key):
-        tokenized = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length, key=key)
+        tokenized = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length, key=key,
+                                         prompt_truncation=pair_truncation(self.recipe))
         if tokenized.dropped_identical or tokenized.dropped_empty or tokenized.truncated or tokenized.empty_prompts:
             self.accelerator.print(f"{key}: {tokenized.summary()}")
         return tokenized
@@ -333,7 +300,7 @@ class PreferenceStage:
             for examples in (self.examples, self.eval_examples):
                 if not examples:
                     continue
-                scores = score_pairs(whole, examples, self.pad_id,
+                scores = summed_pair_logps(whole, examples, self.pad_id,
                                      batch_size=args.ref_batch_size or self.recipe.train.batch_size,
                                      accelerator=self.accelerator,
                                      shared_prompt=self.shared_prompt and supports_shared_prompt(whole))
@@ -397,7 +364,7 @@ class PreferenceStage:
         width = shared_pair_width if self.shared_prompt else pair_length
         mine = sorted(evaluate.shard(len(self.eval_examples), acc), key=lambda i: width(self.eval_examples[i]))
         bs = self.recipe.eval.batch_size
-        loss, correct, margin = 0.0, 0.0, 0.0
+        loss, correct, ties, margin = 0.0, 0.0, 0.0, 0.0
         for start in range(0, len(mine), bs):
             batch = self._collate([self.eval_examples[i] for i in mine[start: start + bs]])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -405,11 +372,15 @@ class PreferenceStage:
                 losses, chosen_rewards, rejected_rewards, _ = self._pair_losses(unwrapped, batch)
             loss += losses.sum().item()
             correct += (chosen_rewards > rejected_rewards).sum().item()
+            ties += (chosen_rewards == rejected_rewards).sum().item()
             margin += (chosen_rewards - rejected_rewards).sum().item()
         unwrapped.train(was_training)
-        loss, correct, margin, count = evaluate._reduce_sum(acc, [loss, correct, margin, float(len(mine))])
+        loss, correct, ties, margin, count = evaluate._reduce_sum(acc, [loss, correct, ties, margin, float(len(mine))])
         count = max(count, 1.0)
-        return {"eval/loss": loss / count, "eval/pair_accuracy": correct / count, "eval/rewards/margins": margin / count}
+        # before the first step of DPO the policy is the reference: every implicit reward is 0, every pair a tie
+        # (pair_accuracy counts a tie as wrong: 0 then means "no preference yet", not "all wrong")
+        return {"eval/loss": loss / count, "eval/pair_accuracy": correct / count, "eval/pair_ties": ties / count,
+                "eval/rewards/margins": margin / count}
 
     def evaluate(self, model) -> dict:
         ev = self.recipe.eval

@@ -22,14 +22,10 @@ Optional per-pair `margin` column and reward centering (`center_rewards_coeffici
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
-from align import config as cfg
 from align import models
-from align.data import load_rows
+from align.data import load_eval_rows, load_rows
 from align.device import micro_batch_tokens
 from align.evaluate_rm import pair_rewards, score_pairs
 from align.losses import bradley_terry_loss
@@ -37,22 +33,14 @@ from align.preference_data import (
     collate_pairs,
     collate_shared_pairs,
     pair_length,
+    pair_truncation,
     shared_pair_width,
     supports_shared_prompt,
     tokenize_preferences,
 )
 from align.recipe import Recipe
+from align.stage_settings import RewardArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches
-
-
-@dataclass
-class RewardArgs:
-    center_rewards_coefficient: float | None = field(default=None,
-                                                     metadata=cfg.non_negative("reward.center_rewards_coefficient"))
-    """c in + c·mean((r_chosen + r_rejected)²), pulling rewards towards mean zero (TRL's name; 0.01 is usual)."""
-    prompt_truncation: Literal["keep_start", "keep_end"] = "keep_end"
-    """A pair longer than data.max_length: keep_end cuts the beginning of the prompt first (a long dialogue
-    keeps its end, next to the answers); keep_start cuts only the ends of the answers."""
 
 
 def pair_tokens(example: dict) -> int:
@@ -64,15 +52,17 @@ class RewardStage:
     def __init__(self, recipe: Recipe, accelerator):
         self.recipe, self.accelerator = recipe, accelerator
         self.args: RewardArgs = recipe.stage_args
+        if self.args.prompt_truncation is not None:
+            accelerator.print("reward.prompt_truncation is deprecated: use data.prompt_truncation (the same rule for "
+                              "every pair stage)")
         self.tokenizer = models.load_tokenizer(recipe.model)
         self.pad_id = self.tokenizer.pad_token_id
-        train = self._tokenize(recipe.data.train, "data.train")
-        self.eval_examples = []
-        if recipe.data.eval is not None:
-            self.eval_examples = self._tokenize(recipe.data.eval, "data.eval").examples
-            if recipe.data.eval_limit is not None:
-                self.eval_examples = self.eval_examples[: recipe.data.eval_limit]
+        train = self._tokenize(load_rows(recipe.data.train, key="data.train"), "data.train")
+        eval_rows = load_eval_rows(recipe.data)
+        self.eval_examples = [] if eval_rows is None else self._tokenize(eval_rows, "data.eval").examples
         self.model = models.load_model(recipe.model, self.tokenizer, head="score", seed=recipe.seed)
+        models.check_positions(self.model, max(map(pair_length, train.examples + self.eval_examples)),
+                               f"data.max_length={recipe.data.max_length}")
         self.shared_prompt = recipe.data.shared_prompt and supports_shared_prompt(self.model)
         if recipe.data.shared_prompt and not self.shared_prompt:
             accelerator.print(f"data.shared_prompt: attention {self.model.config._attn_implementation!r} cannot take "
@@ -91,9 +81,9 @@ class RewardStage:
             rows_per_example=rows,
         )
 
-    def _tokenize(self, spec, key):
-        pairs = tokenize_preferences(load_rows(spec, key=key), self.tokenizer, max_length=self.recipe.data.max_length,
-                                     key=key, prompt_truncation=self.args.prompt_truncation, scores_tokens=False)
+    def _tokenize(self, rows, key):
+        pairs = tokenize_preferences(rows, self.tokenizer, max_length=self.recipe.data.max_length,
+                                     key=key, prompt_truncation=pair_truncation(self.recipe), scores_tokens=False)
         self.accelerator.print(f"{key}: {pairs.summary()}")
         return pairs
 

@@ -9,20 +9,21 @@ Prompt tokens are never trained on (see `align.data` for how the mask is built);
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from align import evaluate, models
-from align.data import IGNORE, collate, load_rows, pack, tokenize_sft, without_causal_padding_mask
+from align.data import (
+    IGNORE,
+    collate,
+    load_eval_rows,
+    load_rows,
+    pack,
+    tokenize_sft,
+    without_causal_padding_mask,
+)
 from align.device import micro_batch_tokens
 from align.losses import nll_sum
 from align.recipe import Recipe
+from align.stage_settings import SFTArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches, tensors_only
-
-
-@dataclass
-class SFTArgs:
-    completion_only_loss: bool = True
-    """Train on completion tokens only (prompt tokens masked). False: every token but the first."""
 
 
 class SFTStage:
@@ -56,15 +57,15 @@ class SFTStage:
             widths=[fixed_width] * len(examples) if fixed_width else lengths,
         )
         self.eval_examples, self.eval_prompts, self.eval_references = [], [], []
-        if data.eval is not None:
-            rows = load_rows(data.eval, key="data.eval")
-            if data.eval_limit is not None:
-                rows.rows, rows.origins = rows.rows[: data.eval_limit], rows.origins[: data.eval_limit]
+        rows = load_eval_rows(data)
+        if rows is not None:
             self.eval_examples = self._tokenize_rows(rows, "data.eval").examples
             if "prompt" in rows.rows[0] and "completion" in rows.rows[0]:
                 self.eval_prompts = [r["prompt"] for r in rows.rows]
                 self.eval_references = [r["completion"] for r in rows.rows]
         self.model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed)
+        models.check_positions(self.model, max(len(e["input_ids"]) for e in trainset.examples + self.eval_examples),
+                               f"data.max_length={data.max_length}")
 
     # -- data --------------------------------------------------------------------------
     def _tokenize(self, spec, key):

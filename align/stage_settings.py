@@ -1,0 +1,177 @@
+"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `grpo:`, `ppo:`):
+plain dataclasses, part of the recipe schema, so reading and validating a recipe imports no runtime code
+(no model, data or stage module). Each field's docstring is its documentation (`align keys`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align import config as cfg
+from align.errors import AlignError
+
+
+@dataclass
+class SFTArgs:
+    completion_only_loss: bool = True
+    """Train on completion tokens only (prompt tokens masked). False: every token but the first."""
+
+
+@dataclass
+class RewardArgs:
+    center_rewards_coefficient: float | None = field(default=None,
+                                                     metadata=cfg.non_negative("reward.center_rewards_coefficient"))
+    """c in + c·mean((r_chosen + r_rejected)²), pulling rewards towards mean zero (TRL's name; 0.01 is usual)."""
+    prompt_truncation: Literal["keep_start", "keep_end"] | None = None
+    """Deprecated: `data.prompt_truncation` (the same rule for every pair stage). Set, it still wins."""
+
+
+@dataclass
+class DPOArgs:
+    beta: float = field(default=0.1, metadata=cfg.positive("dpo.beta"))
+    """Strength of the implicit KL constraint (IPO: its tau)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "dpo.label_smoothing"))
+    """sigmoid: conservative DPO; robust: the assumed label-flip rate."""
+    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("dpo.rpo_alpha"))
+    """Weight of the NLL of the chosen answer added to each pair's loss (RPO). 0: plain DPO."""
+    ref_model: str | None = None
+    """The reference: a local folder or hub id with the same tokenizer. None: the starting policy."""
+    precompute_ref_logps: bool = True
+    """Score the reference once before training. False (LoRA only): every step, adapter disabled."""
+    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("dpo.ref_batch_size"))
+    """Pairs per forward while precomputing the reference log-probs (None: train.batch_size, so the
+    precompute never needs more memory than a training step)."""
+
+
+@dataclass
+class SimPOArgs:
+    beta: float = field(default=2.0, metadata=cfg.positive("simpo.beta"))
+    gamma: float = field(default=0.5, metadata=cfg.non_negative("simpo.gamma"))
+    """Target reward margin (TRL's simpo_gamma)."""
+    label_smoothing: float = field(default=0.0, metadata=cfg.in_range(0.0, 0.499, "simpo.label_smoothing"))
+    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("simpo.rpo_alpha"))
+    """Weight of the NLL of the chosen answer (TRL's cpo_alpha). 0: pure SimPO."""
+
+
+@dataclass
+class ORPOArgs:
+    lam: float = field(default=0.1, metadata=cfg.positive("orpo.lam"))
+    """Weight of the odds-ratio term (the paper's lambda, TRL's beta)."""
+    nll_on_prompt: bool = False
+    """NLL over prompt + chosen (TRL's ORPOTrainer) instead of the chosen completion only."""
+
+
+@dataclass
+class KTOArgs:
+    beta: float = field(default=0.1, metadata=cfg.positive("kto.beta"))
+    """Scale of the implicit reward beta * (log pi - log pi_ref), as DPO's."""
+    desirable_weight: float = field(default=1.0, metadata=cfg.positive("kto.desirable_weight"))
+    """lambda_D, the weight of desirable examples' losses (TRL's name)."""
+    undesirable_weight: float = field(default=1.0, metadata=cfg.positive("kto.undesirable_weight"))
+    """lambda_U. With imbalanced labels keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (KTO paper, eq. 8; the stage
+    warns and suggests values)."""
+    ref_batch_size: int | None = field(default=None, metadata=cfg.positive("kto.ref_batch_size"))
+    """Examples per forward while precomputing the reference log-probs (None: train.batch_size)."""
+
+
+@dataclass
+class GRPOArgs:
+    num_generations: int = field(default=8, metadata=cfg.positive("grpo.num_generations"))
+    """G: completions sampled per prompt (a group), at least 2 (1 allowed with advantage_estimator reinforce_pp,
+    which needs no group)."""
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """How rewards become advantages (align.losses.ADVANTAGE_ESTIMATORS): grpo, reward minus its group's mean
+    (scaled by scale_rewards); rloo, reward minus the mean of the other G-1 of its group (Ahmadian et al. 2024,
+    TRL's RLOOTrainer); reinforce_pp, REINFORCE++ (Hu 2025, OpenRLHF's reinforce): no baseline, rewards whitened
+    over the whole global batch, token-weighted. The loss is the same clipped surrogate for all three."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: one importance ratio per token (PPO/GRPO); sequence: GSPO (Zheng et al. 2025), one length-normalised
+    ratio exp(mean_t log-ratio) per completion, clipped per sequence (TRL's name). Acts only off-policy
+    (num_iterations > 1): at the sampling policy every ratio is 1."""
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("grpo.max_new_tokens"))
+    """Longest completion (TRL's max_completion_length; dr_grpo's constant normaliser)."""
+    temperature: float = field(default=1.0, metadata=cfg.positive("grpo.temperature"))
+    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "grpo.top_p"))
+    top_k: int = field(default=0, metadata=cfg.non_negative("grpo.top_k"))
+    """0: no top-k filtering."""
+    beta: float = field(default=0.0, metadata=cfg.non_negative("grpo.beta"))
+    """Weight of the k3 KL to the reference. 0 loads no reference model."""
+    kl_ratio_correction: bool = True
+    """Multiply the KL term by the importance ratio (DeepSeek-V3.2's unbiased KL gradient; TRL 1.16's default
+    use_bias_correction_kl). False: DeepSeekMath's plain k3."""
+    clip_eps: float = field(default=0.2, metadata=cfg.positive("grpo.clip_eps"))
+    """Lower clip: the ratio is kept above 1 - clip_eps."""
+    clip_eps_high: float | None = field(default=None, metadata=cfg.positive("grpo.clip_eps_high"))
+    """Upper clip (DAPO's clip-higher, e.g. 0.28); None: clip_eps."""
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    """None: the estimator's own (grpo: group; rloo: none; reinforce_pp: its global whitening). grpo: group divides
+    by the group's std, batch by the std of the batch's rewards, none (Dr. GRPO) by nothing; rloo: batch whitens
+    the advantages over the batch (TRL's normalize_advantages), none leaves them."""
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """Token aggregation of the loss (see align.losses.TOKEN_AGGREGATIONS)."""
+    num_iterations: int = field(default=1, metadata=cfg.positive("grpo.num_iterations"))
+    """Optimizer steps per rollout batch (1: on-policy)."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Built-in names (exact_match, format, length) or package.module:function."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (default 1 each)."""
+    accuracy: str = "exact_match"
+    """The reward function (a name as in reward_funcs) whose mean over held-out greedy completions is
+    eval/task_accuracy: exact_match for answer-only completions; math_answer when the completion
+    reasons first and ends with its answer (GSM8K)."""
+    missing_eos_penalty: float | None = field(default=None, metadata=cfg.non_negative("grpo.missing_eos_penalty"))
+    """Subtracted from the reward of completions with no EOS."""
+    generation_batch_size: int = field(default=256, metadata=cfg.positive("grpo.generation_batch_size"))
+    """Rows per generate call / scoring forward."""
+    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("grpo.eval_kl_prompts"))
+    """Held-out prompts sampled once each for eval/kl (with a reference only)."""
+    plot: bool = True
+    """Write grpo_curves.png and grpo_kl.png into output_dir at the end."""
+
+    def validate(self) -> None:
+        if self.num_generations < 2 and self.advantage_estimator != "reinforce_pp":
+            raise AlignError(f"got num_generations {self.num_generations}, expected grpo.num_generations >= 2 with "
+                             f"advantage_estimator {self.advantage_estimator} (advantages compare a completion with "
+                             f"the others of its group: one alone has no baseline: zero advantage, or NaN when scaled "
+                             f"by the group's std); reinforce_pp needs no group")
+        allowed = {"grpo": ("group", "batch", "none"), "rloo": ("batch", "none"), "reinforce_pp": ()}
+        if self.scale_rewards is not None and self.scale_rewards not in allowed[self.advantage_estimator]:
+            expected = " or ".join(allowed[self.advantage_estimator]) or "it unset (reinforce_pp whitens itself)"
+            raise AlignError(f"scale_rewards {self.scale_rewards!r} does not apply to advantage_estimator "
+                             f"{self.advantage_estimator}; expected {expected}")
+
+
+@dataclass
+class PPOArgs:
+    reward_model: str = "runs/tiny/reward"
+    """Folder (or hub id) of the reward model (reward stage output; same tokenizer as the policy)."""
+    reward_model_recipe: str | None = None
+    """A recipe that trains `reward_model` when that folder has no model yet."""
+    value_model: str | None = None
+    """Initialisation of the value model; None: the reward model (InstructGPT)."""
+    max_new_tokens: int = field(default=8, metadata=cfg.positive("ppo.max_new_tokens"))
+    temperature: float = field(default=1.0, metadata=cfg.positive("ppo.temperature"))
+    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "ppo.top_p"))
+    top_k: int = field(default=0, metadata=cfg.non_negative("ppo.top_k"))
+    kl_coef: float = field(default=0.05, metadata=cfg.non_negative("ppo.kl_coef"))
+    """beta (initial beta with the adaptive controller)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL in the reward (k1 is InstructGPT's log-ratio)."""
+    target_kl: float | None = field(default=None, metadata=cfg.positive("ppo.target_kl"))
+    """Adaptive beta toward this mean sequence KL (Ziegler et al. 2019); None: fixed beta."""
+    kl_horizon: int = field(default=10000, metadata=cfg.positive("ppo.kl_horizon"))
+    gamma: float = field(default=1.0, metadata=cfg.in_range(0.0, 1.0, "ppo.gamma"))
+    lam: float = field(default=0.95, metadata=cfg.in_range(0.0, 1.0, "ppo.lam"))
+    clip_eps: float = field(default=0.2, metadata=cfg.positive("ppo.clip_eps"))
+    clip_eps_value: float | None = field(default=0.2, metadata=cfg.positive("ppo.clip_eps_value"))
+    vf_coef: float = field(default=0.1, metadata=cfg.non_negative("ppo.vf_coef"))
+    whiten_advantages: bool = True
+    ppo_epochs: int = field(default=4, metadata=cfg.positive("ppo.ppo_epochs"))
+    num_mini_batches: int = field(default=1, metadata=cfg.positive("ppo.num_mini_batches"))
+    """Minibatches (optimizer steps) per epoch; a rollout batch is num_mini_batches x batch_size x grad_accum
+    prompts per process."""
+    missing_eos_penalty: float | None = field(default=1.0, metadata=cfg.non_negative("ppo.missing_eos_penalty"))
+    generation_batch_size: int = field(default=256, metadata=cfg.positive("ppo.generation_batch_size"))
+    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("ppo.eval_kl_prompts"))
+    plot: bool = True
