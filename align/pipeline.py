@@ -19,12 +19,24 @@ on rerun (a training step is finished when its `metrics.json` says it reached
 resumes from its newest checkpoint, so rerunning the command resumes the whole pipeline.
 A failing step stops the pipeline with a message naming it; earlier steps' results stay.
 
-Command-line overrides: `output_dir=DIR`, `NAME.key.path=value` for one step, and
-`all.key.path=value` for every training step (e.g. `all.train.progress_bar=false`).
+Command-line overrides: `output_dir=DIR`, `seed=N` (every training step's `seed`, the
+sampling seed of a step's `data.from_policy`, and through them any upstream recipe a step
+trains first), `NAME.key.path=value` for one step, and `all.key.path=value` for every
+training step (e.g. `all.train.progress_bar=false`). An output_dir keeps the seed it was
+run with: another seed needs another output_dir.
 
 At the end `output_dir/report.md` (and the same table on the terminal) has one row per
 step: task accuracy before -> after on held-out prompts, reward-model / pair accuracy,
-mean reward, KL to the reference, wall time; plus training curves as PNGs.
+mean reward, KL to the reference, wall time; plus training curves as PNGs. A `report:`
+section adds a column of each step's final task accuracy minus a control step's
+(`report.control`), and first of all one picture: held-out task accuracy against
+optimizer steps for the steps `report.compare` names, with `report.baseline` (the
+accuracy of fixed answers, e.g. the teacher's own on the held-out prompts) as a line.
+
+    report:
+      control: sft-control
+      compare: [sft-control, dpo, ppo, grpo]
+      baseline: {label: teacher, completions: data/arith/teacher_eval.jsonl, references: data/arith/sft_eval.jsonl}
 """
 
 from __future__ import annotations
@@ -61,8 +73,31 @@ class StepConfig:
 
 
 @dataclass
+class BaselineConfig:
+    label: str = "baseline"
+    completions: str = ""
+    """{prompt, completion} rows: fixed answers to the held-out prompts (e.g. the teacher's)."""
+    references: str = ""
+    """{prompt, completion} rows: the held-out prompts with their right answers (the steps' data.eval)."""
+
+
+@dataclass
+class ReportConfig:
+    control: str | None = None
+    """A step to compare every other step with: the table's "vs <control>" column is a step's final
+    held-out task accuracy minus this step's."""
+    compare: list[str] = field(default_factory=list)
+    """Steps whose held-out task accuracy is drawn against optimizer steps on one picture, first in report.md."""
+    baseline: BaselineConfig | None = None
+    """A horizontal line on that picture: the exact-match accuracy of `completions` against `references`."""
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str = ""
+    seed: int | None = None
+    """Every training step's seed (and its data.from_policy sampling seed); None: each recipe's own."""
+    report: ReportConfig = field(default_factory=ReportConfig)
     steps: list[StepConfig] = field(default_factory=list)
 
     def validate(self):
@@ -74,6 +109,11 @@ class PipelineConfig:
         for name in names:
             if names.count(name) > 1:
                 raise AlignError(f"steps: the name {name!r} is used twice")
+        named = [("report.control", self.report.control)] if self.report.control else []
+        named += [(f"report.compare[{i}]", n) for i, n in enumerate(self.report.compare)]
+        for key, name in named:
+            if name not in names:
+                raise AlignError(f"{key}: no step named {name!r} (steps: {', '.join(names)})")
 
 
 def _substitute(value, outputs: dict[str, str], step: str):
@@ -113,6 +153,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None):
             per_step.setdefault(head, []).append(item.split(".", 1)[1])
     pipeline = cfg.build(PipelineConfig, cfg.apply_overrides(raw, top))
     names = [s.name for s in pipeline.steps]
+    if pipeline.report.baseline is not None:
+        baseline_accuracy(pipeline.report.baseline)  # its files are inputs too: read them before any step runs
     for head in per_step:
         if head not in names:
             close = cfg.difflib.get_close_matches(head, names, n=1)
@@ -123,18 +165,23 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None):
     for step in pipeline.steps:
         step_out = str(out / step.name)
         if step.eval_rm is not None:
-            args = _substitute(dict(step.eval_rm), outputs, step.name)
+            args = _substitute(cfg.apply_overrides(dict(step.eval_rm), per_step.get(step.name, [])), outputs, step.name)
             if "model" not in args or "data" not in args:
                 raise AlignError(f"step {step.name}: eval_rm needs model and data")
             plan.append((step, args))
         else:
             sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
                     for k, v in _substitute(step.set, outputs, step.name).items()]
-            extra = everywhere + sets + per_step.get(step.name, []) + [f"output_dir={step_out}"]
+            seeds = [] if pipeline.seed is None else [f"seed={pipeline.seed}"]
             recipe_path = step.recipe if isinstance(step.recipe, str) else None
             data = None if recipe_path else _substitute(step.recipe, outputs, step.name)
             try:
-                recipe = load_recipe(recipe_path, extra, data=data)
+                recipe = load_recipe(recipe_path, everywhere + sets + seeds + per_step.get(step.name, [])
+                                     + [f"output_dir={step_out}"], data=data)
+                if seeds and recipe.data.from_policy is not None:  # the policy's samples are part of the step
+                    seeds.append(f"data.from_policy.seed={pipeline.seed}")
+                    recipe = load_recipe(recipe_path, everywhere + sets + seeds + per_step.get(step.name, [])
+                                         + [f"output_dir={step_out}"], data=data)
             except AlignError as err:
                 raise AlignError(f"step {step.name}: {err}") from None
             plan.append((step, recipe))
@@ -173,6 +220,10 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[d
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "pipeline_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    _check_seed(pipeline, state, out)
+    if main and "pipeline.seed" not in state:
+        state["pipeline.seed"] = pipeline.seed
+        atomic_write_json(state_path, state)
     for i, (step, job) in enumerate(plan, 1):
         if main:
             print(f"\n=== pipeline step {i}/{len(plan)}: {step.name} ===", flush=True)
@@ -198,12 +249,23 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[d
             atomic_write_json(state_path, state)
         state_of_run.wait_for_everyone()
     rows = collect_rows(pipeline, state)
-    table = format_table(rows)
+    table = format_table(rows, control=pipeline.report.control)
     if main:
         print("\n" + table)
-        write_report(pipeline, rows, table)
+        report = write_report(pipeline, rows, table)
+        print(f"\nreport: {report}")
     state_of_run.wait_for_everyone()
     return rows
+
+
+def _check_seed(pipeline: PipelineConfig, state: dict, out: Path) -> None:
+    """A finished step is skipped on rerun: a run asking another seed than the one output_dir holds must not
+    silently reuse it."""
+    if "pipeline.seed" in state and state["pipeline.seed"] != pipeline.seed:
+        def name(seed):
+            return "each recipe's own seed" if seed is None else f"seed={seed}"
+        raise AlignError(f"{out} holds a pipeline run with {name(state['pipeline.seed'])}; for {name(pipeline.seed)} give "
+                         f"another output_dir (e.g. output_dir={out}-seed{pipeline.seed})")
 
 
 GENERATIVE = {"sft", "dpo", "orpo", "simpo", "kto", "ppo", "grpo"}
@@ -280,15 +342,65 @@ def _number(row: dict, key: str, suffix: str) -> str:
     return f"{row[key + suffix]:.3f}"
 
 
-def format_table(rows: list[dict]) -> str:
-    header = ["step", "stage"] + [name for name, _ in COLUMNS] + ["wall time"]
+def format_table(rows: list[dict], control: str | None = None) -> str:
+    """The report's table; with `control`, a column "vs <control>": a step's final task accuracy minus the control's,
+    in points."""
+    header = ["step", "stage"] + [name for name, _ in COLUMNS[:1]] + ([f"vs {control}"] if control else []) \
+        + [name for name, _ in COLUMNS[1:]] + ["wall time"]
+    base = next((r.get("eval/task_accuracy") for r in rows if r["step"] == control), None)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         seconds = row.get("seconds")
-        cells = [row["step"], row.get("kind", "?")] + [_cell(row, key) for _, key in COLUMNS]
+        cells = [row["step"], row.get("kind", "?"), _cell(row, COLUMNS[0][1])]
+        if control:
+            after = row.get("eval/task_accuracy")
+            cells.append("—" if row["step"] == control or after is None or base is None
+                         else f"{100 * (after - base):+.1f} points")
+        cells += [_cell(row, key) for _, key in COLUMNS[1:]]
         cells.append(f"{seconds:.0f} s" if seconds is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def baseline_accuracy(baseline: BaselineConfig) -> float:
+    """Exact match (whitespace stripped) of `baseline.completions` against `baseline.references`, by prompt;
+    a reference prompt with no completion counts as wrong."""
+    from align.data import load_rows
+
+    if not baseline.completions or not baseline.references:
+        raise AlignError("report.baseline: needs completions and references (files of prompt, completion rows)")
+    sides = []
+    for key in ("completions", "references"):
+        rows = load_rows(getattr(baseline, key), key=f"report.baseline.{key}").rows
+        bad = next((i for i, r in enumerate(rows, 1) if "prompt" not in r or "completion" not in r), None)
+        if bad is not None:
+            raise AlignError(f"report.baseline.{key}: row {bad} of {getattr(baseline, key)} has no prompt and "
+                             f"completion columns")
+        sides.append(rows)
+    answers = {r["prompt"]: str(r["completion"]).strip() for r in sides[0]}
+    return sum(answers.get(r["prompt"]) == str(r["completion"]).strip() for r in sides[1]) / len(sides[1])
+
+
+def plot_comparison(pipeline: PipelineConfig) -> Path | None:
+    """Held-out task accuracy against optimizer steps of the `report.compare` steps on one picture, with the
+    baseline's accuracy as a horizontal line; None when no step logged an accuracy."""
+    from align.plots import plot_curves
+
+    out = Path(pipeline.output_dir)
+    series = {}
+    for name in pipeline.report.compare:
+        log = [r for r in read_jsonl_log(out / name / "log.jsonl") if r.get("eval/task_accuracy") is not None]
+        if log:
+            series[name] = ([r["step"] for r in log], [r["eval/task_accuracy"] for r in log])
+    if not series:
+        return None
+    lines = {}
+    baseline = pipeline.report.baseline
+    if baseline is not None:
+        accuracy = baseline_accuracy(baseline)
+        lines[f"{baseline.label} ({accuracy:.3f})"] = accuracy
+    return plot_curves(out / "accuracy_vs_steps.png", series, title="held-out task accuracy",
+                       xlabel="optimizer step", ylabel="task accuracy (exact match)", hlines=lines)
 
 
 CURVES = {  # file suffix -> the metrics drawn on one picture
@@ -303,8 +415,15 @@ def write_report(pipeline: PipelineConfig, rows: list[dict], table: str) -> Path
     from align.plots import plot_curves, series_title
 
     out = Path(pipeline.output_dir)
-    parts = ["# Pipeline report", "", f"Output folder: `{out}`. Values are `before → after` the step, on held-out "
-             "data.", "", table, ""]
+    parts = ["# Pipeline report", ""]
+    picture = plot_comparison(pipeline)
+    if picture is not None:
+        parts += [f"![held-out task accuracy against optimizer steps]({picture.name})", ""]
+    seed = "each recipe's own seed" if pipeline.seed is None else f"seed {pipeline.seed}"
+    control = (f" `vs {pipeline.report.control}`: final task accuracy minus that step's, in points."
+               if pipeline.report.control else "")
+    parts += [f"Output folder: `{out}` ({seed}). Values are `before → after` the step, on held-out data.{control}",
+              "", table, ""]
     for step in pipeline.steps:
         log = read_jsonl_log(out / step.name / "log.jsonl")
         if not log:

@@ -27,10 +27,11 @@ def series_title(prefix: str, series: dict[str, tuple[list, list]], words: dict[
 
 
 def plot_curves(path: str | Path, series: dict[str, tuple[list, list]], title: str = "", xlabel: str = "step",
-                ylabel: str = "value") -> Path:
+                ylabel: str = "value", hlines: dict[str, float] | None = None) -> Path:
     """Write a line plot of named (x, y) series to a PNG at `path`; returns the path.
 
-    Empty series are skipped; a series with a single point is drawn as a marker.
+    Empty series are skipped; a series with a single point is drawn as a marker. `hlines`: named
+    horizontal lines (dashed), e.g. a baseline's accuracy.
     """
     import matplotlib
 
@@ -45,11 +46,13 @@ def plot_curves(path: str | Path, series: dict[str, tuple[list, list]], title: s
             if len(xs) == 0:
                 continue
             ax.plot(list(xs), list(ys), label=label, marker="o" if len(xs) == 1 else None, linewidth=1.2)
+        for label, y in (hlines or {}).items():
+            ax.axhline(y, label=label, color="black", linestyle="--", linewidth=1.0)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if any(len(xs) for xs, _ in series.values()):
+        if any(len(xs) for xs, _ in series.values()) or hlines:
             ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         fig.savefig(path)

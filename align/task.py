@@ -5,8 +5,15 @@ operands there are 10,000 problems; a fixed, seeded split holds out 2,000 of the
 as evaluation prompts that no training file contains, so `eval/task_accuracy`
 measures generalisation (learning to add), not memorisation.
 
+Two sets of training files share that split. The perfect-teacher files demonstrate the true
+sums. The flawed-teacher files (`teacher_*`) demonstrate a teacher with one systematic,
+realistic habit (`teacher_answer`: it forgets the carry out of the units column whenever a
+units digit is 7, 8 or 9), while their preference pairs are labelled by the truth. That is
+what real alignment data looks like: demonstrations carry their writer's mistakes, a
+preference label or a verifier (`is_correct`) carries what they lack.
+
 Files are written by `data/make_data.py` (see `data/README.md`); this module is the
-one source of truth for the format, the split and the answer check.
+one source of truth for the format, the split, the teacher and the answer check.
 """
 
 from __future__ import annotations
@@ -66,6 +73,49 @@ def error_kind(a: int, b: int, wrong: str) -> str:
     return "carry dropped"
 
 
+TEACHER_HABIT = ("forgets the carry out of the units column when a units digit is 7, 8 or 9 (on 4 of every 5 such "
+                 "problems, decided per problem)")
+TEACHER_SLIP_RATE = 0.2
+"""Share of the habit's problems the teacher still gets right (which ones: fixed per problem)."""
+
+
+def teacher_answer(a: int, b: int) -> str:
+    """The flawed teacher's sum: right, except that it forgets the carry out of the units
+    column (writes a sum 10 too small) when one of the units digits is 7, 8 or 9 and the units
+    carry (47+85 = 122, 7+8 = 5), while 5+5 or 36+46 come out right. On a fixed fifth of those
+    problems (`TEACHER_SLIP_RATE`, drawn per problem from a seeded RNG, so it is the same every
+    time the teacher sees the problem) it remembers the carry (9+9 = 18).
+
+    A rule on the digits that holds on most of its problems, so a model that imitates the teacher
+    learns it and its greedy answer reproduces it (about 39% of all problems come out 10 too
+    small). The right answers the teacher still gives there are why its imitator SAMPLES the
+    right answer now and then: a teacher that was never right on these problems would leave a
+    policy that never samples it either (measured: 0.1% of samples at temperature 1), and no
+    reward could teach it.
+
+    >>> teacher_answer(47, 85), teacher_answer(7, 8), teacher_answer(36, 46), teacher_answer(9, 9)
+    ('122', '5', '82', '18')
+    """
+    units_a, units_b = a % 10, b % 10
+    if units_a + units_b >= 10 and max(units_a, units_b) >= 7 and not _teacher_slips(a, b):
+        return str(a + b - 10)
+    return answer_of(a, b)
+
+
+def _teacher_slips(a: int, b: int) -> bool:
+    return random.Random(10_007 * a + b).random() < TEACHER_SLIP_RATE
+
+
+def teacher_preference_row(a: int, b: int, rng: random.Random) -> dict:
+    """One truth-labelled pair for a problem: the true sum over the teacher's answer where the teacher
+    is wrong (subset "teacher's habit"), else over one plausible wrong sum (`wrong_answers`). One pair
+    per problem, so the held-out file's prompts are the 2,000 held-out problems once each."""
+    habit = teacher_answer(a, b)
+    if habit != answer_of(a, b):
+        return {"prompt": prompt_of(a, b), "chosen": answer_of(a, b), "rejected": habit, "subset": "teacher's habit"}
+    return preference_row(a, b, wrong_answers(a, b, rng)[0])
+
+
 def preference_row(a: int, b: int, wrong: str) -> dict:
     return {"prompt": prompt_of(a, b), "chosen": answer_of(a, b), "rejected": wrong, "subset": error_kind(a, b, wrong)}
 
@@ -103,6 +153,13 @@ def make_files(out_dir: str | Path, seed: int = 0) -> dict[str, int]:
             preference_row(a, b, wrong_answers(a, b, rng)[0]) for a, b in held_out
         ],
     }
+    teacher_rng = random.Random(seed + 1)  # its own stream: the perfect-teacher files above stay as they were
+    files.update({
+        "teacher_train.jsonl": [{"prompt": prompt_of(a, b), "completion": teacher_answer(a, b)} for a, b in train],
+        "teacher_eval.jsonl": [{"prompt": prompt_of(a, b), "completion": teacher_answer(a, b)} for a, b in held_out],
+        "teacher_prefs_train.jsonl": [teacher_preference_row(a, b, teacher_rng) for a, b in train],
+        "teacher_prefs_eval.jsonl": [teacher_preference_row(a, b, teacher_rng) for a, b in held_out],
+    })
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
     return {name: len(rows) for name, rows in files.items()}

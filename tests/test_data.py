@@ -231,7 +231,8 @@ def test_shipped_files_are_reproducible(tmp_path):
 
     task.make_files(tmp_path)
     repo = Path(__file__).resolve().parents[1]
-    for name in ["sft_train.jsonl", "sft_eval.jsonl", "prefs_train.jsonl", "prefs_eval.jsonl"]:
+    for name in ["sft_train.jsonl", "sft_eval.jsonl", "prefs_train.jsonl", "prefs_eval.jsonl", "teacher_train.jsonl",
+                 "teacher_eval.jsonl", "teacher_prefs_train.jsonl", "teacher_prefs_eval.jsonl"]:
         assert (tmp_path / name).read_text() == (repo / "data" / "arith" / name).read_text(), name
     train = {json.loads(line)["prompt"] for line in (repo / "data/arith/sft_train.jsonl").read_text().splitlines()}
     held = {json.loads(line)["prompt"] for line in (repo / "data/arith/sft_eval.jsonl").read_text().splitlines()}

@@ -9,7 +9,7 @@ from align.cli import main
 from align.errors import AlignError
 from align.pipeline import load_pipeline, run_pipeline
 
-from helpers import REPO
+from helpers import REPO, tiny_sft_recipe
 
 
 def _pipeline(tmp_path, steps):
@@ -98,16 +98,22 @@ def test_bad_pipelines_fail_before_running(tmp_path):
 
 
 def test_shipped_pipeline_validates():
+    """The flawed-teacher world: SFT and its control imitate the teacher; DPO and the reward model learn from
+    truth-labelled pairs; GRPO's exact match checks the true sums; every alignment step starts from `sft`."""
     pipeline, plan = load_pipeline(REPO / "recipes/tiny/pipeline.yaml")
-    assert [s.name for s, _ in plan] == ["sft", "reward", "rm-eval", "dpo", "reward-policy", "ppo", "grpo"]
+    assert [s.name for s, _ in plan] == ["sft", "sft-control", "dpo", "reward", "rm-eval", "ppo", "grpo"]
     sft_dir = str(REPO / "runs/tiny/pipeline/sft") if pipeline.output_dir.startswith("/") else "runs/tiny/pipeline/sft"
     assert all(job.model.name_or_path == sft_dir
-               for s, job in plan if s.name in ("reward", "dpo", "reward-policy", "ppo", "grpo"))
+               for s, job in plan if s.name in ("sft-control", "dpo", "reward", "ppo", "grpo"))
     jobs = {s.name: job for s, job in plan}
-    # PPO's reward model is the one trained on the SFT policy's own samples, written inside the pipeline
-    assert jobs["ppo"].stage_args.reward_model.endswith("reward-policy")
-    assert jobs["reward-policy"].data.from_policy.policy == sft_dir
-    assert jobs["reward-policy"].data.train == jobs["reward-policy"].data.from_policy.train.output
+    assert jobs["sft"].data.train == jobs["sft-control"].data.train == "data/arith/teacher_train.jsonl"
+    assert jobs["dpo"].data.train == jobs["reward"].data.train == "data/arith/teacher_prefs_train.jsonl"
+    assert jobs["grpo"].data.train == jobs["ppo"].data.train == "data/arith/sft_train.jsonl"  # prompts, true sums
+    assert jobs["grpo"].stage_args.reward_funcs == ["exact_match"]
+    assert all(jobs[n].data.eval == "data/arith/sft_eval.jsonl" for n in ("sft", "sft-control", "ppo", "grpo"))
+    assert jobs["ppo"].stage_args.reward_model == jobs["reward"].output_dir  # the reward model of this run
+    assert pipeline.report.control == "sft-control" and pipeline.report.compare == ["sft-control", "dpo", "ppo", "grpo"]
+    assert jobs["sft-control"].train.max_steps >= max(jobs[n].train.max_steps for n in ("dpo", "ppo", "grpo"))
 
 
 def test_pipeline_under_two_cpu_processes(tmp_path):
@@ -140,3 +146,65 @@ def test_pipeline_under_two_cpu_processes(tmp_path):
     assert json.loads((run / "rm-eval-of-nothing/eval_rm.json").read_text())["n"] == 33  # odd n: no padding
     assert len((run / "sft/samples.jsonl").read_text().splitlines()) == 5
     assert (run / "report.md").is_file()
+
+
+def test_seed_reaches_every_step_and_the_upstream_recipes_they_train(tmp_path):
+    """`align pipeline P seed=N`: every training step runs with seed N, a step's data.from_policy samples with it,
+    and a model a step trains first (model.from_recipe) is trained with it too; the output_dir keeps its seed."""
+    upstream = tmp_path / "upstream.yaml"
+    upstream.write_text(yaml.safe_dump(tiny_sft_recipe(tmp_path / "unused", **{"train.max_steps": 2})))
+    steps = [
+        {"name": "first", "recipe": tiny_sft_recipe("x", **{"model.name_or_path": str(tmp_path / "start"),
+                                                             "model.from_recipe": str(upstream)})},
+        {"name": "second", "recipe": tiny_sft_recipe("x", **{"seed": 7}),
+         "set": {"model.name_or_path": "${steps.first.output_dir}"}},
+    ]
+    path = _pipeline(tmp_path, steps)
+    _, plan = load_pipeline(path, ["seed=5"])
+    assert [job.seed for _, job in plan] == [5, 5]  # the pipeline's seed wins over a recipe's own
+    _, plan = load_pipeline(REPO / "recipes/tiny/pipeline.yaml", ["seed=3"])
+    jobs = [job for s, job in plan if s.eval_rm is None]
+    assert jobs and all(job.seed == 3 for job in jobs)
+    assert all(job.data.from_policy.seed == 3 for job in jobs if job.data.from_policy is not None)
+    run_pipeline(path, ["seed=5"])
+    seeds = {name: yaml.safe_load((folder / "config.yaml").read_text())["seed"]
+             for name, folder in [("upstream", tmp_path / "start"), ("first", tmp_path / "run/first"),
+                                  ("second", tmp_path / "run/second")]}
+    assert seeds == {"upstream": 5, "first": 5, "second": 5}
+    with pytest.raises(AlignError, match="holds a pipeline run with seed=5"):
+        run_pipeline(path, ["seed=6"])
+    run_pipeline(path, ["seed=5"])  # the same seed resumes (here: every step is done)
+
+
+def test_report_compares_with_the_control_and_draws_accuracy_against_steps(tmp_path, capsys):
+    """report.control adds a "vs" column; report.compare draws held-out accuracy against optimizer steps on one
+    picture, first in report.md, with report.baseline as a line; the run ends saying where report.md is."""
+    data = str(REPO / "data/arith")
+    common = {"data.eval": {"path": f"{data}/sft_eval.jsonl", "take": 32}, "eval.generate": True,
+              "eval.max_new_tokens": 4, "eval.steps": 2, "train.max_steps": 4}
+    steps = [{"name": "sft", "recipe": tiny_sft_recipe("x", **common)},
+             {"name": "control", "recipe": tiny_sft_recipe("x", **common),
+              "set": {"model.name_or_path": "${steps.sft.output_dir}"}},
+             {"name": "other", "recipe": tiny_sft_recipe("x", **common, **{"train.lr": 3e-3}),
+              "set": {"model.name_or_path": "${steps.sft.output_dir}"}}]
+    path = tmp_path / "pipeline.yaml"
+    baseline = {"label": "teacher", "completions": f"{data}/teacher_eval.jsonl", "references": f"{data}/sft_eval.jsonl"}
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "steps": steps,
+                                    "report": {"control": "control", "compare": ["control", "other"],
+                                               "baseline": baseline}}))
+    rows = run_pipeline(path)
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'run' / 'report.md'}" in out.strip().splitlines()[-1]
+    report = (tmp_path / "run/report.md").read_text()
+    assert report.index("accuracy_vs_steps.png") < report.index("| step | stage | task accuracy | vs control |")
+    assert (tmp_path / "run/accuracy_vs_steps.png").is_file()
+    acc = {r["step"]: r["eval/task_accuracy"] for r in rows}
+    assert f"| {100 * (acc['other'] - acc['control']):+.1f} points |" in report
+    from align.pipeline import BaselineConfig, baseline_accuracy
+
+    assert baseline_accuracy(BaselineConfig(**baseline)) == pytest.approx(0.6875)  # the teacher on held-out sums
+    bad = yaml.safe_load(path.read_text())
+    bad["report"]["compare"] = ["contrl"]
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(AlignError, match=r"report.compare\[0\]: no step named 'contrl'"):
+        load_pipeline(path)

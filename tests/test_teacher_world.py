@@ -1,0 +1,172 @@
+"""The flawed-teacher world of recipes/tiny/pipeline.yaml: its data, a short version of every step of the
+pipeline (CI: each step moves the way it should, in seconds), and the full targets (slow).
+
+    OMP_NUM_THREADS=1 pytest -m slow tests/test_teacher_world.py
+"""
+
+import json
+
+import pytest
+
+from align import task
+from align.pipeline import run_pipeline
+from align.planning import run
+from align.recipe import load_recipe
+
+from helpers import REPO
+
+DATA = REPO / "data/arith"
+
+
+def _rows(name):
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines()]
+
+
+def _operands(prompt):
+    return tuple(int(x) for x in prompt.rstrip("=").split("+"))
+
+
+def test_the_teacher_has_one_systematic_habit_and_the_labels_know_the_truth():
+    """Demonstrations: the true sum, or (a units digit 7-9 and a units carry, 4 times in 5) the sum 10 too small.
+    Preference pairs: one per problem, chosen = the truth, rejected = the teacher's answer wherever it is wrong.
+    The held-out prompts are the perfect-teacher eval's, and no training file holds one."""
+    held_out = _rows("sft_eval.jsonl")
+    for split, truth_file in (("train", "sft_train.jsonl"), ("eval", "sft_eval.jsonl")):
+        demos = _rows("teacher_train.jsonl" if split == "train" else "teacher_eval.jsonl")
+        truth = _rows(truth_file)
+        assert [d["prompt"] for d in demos] == [t["prompt"] for t in truth]
+        wrong = [(d, t) for d, t in zip(demos, truth) if d["completion"] != t["completion"]]
+        for d, _ in wrong:
+            a, b = _operands(d["prompt"])
+            assert int(d["completion"]) == a + b - 10 and (a % 10 + b % 10) >= 10 and max(a % 10, b % 10) >= 7
+        rule = [d for d in demos if (lambda a, b: a % 10 + b % 10 >= 10 and max(a % 10, b % 10) >= 7)(
+            *_operands(d["prompt"]))]
+        assert 0.75 < len(wrong) / len(rule) < 0.85  # the habit holds on most of its problems
+        prefs = _rows(f"teacher_prefs_{split}.jsonl")
+        assert [p["prompt"] for p in prefs] == [t["prompt"] for t in truth]  # one pair per problem, same order
+        assert all(p["chosen"] == t["completion"] != p["rejected"] for p, t in zip(prefs, truth))
+        habit = {d["prompt"]: d["completion"] for d, _ in wrong}
+        assert {p["prompt"]: p["rejected"] for p in prefs if p["subset"] == "teacher's habit"} == habit
+    accuracy = sum(task.teacher_answer(*_operands(r["prompt"])) == r["completion"] for r in held_out) / len(held_out)
+    assert accuracy == 0.6875
+    trained = {r["prompt"] for name in ("teacher_train.jsonl", "teacher_prefs_train.jsonl") for r in _rows(name)}
+    assert not trained & {r["prompt"] for r in held_out}
+
+
+# ---------------------------------------------------------------------------
+# CI: the shipped pipeline in miniature
+# ---------------------------------------------------------------------------
+def _one_digit_slices(folder):
+    """The shipped files cut to the problems with one-digit operands ("7+8="): 79 training problems a tiny
+    model learns in seconds, with the teacher's habit on 16 of them."""
+    slices = {}
+    for name in ("teacher_train", "teacher_prefs_train", "sft_train", "sft_eval", "teacher_prefs_eval"):
+        rows = [r for r in _rows(f"{name}.jsonl") if max(_operands(r["prompt"])) < 10]
+        slices[name] = folder / f"{name}.jsonl"
+        task.write_jsonl(slices[name], rows)
+    return slices
+
+
+def digits_right(prompts, completions, **_) -> list[float]:
+    """Partial credit against the true sum (CI only): the share of its digits in the right place, counted from
+    the units; a model that cannot add yet gets a signal exact match does not give it."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        truth, text = str(sum(_operands(prompt))), completion.strip()
+        hits = sum(x == y for x, y in zip(reversed(truth), reversed(text)))
+        out.append(hits / max(len(truth), len(text), 1))
+    return out
+
+
+def _small(steps, batch, **more):
+    return [f"train.max_steps={steps}", f"train.batch_size={batch}", *[f"{k}={v}" for k, v in more.items()]]
+
+
+def _miniature(s, run):
+    """Overrides that cut every step of recipes/tiny/pipeline.yaml to seconds on the slices `s`."""
+    return ["all.train.progress_bar=false", "all.train.log_steps=1", f"output_dir={run}",
+            f"all.data.eval={s['sft_eval']}",
+            *[f"sft.{o}" for o in _small(60, 32, **{"train.lr": 3e-3, "train.warmup_steps": 5, "eval.steps": 30,
+                                                     "data.train": s["teacher_train"]})],
+            *[f"sft-control.{o}" for o in _small(30, 32, **{"train.lr": 3e-3, "eval.steps": 15,
+                                                            "data.train": s["teacher_train"]})],
+            *[f"dpo.{o}" for o in _small(10, 16, **{"eval.steps": 5, "data.train": s["teacher_prefs_train"],
+                                                    "data.eval": s["teacher_prefs_eval"]})],
+            *[f"reward.{o}" for o in _small(20, 16, **{"train.lr": 1e-3, "data.train": s["teacher_prefs_train"],
+                                                       "data.eval": s["teacher_prefs_eval"]})],
+            f"rm-eval.data={s['teacher_prefs_eval']}",
+            *[f"ppo.{o}" for o in _small(8, 16, **{"eval.steps": 4, "ppo.eval_kl_prompts": 16,
+                                                   "data.train": s["sft_train"]})],
+            *[f"grpo.{o}" for o in _small(10, 64, **{"train.lr": 1e-4, "eval.steps": 5, "grpo.eval_kl_prompts": 16,
+                                                    "data.train": s["sft_train"],
+                                                    "grpo.reward_funcs": "[test_teacher_world:digits_right]"})]]
+
+
+def test_every_step_of_the_pipeline_learns_in_miniature(tmp_path):
+    """recipes/tiny/pipeline.yaml as shipped, every step cut to a few seconds on the one-digit problems: SFT and
+    the control lower their loss, DPO and the reward model rank held-out truth-labelled pairs better than at
+    their start, PPO raises its reward-model score and GRPO its verifier's reward; the report compares every
+    step with the control. A model this short cannot add yet, so exact match would give GRPO no signal: here
+    its verifier gives partial credit per right digit (`digits_right`)."""
+    s = _one_digit_slices(tmp_path / "data")
+    run = tmp_path / "run"
+    over = _miniature(s, run)
+    run_pipeline(REPO / "recipes/tiny/pipeline.yaml", over)
+    tmp_path = run
+
+    def log(step, key):
+        return [r[key] for r in map(json.loads, (tmp_path / step / "log.jsonl").read_text().splitlines()) if key in r]
+
+    def metrics(step):
+        return json.loads((tmp_path / step / "metrics.json").read_text())
+
+    sft = metrics("sft")
+    assert sft["eval/loss"] < sft["eval/loss_start"] - 1.0, sft  # held-out NLL of the true sums
+    losses = log("sft-control", "train/loss")
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+    for step in ("dpo", "reward"):  # truth-labelled held-out pairs
+        assert metrics(step)["eval/pair_accuracy"] > metrics(step)["eval/pair_accuracy_start"], metrics(step)
+    assert metrics("ppo")["eval/reward"] > metrics("ppo")["eval/reward_start"], metrics("ppo")  # RM score, held out
+    rewards = log("grpo", "train/reward")  # measured 0.24 0.17 0.36 0.32 0.27 0.35 0.36 0.39 0.38 0.30
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.03, rewards
+    report = (tmp_path / "report.md").read_text()
+    assert "accuracy_vs_steps.png" in report and "| vs sft-control |" in report
+
+
+# ---------------------------------------------------------------------------
+# slow: the full targets
+# ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sft_on_the_teachers_demonstrations_plateaus_below_one(tmp_path):
+    """recipes/tiny/teacher-sft.yaml trained 1,000 steps and three times as long: held-out accuracy stays in
+    [0.55, 0.75] (the habit is learned, not averaged away) and the longer run does not get past it."""
+    accuracy = {}
+    for steps in (1000, 3000):
+        recipe = load_recipe(REPO / "recipes/tiny/teacher-sft.yaml", [f"output_dir={tmp_path / str(steps)}",
+                                                                      f"train.max_steps={steps}",
+                                                                      "train.progress_bar=false"])
+        accuracy[steps] = run(recipe)["eval/task_accuracy"]
+    assert all(0.55 <= a <= 0.75 for a in accuracy.values()), accuracy
+    assert accuracy[3000] < accuracy[1000] + 0.05, accuracy  # measured 0.6155 -> 0.64 (seed 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pipeline_beats_its_sft_control(tmp_path, seed):
+    """`align pipeline recipes/tiny/pipeline.yaml seed=N`: held-out task accuracy against the sft-control step of
+    the same run: DPO +10 points, PPO +10 (eval KL under 1 nat), GRPO +15; the control had at least as many
+    optimizer steps and as much wall time as every alignment step."""
+    run_pipeline(REPO / "recipes/tiny/pipeline.yaml", [f"seed={seed}", f"output_dir={tmp_path}",
+                                                       "all.train.progress_bar=false"])
+
+    def metrics(step):
+        return json.loads((tmp_path / step / "metrics.json").read_text())
+
+    control = metrics("sft-control")
+    state = json.loads((tmp_path / "pipeline_state.json").read_text())
+    for step, points in (("dpo", 0.10), ("ppo", 0.10), ("grpo", 0.15)):
+        m = metrics(step)
+        assert m["eval/task_accuracy"] >= control["eval/task_accuracy"] + points, (step, m, control)
+        assert control["train/steps"] >= m["train/steps"], step
+        assert state["sft-control"]["seconds"] >= state[step]["seconds"], (step, state)
+    assert metrics("ppo")["eval/kl"] < 1.0, metrics("ppo")
