@@ -74,8 +74,10 @@ def test_empty_dataset(tmp_path, capsys, out):
 
 
 def test_prompts_longer_than_max_length(tmp_path, capsys, out):
+    """Cutting only the ends (data.prompt_truncation: keep_start) leaves no answer token: one line, exit 2.
+    (The default keep_end cuts the prompt's beginning instead: tests/test_data.py.)"""
     data = _data(tmp_path, [{"prompt": "1" * 40 + "=", "completion": "2"}] * 8)
-    recipe = tiny_sft_recipe(out, **{"data.train": data, "data.max_length": 16})
+    recipe = tiny_sft_recipe(out, **{"data.train": data, "data.max_length": 16, "data.prompt_truncation": "keep_start"})
     _expect_exit_2(capsys, ["train", _write(tmp_path, recipe)], "no trainable token left", out)
 
 
