@@ -100,7 +100,15 @@ from pathlib import Path
 from typing import Callable
 
 from align import builtin
-from align.data import FILE_SUFFIXES, IGNORE, SFT_FORMATS, Rows, detect_format, encode_prompt, load_rows
+from align.data import (
+    IGNORE,
+    SFT_FORMATS,
+    Rows,
+    detect_format,
+    encode_prompt,
+    is_local,
+    load_rows,
+)
 from align.device import gradient_checkpointing
 from align.errors import AlignError
 from align.recipe import ModelConfig, Recipe, load_recipe
@@ -590,16 +598,6 @@ SAMPLERS: dict[str, Callable] = {
     "sft": _sft_samples, "dpo": _pair_samples, "simpo": _pair_samples, "orpo": _pair_samples, "kto": _kto_samples,
     "reward": _pair_samples, "grpo": _prompt_samples, "ppo": _prompt_samples,
 }
-
-
-def is_local(spec) -> bool:
-    specs = spec if isinstance(spec, list) else [spec]
-    for one in specs:
-        path = one.get("path") if isinstance(one, dict) else one
-        local = Path(str(path))
-        if not (local.exists() or any(str(local).endswith(s) for s in FILE_SUFFIXES)):
-            return False
-    return True
 
 
 def _all_exist(spec) -> bool:

@@ -159,6 +159,17 @@ def unknown_key_message(key, valid: list[str], where: str, aliases: dict[str, st
     return f"unknown key {prefix}{key}{hint} (valid keys here: {', '.join(valid)})"
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested recipe dict as {dotted key: value}: {"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"
 

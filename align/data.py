@@ -89,6 +89,17 @@ def load_rows(spec: Any, *, key: str = "data.train") -> Rows:
     return Rows(rows, origins)
 
 
+def is_local(spec) -> bool:
+    """Whether a data spec (a path, a mapping with `path`, or a list of them) names local files only, not a
+    `datasets` name: check and planning read those, and leave hub datasets to the stage."""
+    specs = spec if isinstance(spec, list) else [spec]
+    for one in specs:
+        path = str(one.get("path") if isinstance(one, dict) else one)
+        if not (Path(path).exists() or any(path.endswith(s) for s in FILE_SUFFIXES)):
+            return False
+    return True
+
+
 def load_eval_rows(data) -> Rows | None:
     """The held-out rows of a recipe's data section: `data.eval` cut to its first `data.eval_limit` rows (the
     one place the limit applies, to raw rows, for every stage); None without `data.eval`."""

@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from align.accel import make_accelerator
+from align.config import flat_keys
 from align.errors import AlignError
 from align.io_utils import JsonlLog, atomic_write_json, atomic_write_text
 from align.recipe import Recipe, TrainConfig, recipe_to_dict
@@ -263,6 +264,12 @@ def _already_trained(recipe: Recipe) -> dict | None:
     return finished
 
 
+def _tracker_config(recipe: Recipe) -> dict:
+    """The resolved recipe as the flat {dotted key: scalar} a tracker records (lists as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+            for k, v in flat_keys(recipe_to_dict(recipe)).items()}
+
+
 def _trainer_state(stage, step: int, start_metrics) -> dict:
     """trainer_state.json of a checkpoint; a stage with state of its own (PPO's adaptive beta) adds it as JSON."""
     state = {"step": step, "metrics_start": start_metrics}
@@ -304,7 +311,7 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
     tcfg = recipe.train
     start_step, start_metrics = _resume(loop)
     if [t for t in tcfg.report_to if t != "none"]:
-        accelerator.init_trackers(loop.out.name, config=_flat(recipe_to_dict(recipe)))
+        accelerator.init_trackers(loop.out.name, config=_tracker_config(recipe))
     if start_metrics is None:
         start_metrics = _evaluate(loop, 0, "before training")
     previous_handlers = _Stop.install()
@@ -463,17 +470,6 @@ def _reduce_step_header(accelerator, local_weight: float, stop: bool) -> tuple[f
     packed = torch.tensor([float(local_weight), float(stop)], dtype=torch.float64, device=accelerator.device)
     total, stops = accelerator.reduce(packed, reduction="sum").tolist()
     return total, stops > 0
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out
 
 
 def _print_metrics(accelerator, title: str, metrics: dict) -> None:

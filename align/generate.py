@@ -46,16 +46,16 @@ def sample_jobs(model, tokenizer, rows, jobs: list[tuple[int, int]], *, sampling
     encoded = [encode_prompt(tokenizer, prompt_of(rows.rows[i], rows.where(i)), rows.where(i)) for i, _ in jobs]
     keys = row_keys(seed, [i * num_samples + s for i, s in jobs]) if do_sample else None
     order = sorted(range(len(jobs)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
-    by_job = {}
+    by_job, stops = {}, models.stop_token_ids(model, tokenizer)
     bar = tqdm(total=len(jobs), desc=progress, unit="sample", dynamic_ncols=True,
                disable=True if progress is None else None)  # None: tqdm shows it on a terminal only
     for start in range(0, len(order), sampling.batch_size):
         chunk = order[start: start + sampling.batch_size]
         ids, mask = left_pad([encoded[k] for k in chunk], tokenizer.pad_token_id)
-        out = sample(model, ids, mask, sampling=sampling, eos_id=models.stop_token_ids(model, tokenizer),
+        out = sample(model, ids, mask, sampling=sampling, eos_id=stops,
                      pad_id=tokenizer.pad_token_id, do_sample=do_sample,
                      keys=keys[chunk] if keys is not None else None)
-        keep, _ = completion_mask(out, models.stop_token_ids(model, tokenizer))
+        keep, _ = completion_mask(out, stops)
         for row, k in enumerate(chunk):
             n = int(keep[row].sum())
             by_job[jobs[k]] = tokenizer.decode(out[row, :n].tolist(), skip_special_tokens=True)

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align import builtin
-from align.data import SFT_FORMATS, load_rows
+from align.config import flat_keys
+from align.data import SFT_FORMATS, is_local, load_rows
 from align.errors import AlignError
 from align.policy_pairs import ensure_policy_pairs, missing_sources
-from align.recipe import ModelConfig, PolicyPairsConfig, Recipe, load_recipe
+from align.recipe import ModelConfig, PolicyPairsConfig, Recipe, load_recipe, recipe_to_dict
 
 # columns each stage reads from its data rows (any one of the alternatives)
 STAGE_COLUMNS = {
@@ -187,7 +188,7 @@ def _check_data(spec, stage: str, made_files: set[str], key: str) -> None:
     specs = spec if isinstance(spec, list) else [spec]
     for one in specs:
         path = str(one.get("path")) if isinstance(one, dict) else str(one)
-        if str(Path(path)) in made_files or not _is_local(path):
+        if str(Path(path)) in made_files or not is_local(path):
             continue
         rows = load_rows(one, key=key)
         alternatives = STAGE_COLUMNS[stage]
@@ -207,16 +208,15 @@ def _missing_columns(row: dict, alternatives) -> str:
 def warn_if_made_otherwise(upstream: Recipe, why: str) -> list[str]:
     """Say so when the model folder `upstream` would make exists but was made with other settings (an older
     version of the recipe, another seed): it is reused as it is. Returns the differing keys."""
-    from align.recipe import recipe_to_dict
 
     made = Path(upstream.output_dir) / "config.yaml"
     if not made.is_file():
         return []
     try:
-        before = _flat(recipe_to_dict(load_recipe(made)))
+        before = flat_keys(recipe_to_dict(load_recipe(made)))
     except AlignError:  # written by a version whose keys this one no longer reads
         before = {}
-    now = _flat(recipe_to_dict(upstream))
+    now = flat_keys(recipe_to_dict(upstream))
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith("train.progress"))
     if differ:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
@@ -225,22 +225,6 @@ def warn_if_made_otherwise(upstream: Recipe, why: str) -> list[str]:
               f"({shown}{more}); reusing it as it is; delete the folder (or point model.name_or_path elsewhere) "
               f"to train it again", flush=True)
     return differ
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _is_local(path: str) -> bool:
-    from align.data import FILE_SUFFIXES
-
-    return Path(path).exists() or any(path.endswith(s) for s in FILE_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------

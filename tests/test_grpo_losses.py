@@ -105,6 +105,23 @@ def trl_trainer(tmp_path_factory):
     return trainer
 
 
+def _random_rows(tr, g, *, eos_at, B=4, P=3, C=5):
+    """Random unpadded prompts (TRL passes no position ids) and completions with EOS at `eos_at` (ragged
+    lengths): -> ((prompt_ids, prompt_mask, completion_ids, mask), the model's current log-probs (B, C))."""
+    from align.rollout import completion_logprobs, completion_mask
+
+    prompt_ids = torch.randint(7, 50, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    completion_ids = torch.randint(7, 50, (B, C), generator=g)
+    for row, col in eos_at:
+        completion_ids[row, col] = 2
+    mask, _ = completion_mask(completion_ids, 2)
+    tr.model.train()
+    with torch.no_grad():
+        current = completion_logprobs(tr.model, prompt_ids, prompt_mask, completion_ids, mask)
+    return (prompt_ids, prompt_mask, completion_ids, mask), current
+
+
 def _compare_with_trl(tr, aggregation, rows, adv, old, ref, **level) -> torch.Tensor:
     """align's aggregated GRPO loss equals TRL's `_compute_loss` on the same rows, for beta 0 and 0.04, with
     and without the KL ratio correction; -> align's clipped mask of the last case."""
@@ -129,24 +146,13 @@ def _compare_with_trl(tr, aggregation, rows, adv, old, ref, **level) -> torch.Te
 
 @pytest.mark.parametrize("aggregation", sorted(TOKEN_AGGREGATIONS))
 def test_grpo_loss_matches_trl(trl_trainer, aggregation):
-    from align.rollout import completion_logprobs, completion_mask
 
     tr = trl_trainer
     g = torch.Generator().manual_seed(1)
-    B, P, C = 4, 3, 5
-    prompt_ids = torch.randint(7, 50, (B, P), generator=g)  # unpadded prompts: TRL passes no position ids
-    prompt_mask = torch.ones(B, P, dtype=torch.long)
-    completion_ids = torch.randint(7, 50, (B, C), generator=g)
-    completion_ids[0, 2] = 2  # EOS: ragged completion lengths
-    completion_ids[2, 0] = 2
-    mask, _ = completion_mask(completion_ids, 2)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    tr.model.train()
-    with torch.no_grad():
-        current = completion_logprobs(tr.model, prompt_ids, prompt_mask, completion_ids, mask)
-    old = current + 0.3 * torch.randn(B, C, generator=g)  # off-policy: some ratios clipped
-    ref = current + 0.5 * torch.randn(B, C, generator=g)
-    _compare_with_trl(tr, aggregation, (prompt_ids, prompt_mask, completion_ids, mask), adv, old, ref)
+    rows, current = _random_rows(tr, g, eos_at=[(0, 2), (2, 0)])
+    old = current + 0.3 * torch.randn(current.shape, generator=g)  # off-policy: some ratios clipped
+    ref = current + 0.5 * torch.randn(current.shape, generator=g)
+    _compare_with_trl(tr, aggregation, rows, torch.tensor([1.0, -1.0, 0.5, -0.5]), old, ref)
 
 
 # ---------------------------------------------------------------------------
@@ -227,27 +233,18 @@ def test_gspo_clips_whole_sequences():
 @pytest.mark.parametrize("aggregation", sorted(TOKEN_AGGREGATIONS))
 def test_gspo_loss_matches_trl(trl_trainer, aggregation):
     """TRL 1.16 GRPOTrainer._compute_loss with importance_sampling_level="sequence", off-policy, to 1e-6."""
-    from align.rollout import completion_logprobs, completion_mask
 
     tr = trl_trainer
     g = torch.Generator().manual_seed(2)
-    B, P, C = 4, 3, 5
-    prompt_ids = torch.randint(7, 50, (B, P), generator=g)
-    prompt_mask = torch.ones(B, P, dtype=torch.long)
-    completion_ids = torch.randint(7, 50, (B, C), generator=g)
-    completion_ids[1, 1] = 2
-    completion_ids[3, 3] = 2
-    mask, _ = completion_mask(completion_ids, 2)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    tr.model.train()
-    with torch.no_grad():
-        current = completion_logprobs(tr.model, prompt_ids, prompt_mask, completion_ids, mask)
+    rows, current = _random_rows(tr, g, eos_at=[(1, 1), (3, 3)])
     # sequence log-ratios about -0.5 (A > 0: clipped at 1.2), 0, 0, +0.5 (A < 0: clipped at 0.8)
-    old = current + 0.05 * torch.randn(B, C, generator=g) + torch.tensor([[-0.5], [0.0], [0.0], [0.5]])
-    ref = current + 0.5 * torch.randn(B, C, generator=g)
+    old = current + 0.05 * torch.randn(current.shape, generator=g) + torch.tensor([[-0.5], [0.0], [0.0], [0.5]])
+    ref = current + 0.5 * torch.randn(current.shape, generator=g)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    mask = rows[3]
     tr.importance_sampling_level = "sequence"
     try:
-        clipped = _compare_with_trl(tr, aggregation, (prompt_ids, prompt_mask, completion_ids, mask), adv, old, ref,
+        clipped = _compare_with_trl(tr, aggregation, rows, adv, old, ref,
                                     importance_sampling_level="sequence", mask=mask)
         assert clipped[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0]  # two sequences clipped, two not
     finally:
