@@ -80,6 +80,14 @@ class ModelConfig:
     the reference log-probs, rollout log-probs and training forwards then compute the same function, so
     the step-0 policy/reference ratios are exactly 1. A LoRA adapter's own `lora.dropout` is kept.
     false: keep the model's dropout (its config's values)."""
+    chunked_logprobs: bool = True
+    """Per-token log-probs (every loss, reference and evaluation) from the last hidden states, chunked over
+    tokens, so that the (tokens x vocabulary) logits never exist at once (`align.logprobs`): the same values
+    and gradients, a fraction of the memory on a real vocabulary. false: the model's full logits (the plain
+    path). Heads it cannot reproduce (a LoRA on lm_head, DeepSpeed ZeRO-3) use the plain path, with a warning."""
+    logprob_chunk_tokens: int | None = None
+    """Positions per chunk of `chunked_logprobs`; None: 2^24 logit entries' worth (~110 positions at a
+    151,936 vocabulary, a tiny model's whole batch)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     from_recipe: str | None = None
     """A recipe that produces `name_or_path` (its output_dir), run first when that folder has no model yet:
@@ -88,6 +96,9 @@ class ModelConfig:
     """`quantization: {load_in_4bit: true}` loads the base model in 4 bits for QLoRA (`align.models`)."""
 
     def validate(self) -> None:
+        if self.logprob_chunk_tokens is not None and self.logprob_chunk_tokens < 1:
+            raise AlignError(f"model.logprob_chunk_tokens: {self.logprob_chunk_tokens} positions per chunk; expected "
+                             "a positive number, or null for the default")
         if self.quantization.load_in_4bit and not self.lora.enabled:
             raise AlignError("quantization.load_in_4bit: 4-bit weights cannot be trained; QLoRA trains a LoRA "
                              "adapter on top: set model.lora.enabled: true")

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from align.data import prefix_sharing_mask
-from align.losses import token_logprobs
+from align.logprobs import forward_hidden
 
 
 # ---------------------------------------------------------------------------
@@ -392,23 +392,21 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     shared = unique_prompts(prompt_ids, prompt_mask) if _shares_prompts(model) else None
     if shared is None:
         attention_mask = torch.cat([prompt_mask, mask[:, :-1].to(prompt_mask.dtype)], 1)  # (B, P + C - 1)
-        logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], 1), attention_mask=attention_mask,
-                       position_ids=position_ids_of(attention_mask), use_cache=False).logits  # (B, P + C - 1, V)
-        logits = logits[:, P - 1:].float()  # (B, C, V): position P-1+t predicts completion token t
+        hidden, head = forward_hidden(model, input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], 1),
+                                      attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
+                                      use_cache=False)  # (B, P + C - 1, H): no logits (align.logprobs)
+        hidden = hidden[:, P - 1:]  # (B, C, H): position P-1+t predicts completion token t
     else:
         g = grouped_rows(prompt_ids, prompt_mask, completion_ids, mask, shared)
-        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], position_ids=g["position_ids"],
-                       use_cache=False).logits  # (U, T, V)
-        logits = logits[g["rows"], g["columns"]].float()  # (B, C, V)
-    if temperature != 1.0:
-        logits = logits / temperature
+        hidden, head = forward_hidden(model, input_ids=g["input_ids"], attention_mask=g["attention_mask"],
+                                      position_ids=g["position_ids"], use_cache=False)  # (U, T, H)
+        hidden = hidden[g["rows"], g["columns"]]  # (B, C, H)
     labels = completion_ids.masked_fill(mask == 0, -100)
-    logps = token_logprobs(logits, labels)  # (B, C)
+    out = head.token_logprobs(hidden, labels, temperature=temperature, with_entropy=return_entropy)  # (B, C)
     if not return_entropy:
-        return logps
-    from align.losses import entropy_from_logits
-
-    return logps, entropy_from_logits(logits) * mask
+        return out
+    logps, entropy = out
+    return logps, entropy * mask
 
 
 @torch.no_grad()

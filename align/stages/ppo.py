@@ -62,17 +62,16 @@ import torch
 
 from align import evaluate, models, rewards
 from align.evaluate_rm import score_head
+from align.logprobs import forward_hidden, output_head, unwrap
 from align.losses import (
     approx_kl,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance,
     gae_advantages,
     kl_penalty,
     masked_mean,
     masked_sum,
     ppo_clip_loss,
-    token_logprobs,
     whiten,
 )
 from align.recipe import ModelConfig, Recipe
@@ -89,27 +88,30 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.value = policy, value
 
     def forward(self, input_ids, attention_mask, position_ids):
-        """-> policy logits (B, T, V), values (B, T)."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
+        """-> the policy's last hidden states (B, T, H) (or its logits, see `align.logprobs`), values (B, T)."""
+        hidden, _ = forward_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False)
         captured = []
         handle = score_head(self.value).register_forward_hook(lambda m, a, out: captured.append(out))
         try:
             self.value(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         finally:
             handle.remove()
-        return logits, captured[-1][..., 0].float()
+        return hidden, captured[-1][..., 0].float()
 
 
 def forward_completion(model, prompt_ids, prompt_mask, completion_ids, mask, temperature):
-    """(log-probs (B, C), values (B, C), logits (B, C, V)) of the completion positions."""
+    """(log-probs (B, C), values (B, C), entropy (B, C), detached) of the completion positions."""
     P = prompt_ids.shape[1]
     ids = torch.cat([prompt_ids, completion_ids], 1)
     attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
-    logits, values = model(ids, attn, position_ids_of(attn))
-    logits = logits[:, P - 1: -1].float() / temperature  # position P-1+t predicts completion token t
+    hidden, values = model(ids, attn, position_ids_of(attn))
+    head = output_head(unwrap(model).policy)
+    hidden = hidden[:, P - 1: -1]  # position P-1+t predicts completion token t
     values = values[:, P - 1: -1]  # value of the state before completion token t
-    return token_logprobs(logits, completion_ids.masked_fill(mask == 0, -100)), values, logits
+    logps, entropy = head.token_logprobs(hidden, completion_ids.masked_fill(mask == 0, -100), temperature=temperature,
+                                         with_entropy=True)
+    return logps, values, entropy.detach()
 
 
 def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
@@ -279,7 +281,7 @@ class PPOStage:
     def loss(self, model, batch):
         a = self.args
         mask = batch["completion_mask"]
-        logps, values, logits = forward_completion(model, batch["prompt_ids"], batch["prompt_mask"],
+        logps, values, entropy = forward_completion(model, batch["prompt_ids"], batch["prompt_mask"],
                                                    batch["completion_ids"], mask, a.temperature)
         pg, clipped = ppo_clip_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=a.clip_coef)
         vl = clipped_value_loss(values, batch["old_values"], batch["returns"], clip_eps=a.vf_clip)
@@ -294,7 +296,7 @@ class PPOStage:
                 "losses/clipfrac": (masked_sum(clipped, mask).item(), tokens),
                 "losses/approx_kl": (masked_sum(approx_kl(logps, batch["old_logprobs"]), mask).item(), tokens),
                 "val/clipfrac": (masked_sum(v_clipped.float(), mask).item(), tokens),
-                "objective/entropy": (masked_sum(entropy_from_logits(logits), mask).item(), tokens),
+                "objective/entropy": (masked_sum(entropy, mask).item(), tokens),
                 "val/mean": (masked_mean(values, mask).item() * tokens, tokens),
             })
         return loss_sum, metrics

@@ -1,0 +1,54 @@
+"""The chunked head (`align.logprobs`) equals the full-logits computation: values and gradients."""
+
+import pytest
+import torch
+
+from align.logprobs import OutputHead
+from align.losses import entropy_from_logits, token_logprobs
+
+
+def _plain(hidden, weight, bias, targets, *, temperature=1.0, softcap=None, scale=1.0):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
+    return token_logprobs(logits, targets), entropy_from_logits(logits)
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 1000])  # several chunks with a ragged last one; one chunk (p kept)
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.7}, {"softcap": 2.0, "scale": 0.5}])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients_equal_the_full_logits(chunk, settings, bias):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 10, 8, generator=g, requires_grad=True)
+    weight = torch.randn(29, 8, generator=g, requires_grad=True)
+    b = torch.randn(29, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(0, 29, (2, 10), generator=g)
+    targets[0, :3] = -100  # masked positions: 0, no gradient
+    w_lp, w_ent = torch.randn(2, 10, generator=g), torch.randn(2, 10, generator=g)
+
+    def grads(logps, entropy):
+        inputs = [hidden, weight] + ([b] if bias else [])
+        return torch.autograd.grad((logps * w_lp).sum() + (entropy * w_ent).sum(), inputs)
+
+    want_lp, want_ent = _plain(hidden, weight, b, targets, **settings)
+    head = OutputHead(weight=weight, bias=b, softcap=settings.get("softcap"), scale=settings.get("scale", 1.0),
+                      chunk_tokens=chunk)
+    got_lp, got_ent = head.token_logprobs(hidden, targets, temperature=settings.get("temperature", 1.0),
+                                          with_entropy=True)
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_ent, want_ent, atol=1e-5, rtol=1e-5)
+    assert (got_lp[0, :3] == 0).all()
+    for got, want in zip(grads(got_lp, got_ent), grads(want_lp, want_ent), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [4, 100])
+def test_log_probs_alone_give_the_same_gradient_and_a_frozen_head_gets_none(chunk):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(13, 6, generator=g, requires_grad=True)
+    weight = torch.randn(17, 6, generator=g)  # frozen (a LoRA run's lm_head)
+    targets = torch.randint(0, 17, (13,), generator=g)
+    want = torch.autograd.grad(_plain(hidden, weight, None, targets)[0].sum(), hidden)[0]
+    got_lp = OutputHead(weight=weight, chunk_tokens=chunk).token_logprobs(hidden, targets)
+    torch.testing.assert_close(torch.autograd.grad(got_lp.sum(), hidden)[0], want, atol=1e-5, rtol=1e-5)
