@@ -177,12 +177,19 @@ def test_real_recipes_without_the_hub(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(QWEN_05B))
     peaks = []
-    for launch in ("multi_gpu", "zero2", "zero3", "zero3_offload"):
-        report = check(recipe, launch=str(REPO / f"launch/{launch}.yaml"), model_config=str(config), print_fn=None)
+    for launch in ("multi_gpu", "zero2", "zero3", "zero3_offload"):  # like for like: full logits everywhere
+        report = check(recipe, ["model.chunked_logprobs=false"], launch=str(REPO / f"launch/{launch}.yaml"),
+                       model_config=str(config), print_fn=None)
         peaks.append(report.estimate.peak)
         if launch == "zero3":  # 494M parameters in bf16, sharded over 8 GPUs
             assert 494e6 * 2 / 8 == pytest.approx(report.estimate.parts["weights"], rel=0.01)
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+    # chunked log-probs (the default) leave one chunk's logits; ZeRO-3 partitions lm_head: the full logits
+    ddp, zero3 = (check(recipe, launch=str(REPO / f"launch/{launch}.yaml"), model_config=str(config),
+                        print_fn=None).estimate for launch in ("multi_gpu", "zero3"))
+    chunked = next(k for k in ddp.parts if k.startswith("logits (chunked"))
+    assert ddp.parts[chunked] < 0.05 * zero3.parts["logits (fp32 log-softmax + gradient)"]
+    assert ddp.peak < peaks[0] and any(n.startswith("largest term: ") for n in ddp.notes)
     assert main(["check", str(REPO / "recipes/qwen2.5-0.5b/dpo-lora.yaml"), "--model-config", str(config)]) == 0
     assert "LoRA" in capsys.readouterr().out
 
