@@ -51,6 +51,9 @@ def prepare(work: Path, args) -> dict:
     from align import builtin
 
     tokenizer = builtin.load_tokenizer()
+    if args.model != "qwen-like":
+        (work / "model").write_text(args.model)  # align loads the name itself (the tiny-size A/B of align alone)
+        return {"params": float("nan")}
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4 * args.seq, tie_word_embeddings=True,
@@ -60,6 +63,11 @@ def prepare(work: Path, args) -> dict:
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def write_rows(work: Path, args) -> None:
+    """The SFT / DPO rows (one character per token)."""
     stream = "".join(c for c in "".join(hh_transcripts()) if 32 <= ord(c) < 127)
     n = args.batch * args.steps
     width = args.seq - 2  # BOS + text + EOS
@@ -72,7 +80,6 @@ def prepare(work: Path, args) -> dict:
         pairs.append({"prompt": chunk[:half], "chosen": chunk[half: half + answer],
                       "rejected": chunk[half + answer: half + 2 * answer]})
     write_jsonl(work / "dpo.jsonl", pairs)
-    return {"params": sum(p.numel() for p in model.parameters())}
 
 
 def child(system: str, stage: str, work: Path, args) -> dict:
@@ -90,7 +97,9 @@ def child(system: str, stage: str, work: Path, args) -> dict:
     base = reset_peak_rss()
     out = work / f"out-{stage}-{system}-{time.time_ns()}"
     if system.startswith("align"):
-        overrides = [f"stage={stage}", f"output_dir={out}", f"model.name_or_path={work / 'model'}",
+        model = work / "model"
+        model = model.read_text() if model.is_file() else model
+        overrides = [f"stage={stage}", f"output_dir={out}", f"model.name_or_path={model}",
                      f"data.train={work / (stage + '.jsonl')}", f"data.max_length={2 * args.seq}",
                      f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", f"train.lr={LR}",
                      "train.log_steps=1", "train.save_steps=1000000", "train.progress_bar=false",
@@ -148,6 +157,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--model", default="qwen-like", help="qwen-like, or an align model name (builtin:tiny) "
+                        "for an A/B of align's two paths alone (--systems align,align-plain)")
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "STAGE"))
     parser.add_argument("--work")
     args = parser.parse_args()
@@ -157,20 +168,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         info = prepare(work, args)
+        write_rows(work, args)
         print(f"Qwen2-like, vocabulary {VOCAB:,}, hidden {args.hidden}, {args.layers} layers, tied "
               f"({info['params'] / 1e6:.1f}M parameters); batch {args.batch} x {args.seq} tokens, {args.steps} steps; "
               f"{machine_load()}", flush=True)
-        same = ["--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
+        same = ["--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
                 "--hidden", str(args.hidden), "--layers", str(args.layers), "--work", str(work)]
         for stage in args.stages.split(","):
             systems = args.systems.split(",")
             rounds = interleaved(systems, lambda system, s=stage: run_child(
                 [__file__, "--child", system, s, *same], env=child_env()), rounds=args.rounds,
                 show=lambda system, r: f"{r['step_s']:.2f} s/step, peak {r['peak_mb']:.0f} MB")
-            print_table(rounds, "step_s", "trl", memory=True, title=f"{stage.upper()} step time ({machine_load()})")
+            baseline = "trl" if "trl" in systems else systems[-1]
+            print_table(rounds, "step_s", baseline, memory=True, title=f"{stage.upper()} step time ({machine_load()})")
             peaks = {s: statistics.median(r[s]["peak_mb"] for r in rounds if s in r) for s in systems}
-            print("peak memory vs trl: " + ", ".join(f"{s} {peaks[s] / peaks['trl']:.2f}x" for s in systems
-                                                     if "trl" in peaks), flush=True)
+            print(f"peak memory vs {baseline}: " + ", ".join(f"{s} {peaks[s] / peaks[baseline]:.2f}x"
+                                                              for s in systems), flush=True)
 
 
 if __name__ == "__main__":
