@@ -78,11 +78,13 @@ class OutputHead:
         return _post(F.linear(hidden, self.weight, self.bias), self.softcap, self.scale, temperature)[0]
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                       with_entropy: bool = False):
+                       with_entropy: bool = False, uniform: bool = False):
         """log p(targets) (...,) of hidden states (..., H) [or logits (..., V)]; targets -100 give 0.
 
         With `with_entropy`, also each position's entropy (...,) — at every position, masked
-        or not, as `losses.entropy_from_logits` gives.
+        or not, as `losses.entropy_from_logits` gives. `uniform`: the caller's loss weighs
+        every scored log-prob alike (a summed NLL), so the gradient is formed in the forward
+        (see `_ChunkedLogprobs`); a hint, checked in the backward.
         """
         if self.plain:
             logits = hidden.float() / temperature if temperature != 1.0 else hidden
@@ -91,7 +93,8 @@ class OutputHead:
         shape = targets.shape
         flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         logps, entropy = _ChunkedLogprobs.apply(flat_h, self.weight, self.bias, flat_t, float(temperature),
-                                                self.softcap, self.scale, self.chunk_tokens, with_entropy)
+                                                self.softcap, self.scale, self.chunk_tokens, with_entropy,
+                                                uniform and torch.is_grad_enabled())
         logps = logps.view(shape)
         return (logps, entropy.view(shape)) if with_entropy else logps
 
@@ -113,19 +116,28 @@ def _post(raw: torch.Tensor, softcap, scale, temperature):
 class _ChunkedLogprobs(torch.autograd.Function):
     """log p(target) and entropy per row of hidden (N, H), one chunk of rows' logits at a time.
 
-    Backward per chunk, with z the logits, p = softmax(z), H the entropy:
+    Gradient per chunk, with z the logits, p = softmax(z), H the entropy:
     dlogp/dz = onehot(target) - p;  dH/dz = -p (log p + H); then through 1/temperature,
     the soft-cap (1 - tanh^2) and the scale to the raw head output, then to hidden and weight.
+
+    Where the loss is the same multiple of every scored log-prob (SFT's summed NLL: `uniform`),
+    the forward also forms the gradients for a weight of 1 per scored token (Liger's fused
+    linear cross-entropy does the same) and the backward only scales them: no recompute, the
+    plain path's three head matmuls. Otherwise (or if the weights turn out not to be equal)
+    the backward recomputes each chunk's logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, scale, chunk, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, scale, chunk, with_entropy, uniform):
         ctx.set_materialize_grads(False)  # an output the loss does not use (a logged entropy) costs nothing
         N = hidden.shape[0]
+        valid = targets != -100
         safe = targets.clamp(min=0)
         logps = hidden.new_zeros(N, dtype=torch.float32)
         entropy = hidden.new_zeros(N if with_entropy else 0, dtype=torch.float32)
         lse = hidden.new_zeros(N, dtype=torch.float32)
+        needs = ctx.needs_input_grad[:3]
+        eager = _Grads(hidden, weight, bias, needs) if uniform and not with_entropy and any(needs) else None
         kept = ()
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
@@ -136,10 +148,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:
                 p = logp.exp()
                 entropy[s:e] = -(p * logp).sum(-1)
-            if N <= chunk:  # one chunk: keep p (and the soft-cap's tanh) rather than recompute
+            if eager is not None:  # d(sum of scored logp)/dz = onehot - p on scored rows
+                g = logp.exp_().neg_().mul_(valid[s:e, None])
+                g.scatter_add_(-1, safe[s:e, None], valid[s:e, None].to(g.dtype))
+                eager.add(s, e, _grad_raw(g, t, scale, temperature))
+            elif N <= chunk:  # one chunk: keep p (and the soft-cap's tanh) rather than recompute
                 kept = (p if with_entropy else logp.exp_(),) + (() if t is None else (t,))
-        logps = logps.masked_fill(targets == -100, 0.0)
+        logps = logps.masked_fill(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, *kept)
+        ctx.eager = eager
         ctx.settings = (temperature, softcap, scale, chunk, with_entropy)
         device = hidden.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
@@ -149,16 +166,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy):
         hidden, weight, bias, targets, lse, entropy, *kept = ctx.saved_tensors
         temperature, softcap, scale, chunk, with_entropy = ctx.settings
-        device, dtype, enabled = ctx.autocast
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        g_lp = (torch.zeros_like(lse) if grad_logps is None else grad_logps) * (targets != -100)
+        valid = targets != -100
+        g_lp = (torch.zeros_like(lse) if grad_logps is None else grad_logps) * valid
         use_entropy = with_entropy and grad_entropy is not None
-        N = hidden.shape[0]
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
+        factor = _uniform_weight(g_lp, valid) if ctx.eager is not None and not use_entropy else None
+        if factor is not None:
+            return (*ctx.eager.scaled(factor), None, None, None, None, None, None, None)
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        device, dtype, enabled = ctx.autocast
+        for s in range(0, hidden.shape[0], chunk):
+            e = min(s + chunk, hidden.shape[0])
             if kept:
                 p, t = kept[0], (kept[1] if softcap else None)
                 logp = torch.log(p.clamp(min=1e-45)) if use_entropy else None
@@ -174,16 +191,45 @@ class _ChunkedLogprobs(torch.autograd.Function):
             else:
                 g = p.mul_(-g_lp[s:e, None]) if not kept else p * (-g_lp[s:e, None])
             g.scatter_add_(-1, targets[s:e].clamp(min=0)[:, None], g_lp[s:e, None])
-            g = _grad_raw(g, t, scale, temperature)
-            gw = g.to(weight.dtype)
-            if need_h:
-                grad_h[s:e] = gw @ weight
-            if need_w:
-                grad_w.addmm_(g.t(), hidden[s:e].float())
-            if need_b:
-                grad_b += g.sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None, None, None, None)
+            grads.add(s, e, _grad_raw(g, t, scale, temperature))
+        return (*grads.scaled(None), None, None, None, None, None, None, None)
+
+
+class _Grads:
+    """Gradients of hidden, weight and bias accumulated chunk by chunk from d/d(raw head output)."""
+
+    def __init__(self, hidden, weight, bias, needs):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        need_h, need_w, need_b = needs
+        self.h = torch.zeros_like(hidden) if need_h else None
+        self.w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        self.b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+
+    def add(self, s: int, e: int, g: torch.Tensor) -> None:
+        with torch.autocast(g.device.type, enabled=False):  # as a backward runs: in the tensors' own dtypes
+            if self.h is not None:
+                self.h[s:e] = g.to(self.weight.dtype) @ self.weight
+            if self.w is not None:
+                self.w.addmm_(g.t(), self.hidden[s:e].float())
+            if self.b is not None:
+                self.b += g.sum(0)
+
+    def scaled(self, factor):
+        """(grad hidden, grad weight, grad bias) in their tensors' dtypes, times `factor` (None: 1)."""
+        out = []
+        for grad, like in ((self.h, self.hidden), (self.w, self.weight), (self.b, self.bias)):
+            if grad is not None:
+                grad = (grad * factor if factor is not None else grad).to(like.dtype)
+            out.append(grad)
+        return out
+
+
+def _uniform_weight(g_lp: torch.Tensor, valid: torch.Tensor):
+    """The loss's common weight of every scored log-prob, or None where they differ."""
+    scored = g_lp[valid]
+    if scored.numel() == 0:
+        return g_lp.new_zeros(())
+    return scored[0] if bool((scored == scored[0]).all()) else None
 
 
 def _grad_raw(g, t, scale, temperature):

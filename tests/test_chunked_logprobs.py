@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from align import logprobs
 from align.logprobs import OutputHead
 from align.losses import entropy_from_logits, token_logprobs
 
@@ -52,3 +53,29 @@ def test_log_probs_alone_give_the_same_gradient_and_a_frozen_head_gets_none(chun
     want = torch.autograd.grad(_plain(hidden, weight, None, targets)[0].sum(), hidden)[0]
     got_lp = OutputHead(weight=weight, chunk_tokens=chunk).token_logprobs(hidden, targets)
     torch.testing.assert_close(torch.autograd.grad(got_lp.sum(), hidden)[0], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [4, 100])
+@pytest.mark.parametrize("weights", ["uniform", "per_token"])
+def test_gradient_formed_in_the_forward_for_a_summed_nll(chunk, weights, monkeypatch):
+    """`uniform=True` (SFT): the forward forms the gradient of the summed log-probs and the backward scales
+    it; log-probs weighed unequally (the hint was wrong) fall back to the recompute. Both equal the plain path."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 9, 6, generator=g, requires_grad=True)
+    weight = torch.randn(23, 6, generator=g, requires_grad=True)
+    bias = torch.randn(23, generator=g, requires_grad=True)
+    targets = torch.randint(0, 23, (3, 9), generator=g)
+    targets[1, 4:] = -100
+    w = torch.full((3, 9), -0.37) if weights == "uniform" else torch.randn(3, 9, generator=g)
+    head = OutputHead(weight=weight, bias=bias, softcap=5.0, chunk_tokens=chunk)
+    loss = (head.token_logprobs(hidden, targets, temperature=0.8, uniform=True) * w).sum()
+    recomputed = []
+    real_linear = logprobs.F.linear
+    monkeypatch.setattr(logprobs.F, "linear", lambda *a: recomputed.append(1) or real_linear(*a))
+    got = torch.autograd.grad(loss, (hidden, weight, bias))
+    monkeypatch.undo()
+    assert bool(recomputed) == (weights == "per_token")  # no head matmul in the backward when uniform
+    want = torch.autograd.grad((_plain(hidden, weight, bias, targets, temperature=0.8, softcap=5.0)[0] * w).sum(),
+                               (hidden, weight, bias))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

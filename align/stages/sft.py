@@ -95,7 +95,7 @@ class SFTStage:
         labels = batch.pop("labels")
         # use_cache=False: with a KV cache transformers would ignore packed position_ids
         hidden, head = forward_hidden(model, **batch, use_cache=False)  # (B, T, H): no logits (align.logprobs)
-        loss_sum = -head.token_logprobs(hidden[:, :-1], labels[:, 1:]).sum()
+        loss_sum = -head.token_logprobs(hidden[:, :-1], labels[:, 1:], uniform=True).sum()  # (a summed NLL)
         return loss_sum, {}
 
     def after_step(self, step: int) -> None:
