@@ -244,6 +244,8 @@ class ModelShape:
     weight_bytes: int
     lora: bool
     arch: str
+    tied: bool = False
+    """The LM head shares the input embedding's weight."""
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -326,7 +328,8 @@ def model_shape(config, cfg: ModelConfig, *, head: str = "causal_lm") -> ModelSh
     return ModelShape(params=params, trainable=trainable, hidden=hidden, layers=text.num_hidden_layers,
                       intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=heads, kv_dim=kv_dim,
                       vocab=text.vocab_size if head == "causal_lm" else 1, largest_unit=max(units),
-                      weight_bytes=weight_bytes, lora=lora, arch=type(model).__name__)
+                      weight_bytes=weight_bytes, lora=lora, arch=type(model).__name__,
+                      tied=bool(getattr(text, "tie_word_embeddings", False)) and head == "causal_lm")
 
 
 def _decoder_layers(model):
@@ -390,13 +393,14 @@ def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int | None = None
     Plain path (`chunk_tokens` None): logits, the fp32 log-softmax kept for backward and its
     gradient, 3 x 4 V bytes per token. Chunked (`align.logprobs`): one chunk's fp32 logits
     (probabilities in place) and their gradient, 2 x 4 V bytes per position of
-    min(tokens, chunk_tokens); nothing of V size outlives a chunk.
+    min(tokens, chunk_tokens), and the head's fp32 weight gradient (V x h), formed in the
+    forward (SFT) or accumulated chunk by chunk in the backward.
     """
     if shape.vocab <= 1:
         return 0.0
     if chunk_tokens is None:
         return 12.0 * tokens * shape.vocab
-    return 8.0 * min(tokens, chunk_tokens) * shape.vocab
+    return 8.0 * min(tokens, chunk_tokens) * shape.vocab + 4.0 * shape.vocab * shape.hidden
 
 
 def logprob_chunk_tokens(recipe: Recipe, shape: ModelShape, par: Parallelism) -> int | None:
@@ -474,7 +478,9 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
         logits += 8.0 * shape.vocab * (tokens if chunk is None else min(tokens, chunk))
     static = sum(parts.values())
     deepspeed_grads = par.kind == "deepspeed"
-    train_peak = static + (grads + acts + logits if deepspeed_grads else max(acts + logits, grads))
+    # tied embeddings: the embedding's own (V x h) gradient exists next to the head's before autograd sums them
+    tied_grad = 4.0 * shape.vocab * shape.hidden if shape.tied and logits and not shape.lora else 0.0
+    train_peak = static + (grads + acts + logits if deepspeed_grads else max(acts + logits, grads + tied_grad))
     notes = []
     phase = "training step"
     peak = train_peak

@@ -171,7 +171,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         use_entropy = with_entropy and grad_entropy is not None
         factor = _uniform_weight(g_lp, valid) if ctx.eager is not None and not use_entropy else None
         if factor is not None:
-            return (*ctx.eager.scaled(factor), None, None, None, None, None, None, None)
+            eager, ctx.eager = ctx.eager, None  # scaled in place: a second backward recomputes instead
+            return (*eager.scaled(factor), None, None, None, None, None, None, None)
         grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
         device, dtype, enabled = ctx.autocast
         for s in range(0, hidden.shape[0], chunk):
@@ -219,7 +220,7 @@ class _Grads:
         out = []
         for grad, like in ((self.h, self.hidden), (self.w, self.weight), (self.b, self.bias)):
             if grad is not None:
-                grad = (grad * factor if factor is not None else grad).to(like.dtype)
+                grad = (grad.mul_(factor) if factor is not None else grad).to(like.dtype)
             out.append(grad)
         return out
 
