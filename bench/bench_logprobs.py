@@ -169,9 +169,9 @@ def main() -> None:
         work = Path(tmp)
         info = prepare(work, args)
         write_rows(work, args)
-        print(f"Qwen2-like, vocabulary {VOCAB:,}, hidden {args.hidden}, {args.layers} layers, tied "
-              f"({info['params'] / 1e6:.1f}M parameters); batch {args.batch} x {args.seq} tokens, {args.steps} steps; "
-              f"{machine_load()}", flush=True)
+        model = (f"Qwen2-like, vocabulary {VOCAB:,}, hidden {args.hidden}, {args.layers} layers, tied "
+                 f"({info['params'] / 1e6:.1f}M parameters)" if args.model == "qwen-like" else args.model)
+        print(f"{model}; batch {args.batch} x {args.seq} tokens, {args.steps} steps; {machine_load()}", flush=True)
         same = ["--model", args.model, "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
                 "--hidden", str(args.hidden), "--layers", str(args.layers), "--work", str(work)]
         for stage in args.stages.split(","):
