@@ -79,3 +79,58 @@ def test_gradient_formed_in_the_forward_for_a_summed_nll(chunk, weights, monkeyp
                                (hidden, weight, bias))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# which path a model gets
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def tiny_lm():
+    from align import builtin, models
+    from align.recipe import ModelConfig
+
+    tokenizer = builtin.load_tokenizer()
+    return models.load_model(ModelConfig(), tokenizer, seed=0), tokenizer
+
+
+def test_the_built_in_model_gets_the_chunked_head_and_the_key_turns_it_off(tiny_lm):
+    model, _ = tiny_lm
+    head = logprobs.output_head(model)
+    assert not head.plain and head.weight is model.lm_head.weight and head.softcap is None
+    logprobs.configure(model, chunked=False)
+    assert logprobs.output_head(model).plain
+
+
+def test_a_head_the_model_does_not_apply_falls_back_with_a_warning(tiny_lm):
+    """Llama ignores final_logit_softcapping; set on its config, the check on a 2-token input catches the
+    mismatch (the chunked head would soft-cap) and the plain path runs."""
+    model, _ = tiny_lm
+    model.config.final_logit_softcapping = 2.0
+    with pytest.warns(UserWarning, match="not its output layer applied"):
+        assert logprobs.output_head(model).plain
+    hidden, head = logprobs.forward_hidden(model, input_ids=torch.tensor([[1, 5, 6]]))
+    assert head.plain and hidden.shape[-1] == model.config.vocab_size  # the model's logits
+
+
+def test_lora_on_the_head_and_zero3_partitioned_heads_fall_back_with_a_warning(tiny_lm):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_lm
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.warns(UserWarning, match="not a plain Linear"):
+        assert logprobs.output_head(lora).plain
+    from align import builtin, models
+    from align.recipe import ModelConfig
+
+    fresh = models.load_model(ModelConfig(), builtin.load_tokenizer(), seed=0)
+    fresh.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    with pytest.warns(UserWarning, match="ZeRO-3"):
+        assert logprobs.output_head(fresh).plain
+
+
+def test_lora_elsewhere_keeps_the_chunked_head(tiny_lm):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_lm
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not logprobs.output_head(lora).plain
