@@ -113,7 +113,7 @@ from align.data import (
 )
 from align.device import gradient_checkpointing
 from align.errors import AlignError
-from align.logprobs import default_chunk_tokens
+from align.logprobs import CHUNK_ELEMENTS, default_chunk_tokens
 from align.recipe import ModelConfig, Recipe, load_recipe
 
 GiB = 2**30
@@ -403,10 +403,12 @@ def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int | None = None
     return 8.0 * min(tokens, chunk_tokens) * shape.vocab + 4.0 * shape.vocab * shape.hidden
 
 
-def logprob_chunk_tokens(recipe: Recipe, shape: ModelShape, par: Parallelism) -> int | None:
+def logprob_chunk_tokens(recipe: Recipe, shape: ModelShape, par: Parallelism, tokens: int) -> int | None:
     """Positions per chunk of the log-prob head, or None where the plain path runs (`align.logprobs`)."""
-    if not recipe.model.chunked_logprobs or (par.kind == "deepspeed" and par.zero_stage == 3):
+    if recipe.model.chunked_logprobs is False or (par.kind == "deepspeed" and par.zero_stage == 3):
         return None
+    if recipe.model.chunked_logprobs == "auto" and tokens * shape.vocab <= CHUNK_ELEMENTS:
+        return None  # the whole forward's logits fit in one chunk: the plain path runs
     return recipe.model.logprob_chunk_tokens or default_chunk_tokens(shape.vocab)
 
 
@@ -470,7 +472,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
         or par.activation_checkpointing
     eager = (recipe.model.attn_implementation or "sdpa") == "eager"
     acts = activation_bytes(shape, tokens, seq_len, act, checkpointing=ckpt, eager=eager)
-    chunk = logprob_chunk_tokens(recipe, shape, par)
+    chunk = logprob_chunk_tokens(recipe, shape, par, tokens)
     logits = logits_bytes(shape, tokens, chunk) if stage != "reward" else 0.0
     if stage == "ppo":
         acts *= 2  # the value model's forward

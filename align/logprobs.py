@@ -22,7 +22,9 @@ applied as the model applies them. The head's reconstruction is checked once per
 against the model's own logits on a 2-token input; a head it cannot reproduce (a LoRA
 on lm_head, an unknown post-processing) and DeepSpeed ZeRO-3 (a partitioned lm_head)
 fall back, with one warning, to the plain path: the model's logits, then
-`losses.token_logprobs`. `model.chunked_logprobs: false` chooses the plain path.
+`losses.token_logprobs`. `model.chunked_logprobs: false` chooses the plain path; `auto`
+(the default) the plain path for a forward whose whole logits fit in one chunk (nothing
+to save: the tiny models keep the plain path's exact numbers), else the chunked one.
 
     >>> import torch
     >>> head = OutputHead(weight=torch.eye(3), chunk_tokens=2)
@@ -260,9 +262,16 @@ def forward_hidden(model, **inputs) -> tuple[torch.Tensor, OutputHead]:
     """
     lm = unwrap(model)
     head = output_head(lm)
-    if head.plain:
+    if head.plain or (lm.align_chunked_logprobs == "auto" and _fits_one_chunk(inputs, head)):
         return model(**inputs).logits, PLAIN
     return _hidden_through(model, lm.get_output_embeddings(), **inputs), head
+
+
+def _fits_one_chunk(inputs: dict, head: OutputHead) -> bool:
+    """`auto`: the whole forward's logits are no larger than one chunk, so chunking saves nothing (the tiny
+    models): the model's own logits, exactly the plain path's numbers."""
+    ids = inputs.get("input_ids")
+    return ids is not None and ids.numel() * head.weight.shape[0] <= CHUNK_ELEMENTS
 
 
 def _hooked(layer) -> bool:
@@ -286,8 +295,9 @@ def _hidden_through(model, layer, **inputs) -> torch.Tensor:
     return box[-1]
 
 
-def configure(lm, *, chunked: bool = True, chunk_tokens: int | None = None) -> None:
-    """Choose the chunked or the plain path for a causal LM (the loader does it from `model.chunked_logprobs`)."""
+def configure(lm, *, chunked: bool | str = "auto", chunk_tokens: int | None = None) -> None:
+    """Choose the chunked (True), the plain (False) or the size-dependent ("auto") path for a causal LM (the
+    loader does it from `model.chunked_logprobs`)."""
     lm = unwrap(lm)
     lm.align_chunked_logprobs, lm.align_logprob_chunk_tokens = chunked, chunk_tokens
     lm.__dict__.pop("_align_output_head", None)
@@ -307,7 +317,7 @@ def output_head(lm) -> OutputHead:
 
 def _plain_head(lm) -> OutputHead | None:
     """The plain OutputHead where the chunked one is off or impossible (with one warning), else None."""
-    if not getattr(lm, "align_chunked_logprobs", True):
+    if getattr(lm, "align_chunked_logprobs", "auto") is False:
         return PLAIN
     layer = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     why = None

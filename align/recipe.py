@@ -80,11 +80,13 @@ class ModelConfig:
     the reference log-probs, rollout log-probs and training forwards then compute the same function, so
     the step-0 policy/reference ratios are exactly 1. A LoRA adapter's own `lora.dropout` is kept.
     false: keep the model's dropout (its config's values)."""
-    chunked_logprobs: bool = True
+    chunked_logprobs: bool | Literal["auto"] = "auto"
     """Per-token log-probs (every loss, reference and evaluation) from the last hidden states, chunked over
     tokens, so that the (tokens x vocabulary) logits never exist at once (`align.logprobs`): the same values
     and gradients, a fraction of the memory on a real vocabulary. false: the model's full logits (the plain
-    path). Heads it cannot reproduce (a LoRA on lm_head, DeepSpeed ZeRO-3) use the plain path, with a warning."""
+    path). auto: chunked for a forward whose logits exceed one chunk (2^24 entries: 64 MiB), else plain
+    (nothing to save; the tiny models keep their exact numbers). Heads it cannot reproduce (a LoRA on
+    lm_head, DeepSpeed ZeRO-3) use the plain path, with a warning."""
     logprob_chunk_tokens: int | None = None
     """Positions per chunk of `chunked_logprobs`; None: 2^24 logit entries' worth (~110 positions at a
     151,936 vocabulary, a tiny model's whole batch)."""

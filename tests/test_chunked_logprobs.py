@@ -93,12 +93,20 @@ def tiny_lm():
     return models.load_model(ModelConfig(), tokenizer, seed=0), tokenizer
 
 
-def test_the_built_in_model_gets_the_chunked_head_and_the_key_turns_it_off(tiny_lm):
+def test_the_built_in_model_gets_the_chunked_head_and_the_key_chooses_the_path(tiny_lm, monkeypatch):
+    """auto (the default): a forward whose logits fit in one chunk (2^24 entries) gets the model's own logits;
+    a larger one, or chunked=true, the hidden states; false: always the logits."""
     model, _ = tiny_lm
     head = logprobs.output_head(model)
     assert not head.plain and head.weight is model.lm_head.weight and head.softcap is None
-    logprobs.configure(model, chunked=False)
-    assert logprobs.output_head(model).plain
+    V, H = model.config.vocab_size, model.config.hidden_size
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 16 * V)  # one chunk: 16 positions' logits
+    small, large = torch.ones(2, 8, dtype=torch.long), torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        for chunked, ids, width in (("auto", small, V), ("auto", large, H), (True, small, H), (False, large, V)):
+            logprobs.configure(model, chunked=chunked)
+            out, head = logprobs.forward_hidden(model, input_ids=ids)
+            assert out.shape[-1] == width and head.plain == (width == V), (chunked, ids.shape)
 
 
 def test_a_head_the_model_does_not_apply_falls_back_with_a_warning(tiny_lm):

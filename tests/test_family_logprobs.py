@@ -140,7 +140,8 @@ class Family:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, family_dir) -> Family:
-    config = ModelConfig(name_or_path=str(family_dir(request.param)))
+    # chunked log-probs even where a batch's logits would fit in one chunk (`auto` runs the plain path there)
+    config = ModelConfig(name_or_path=str(family_dir(request.param)), chunked_logprobs=True)
     return Family(SPECS[request.param], config, models.load_tokenizer(config))
 
 

@@ -62,7 +62,7 @@ import torch
 
 from align import evaluate, models, rewards
 from align.evaluate_rm import score_head
-from align.logprobs import forward_hidden, output_head, unwrap
+from align.logprobs import forward_hidden, unwrap
 from align.losses import (
     approx_kl,
     clipped_value_loss,
@@ -89,8 +89,8 @@ class PolicyAndValue(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         """-> the policy's last hidden states (B, T, H) (or its logits, see `align.logprobs`), values (B, T)."""
-        hidden, _ = forward_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids, use_cache=False)
+        hidden, self.head = forward_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False)  # the head: for the caller
         captured = []
         handle = score_head(self.value).register_forward_hook(lambda m, a, out: captured.append(out))
         try:
@@ -106,7 +106,7 @@ def forward_completion(model, prompt_ids, prompt_mask, completion_ids, mask, tem
     ids = torch.cat([prompt_ids, completion_ids], 1)
     attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
     hidden, values = model(ids, attn, position_ids_of(attn))
-    head = output_head(unwrap(model).policy)
+    head = unwrap(model).head  # the path this forward took (align.logprobs)
     hidden = hidden[:, P - 1: -1]  # position P-1+t predicts completion token t
     values = values[:, P - 1: -1]  # value of the state before completion token t
     logps, entropy = head.token_logprobs(hidden, completion_ids.masked_fill(mask == 0, -100), temperature=temperature,
