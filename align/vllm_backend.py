@@ -1,7 +1,9 @@
 """vLLM as the rollout engine (`rollout.backend: vllm`): GRPO and PPO rollouts, `align generate --backend vllm`.
 
 Colocated: one in-process vLLM engine per training process, next to the policy
-(`VLLMSampler`). Everything around the sampling stays align's:
+(`VLLMSampler`); under `accelerate launch` each process's engine joins the process group as an
+`external_launcher` and samples its own rows (2 CPU processes train the 1-process weights,
+tests/test_vllm.py). Everything around the sampling stays align's:
 
 - **Weights**: the engine starts from the policy's config with placeholder weights
   (`load_format="dummy"`: nothing is written to disk or read from the hub) and is sent the
@@ -114,11 +116,14 @@ class VLLMSampler:
         self._folder = tempfile.TemporaryDirectory(prefix="align-vllm-")
         config.save_pretrained(self._folder.name)
         dtype = next(model.parameters()).dtype
+        # one engine per training process: under a process group (accelerate launch) vLLM joins it as an
+        # external launcher (each rank an independent engine, as TRL's colocate mode), else it runs alone
+        joined = torch.distributed.is_available() and torch.distributed.is_initialized()
         with torch.random.fork_rng(devices=[]):  # vLLM reseeds the global RNG: keep the training's stream
             self.llm = LLM(model=self._folder.name, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                            seed=self.seed, max_model_len=self.max_model_len, enforce_eager=True,
-                           distributed_executor_backend="uni", generation_config="vllm",
-                           logprobs_mode="processed_logprobs",
+                           distributed_executor_backend="external_launcher" if joined else "uni",
+                           generation_config="vllm", logprobs_mode="processed_logprobs",
                            gpu_memory_utilization=self.gpu_memory_utilization)
 
     def sync(self, model, step: int = 0, *, force: bool = False) -> bool:
