@@ -25,8 +25,10 @@ tests/test_vllm.py). Everything around the sampling stays align's:
   the own loop's Gumbel noise: the two backends sample different, equally distributed tokens.)
 - **In-process**: VLLM_ENABLE_V1_MULTIPROCESSING=0 and the "uni" executor (no child process);
   on a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (1 unless set). vLLM reseeds the global
-  torch RNG when it starts; `VLLMSampler` restores it, so the training's random stream does not
-  depend on the backend.
+  torch RNG when it starts and turns `torch.set_num_threads` into a no-op; `VLLMSampler` gives
+  both back, so the training's random stream and threads do not depend on the backend.
+- **Held-out evaluation** (greedy `eval/task_accuracy`, `eval/kl`) stays on the own decode loop
+  and the trainer's weights.
 
 Not here: **server mode** (generation on dedicated GPUs, `trl vllm-serve` style: a vLLM HTTP
 server with a weight-update endpoint, an NCCL group between trainer rank 0 and the server's
@@ -118,18 +120,23 @@ class VLLMSampler:
         dtype = next(model.parameters()).dtype
         # one engine per training process: under a process group (accelerate launch) vLLM joins it as an
         # external launcher (each rank an independent engine, as TRL's colocate mode), else it runs alone
-        joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+        joined = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                  and torch.distributed.get_world_size() > 1)  # (an earlier engine leaves a group of one)
+        set_num_threads = torch.set_num_threads  # vLLM's CPU worker makes it a no-op: given back below
         with torch.random.fork_rng(devices=[]):  # vLLM reseeds the global RNG: keep the training's stream
             self.llm = LLM(model=self._folder.name, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                            seed=self.seed, max_model_len=self.max_model_len, enforce_eager=True,
                            distributed_executor_backend="external_launcher" if joined else "uni",
                            generation_config="vllm", logprobs_mode="processed_logprobs",
                            gpu_memory_utilization=self.gpu_memory_utilization)
+        torch.set_num_threads = set_num_threads
 
-    def sync(self, model, step: int = 0, *, force: bool = False) -> bool:
-        """Send `model`'s weights (the bare module, whole) when due at optimizer step `step`; -> whether sent."""
-        due = self.synced_step is None or force or step - self.synced_step >= self.sync_steps
-        if not due or step == self.synced_step:
+    def sync(self, model, step: int = 0) -> bool:
+        """Send `model`'s weights (the bare module, whole) when due at optimizer step `step`; -> whether sent.
+
+        Due: never sent yet, or at least `sync_steps` steps since the last send (counted from where this
+        engine started: a resumed run with sync_steps > 1 sends at other steps than the run it resumes)."""
+        if self.synced_step is not None and step - self.synced_step < self.sync_steps:
             return False
         if self.llm is None:
             self._start(model)
