@@ -61,8 +61,9 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The causal LM's weights under Hugging Face names, each LoRA adapter merged into its base weight.
 
     A PEFT model gives W + scale * B A for every adapted linear (PEFT's `get_delta_weight`,
-    computed here: the model itself is not merged); the adapter matrices are left out. A plain
-    model gives its state dict. Tensors are detached views, not copies.
+    computed here in the weights' dtype, outside any autocast, without grad: the model itself
+    is not merged); the adapter matrices are left out. A plain model gives its state dict.
+    Tensors are detached views, not copies.
     """
     from align.models import is_peft
 
@@ -71,8 +72,10 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     inner = model.get_base_model()
-    deltas = {name: sum(module.get_delta_weight(a) for a in module.active_adapters)
-              for name, module in inner.named_modules() if isinstance(module, LoraLayer) and not module.merged}
+    device = next(model.parameters()).device.type
+    with torch.no_grad(), torch.autocast(device_type=device, enabled=False):
+        deltas = {name: sum(module.get_delta_weight(a) for a in module.active_adapters)
+                  for name, module in inner.named_modules() if isinstance(module, LoraLayer) and not module.merged}
     out = {}
     for key, value in inner.state_dict().items():
         if ".lora_" in key or ".original_module." in key:
