@@ -23,6 +23,7 @@ from typing import Any, Literal
 from align import config as cfg
 from align import trl_names
 from align.errors import AlignError
+from align.stage_settings import RolloutConfig
 
 
 @dataclass
@@ -281,6 +282,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How the online stages (grpo, ppo) sample: align's own decode loop or vLLM."""
     stage_args: Any = None
     """The stage's own section (`sft:`, `dpo:` …), validated against the stage's schema."""
 
@@ -311,6 +314,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
     if recipe.train.epochs is not None and STAGES[stage].online:
         raise AlignError(f"train.epochs: {stage} is an online stage (it samples new completions every step, so "
                          f"there is no training set to pass over); set its budget with train.max_steps")
+    if recipe.rollout.backend != "own" and not STAGES[stage].online:
+        raise AlignError(f"rollout.backend: {recipe.rollout.backend} samples the rollouts of the online stages "
+                         f"(grpo, ppo); {stage} samples none (remove the rollout section)")
     return recipe
 
 

@@ -77,7 +77,14 @@ from align.losses import (
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
 from align.stage_settings import PPOArgs  # noqa: F401  (re-exported)
-from align.stages.online import PromptSource, eval_kl, plot_run, sampling_config
+from align.stages.online import (
+    PromptSource,
+    eval_kl,
+    plot_run,
+    rollout_engine,
+    sampler_correction,
+    sampling_config,
+)
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -185,17 +192,20 @@ class PPOStage:
         self.kl_ctl = AdaptiveKL(a.kl_coef, a.kl_target, a.kl_horizon)
         self._beta_before = (-1, a.kl_coef)  # (generation, beta before that rollout's controller update)
         self.accuracy_fn = rewards.exact_match  # train/task_accuracy and eval/task_accuracy
+        self.engine = rollout_engine(recipe, self.prompts, a.max_new_tokens)
         self._cache = None
 
     # -- rollout ---------------------------------------------------------------------------
-    def make_rollout(self, generation: int) -> tuple[dict, dict]:
+    def make_rollout(self, generation: int, step: int = 0) -> tuple[dict, dict]:
         a, acc = self.args, self.accelerator
         indices = self.prompts.step(generation)
         rows = [self.prompts.rows[i] for i in indices]
         with models.gathered(self.model, acc) as whole:  # ZeRO-3: the engine's parameters gathered to generate
+            if self.engine is not None:  # vLLM: the policy's weights when due (rollout.sync_steps)
+                self.engine.sync(whole.policy, step)
             out = rollout(whole.policy, [self.prompts.prompt_ids[i] for i in indices], sampling=self.sampling,
                           eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
-                          ref_model=self.ref_model, policy_logprobs=False,
+                          ref_model=self.ref_model, policy_logprobs=False, engine=self.engine,
                           **self.prompts.rollout_seed(generation, len(indices)))
         mask = out.completion_mask
         model = self.model
@@ -238,6 +248,8 @@ class PPOStage:
         data = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
                 "completion_mask": mask, "old_logprobs": out.logprobs, "old_values": values,
                 "advantages": advantages, "returns": returns}
+        if out.sampling_logprobs is not None:
+            data["sampling_logprobs"] = out.sampling_logprobs
         return data, metrics
 
     # -- engine interface -------------------------------------------------------------------
@@ -247,7 +259,7 @@ class PPOStage:
         generation, k = divmod(step, per_rollout)
         if self._cache is None or self._cache[0] != generation:
             with self.accelerator.autocast():  # the loss's computation (see align.stages.grpo.GRPOStage.micro_batches)
-                self._cache = (generation, *self.make_rollout(generation))
+                self._cache = (generation, *self.make_rollout(generation, step))
         _, data, metrics = self._cache
         epoch, minibatch = divmod(k, a.num_minibatches)
         rows = self._minibatch_rows(generation, epoch, minibatch)
@@ -284,12 +296,14 @@ class PPOStage:
         logps, values, entropy = forward_completion(model, batch["prompt_ids"], batch["prompt_mask"],
                                                    batch["completion_ids"], mask, a.temperature)
         pg, clipped = ppo_clip_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=a.clip_coef)
+        is_weights, is_metrics = sampler_correction(batch["old_logprobs"], batch, mask, self.recipe.rollout)
+        pg = pg * is_weights  # vLLM's samples: truncated importance weights (1.0 with the own loop)
         vl = clipped_value_loss(values, batch["old_values"], batch["returns"], clip_eps=a.vf_clip)
         loss_sum = masked_sum(pg + a.vf_coef * vl, mask)
         tokens = float(mask.sum())
         with torch.no_grad():
             v_clipped = (values - batch["old_values"]).abs() > (a.vf_clip or float("inf"))
-            metrics = dict(batch.get("_metrics", {}))
+            metrics = dict(batch.get("_metrics", {}), **is_metrics)
             metrics.update({
                 "losses/policy_loss": (masked_sum(pg, mask).item(), tokens),
                 "losses/value_loss": (masked_sum(vl, mask).item(), tokens),
