@@ -262,7 +262,7 @@ def forward_hidden(model, **inputs) -> tuple[torch.Tensor, OutputHead]:
     """
     lm = unwrap(model)
     head = output_head(lm)
-    if head.plain or (lm.align_chunked_logprobs == "auto" and _fits_one_chunk(inputs, head)):
+    if head.plain or (getattr(lm, "align_chunked_logprobs", "auto") == "auto" and _fits_one_chunk(inputs, head)):
         return model(**inputs).logits, PLAIN
     return _hidden_through(model, lm.get_output_embeddings(), **inputs), head
 
