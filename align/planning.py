@@ -6,7 +6,7 @@ A recipe can need what other recipes make:
 
 - `model.from_recipe`: its starting model, trained by another recipe when `model.name_or_path` holds
   no model yet (that recipe may name another one in turn);
-- `ppo.reward_model_recipe`: PPO's reward model, likewise;
+- `ppo.reward_model_recipe` / `online_dpo.reward_model_recipe`: the reward model, likewise;
 - `data.from_policy`: preference pairs sampled from a policy (which `policy_recipe` may have to train
   first), written to the files `data.train` / `data.eval` name.
 
@@ -41,6 +41,7 @@ STAGE_COLUMNS = {
     "kto": (("prompt", "completion", "label"), ("chosen", "rejected")),
     "grpo": (("prompt",),),
     "ppo": (("prompt",),),
+    "online_dpo": (("prompt",),),
     "generate": (("prompt",), ("messages",)),  # the prompts data.from_policy samples from
 }
 
@@ -85,10 +86,10 @@ def plan(recipe: Recipe, *, why: str = "the recipe itself", made: frozenset[str]
     steps: list = []
     where = f"{recipe.output_dir}"
     needed = [(recipe.model, "model.from_recipe")]
-    if recipe.stage == "ppo":
+    if recipe.stage in ("ppo", "online_dpo") and recipe.stage_args.reward_model is not None:
         a = recipe.stage_args
         needed.append((ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe),
-                       "ppo.reward_model_recipe"))
+                       f"{recipe.stage}.reward_model_recipe"))
     pairs = recipe.data.from_policy
     if pairs is not None and missing_sources(pairs):
         needed.append((ModelConfig(name_or_path=pairs.policy, from_recipe=pairs.policy_recipe),
