@@ -115,7 +115,7 @@ from align.recipe import ModelConfig, Recipe, load_recipe
 
 GiB = 2**30
 PAIR_STAGES = ("dpo", "simpo", "orpo", "kto", "reward")
-ONLINE_STAGES = ("ppo", "grpo", "online_dpo")
+ONLINE_STAGES = ("ppo", "grpo", "online_dpo", "gkd")
 HIGHLIGHT = ("⟦", "⟧")
 ANSI = ("\x1b[42;30m", "\x1b[0m")
 DRIFT_WORDS = "boundary drift"
@@ -425,6 +425,8 @@ def _resident_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, mixed:
         frozen = 2 * P * w  # reference copy + reward model
     elif stage == "grpo" and getattr(args, "kl_coef", 0) > 0 and not shape.lora:
         frozen = P * w
+    elif stage == "gkd":  # the teacher, counted at the student's size (a larger teacher needs more)
+        frozen = P * w
     elif stage == "online_dpo":  # the reference (none for a new LoRA adapter), and a reward model if it has one
         frozen = P * w * ((0 if shape.lora else 1) + (args.reward_model is not None))
     if frozen:
@@ -599,6 +601,7 @@ def _kto_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key
 SAMPLERS: dict[str, Callable] = {
     "sft": _sft_samples, "dpo": _pair_samples, "simpo": _pair_samples, "orpo": _pair_samples, "kto": _kto_samples,
     "reward": _pair_samples, "grpo": _prompt_samples, "ppo": _prompt_samples, "online_dpo": _prompt_samples,
+    "gkd": _prompt_samples,
 }
 
 

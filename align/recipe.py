@@ -142,7 +142,7 @@ class DataConfig:
     max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))
     """Longest tokenized sequence the model is given to learn from: SFT, a sample (prompt + completion; with
     packing, a row); reward and DPO family, one side of a pair (prompt + the longer answer); GRPO/PPO, a
-    prompt (completions add up to grpo/ppo/online_dpo.max_new_tokens). Too long: `data.prompt_truncation` cuts pair
+    prompt (completions add up to grpo/ppo/online_dpo/gkd.max_new_tokens). Too long: `data.prompt_truncation` cuts pair
     and online prompts, `data.truncation` SFT samples."""
     truncation: Literal["keep_start", "drop"] = "keep_start"
     """keep_start: cut the end of too-long samples; drop: drop them. Either way a sample left with
@@ -259,7 +259,7 @@ class EvalConfig:
 @dataclass
 class Recipe:
     stage: str = ""
-    """The stage to run: sft, reward, dpo, simpo, orpo, kto, online_dpo, grpo or ppo (`align train --help`)."""
+    """The stage to run: sft, reward, dpo, simpo, orpo, kto, online_dpo, gkd, grpo or ppo (`align train --help`)."""
     output_dir: str = ""
     """Folder of the run: the model, metrics.json, log.jsonl, config.yaml, checkpoints/ (required)."""
     seed: int = 0

@@ -1,5 +1,5 @@
-"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `online_dpo:`, `grpo:`,
-`ppo:`):
+"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `online_dpo:`, `gkd:`,
+`grpo:`, `ppo:`):
 plain dataclasses, part of the recipe schema, so reading and validating a recipe imports no runtime code
 (no model, data or stage module). Each field's docstring is its documentation (`align keys`)."""
 
@@ -112,6 +112,29 @@ class OnlineDPOArgs:
     """Rows per generate call."""
     eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("online_dpo.eval_kl_prompts"))
     """Held-out prompts sampled once each for eval/kl."""
+
+
+@dataclass
+class GKDArgs:
+    teacher_model: str = "runs/tiny/sft"
+    """Folder (or hub id) of the frozen teacher; same tokenizer as the student (TRL's teacher_model_name_or_path)."""
+    teacher_model_recipe: str | None = None
+    """A recipe that trains `teacher_model` when that folder has no model yet."""
+    lmbda: float = field(default=0.5, metadata=cfg.in_range(0.0, 1.0, "gkd.lmbda"))
+    """Probability that a step's completions are sampled by the student (on-policy); else the dataset's (or,
+    with seq_kd, the teacher's samples). TRL's name and default."""
+    beta: float = field(default=0.5, metadata=cfg.in_range(0.0, 1.0, "gkd.beta"))
+    """Generalised JSD interpolation: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)."""
+    seq_kd: bool = False
+    """Off-policy steps use completions sampled by the teacher instead of the dataset's (sequence-level KD)."""
+    max_new_tokens: int = field(default=128, metadata=cfg.positive("gkd.max_new_tokens"))
+    temperature: float = field(default=0.9, metadata=cfg.positive("gkd.temperature"))
+    """Sampling temperature (the divergence itself is taken at temperature 1, as TRL's GKDTrainer does)."""
+    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "gkd.top_p"))
+    top_k: int = field(default=0, metadata=cfg.non_negative("gkd.top_k"))
+    accuracy: str = "exact_match"
+    """The reward function whose mean over held-out greedy completions is eval/task_accuracy."""
+    generation_batch_size: int = field(default=256, metadata=cfg.positive("gkd.generation_batch_size"))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Two CPU processes under `accelerate launch` train every stage as one process does, and evaluate once.
 
 The invariance guarantee (same global batch -> same update, whatever the split over
-micro-batches and processes) for SFT, reward, DPO, KTO, online DPO, GRPO and PPO: each runs a few steps on a
+micro-batches and processes) for SFT, reward, DPO, KTO, online DPO, GKD, GRPO and PPO: each runs a few steps on a
 micro Llama (hidden 32, 2 layers) as ONE process (batch B, or B/2 x grad_accum 2) and
 as TWO CPU processes (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2`, batch B/2 each); the final weights agree to 1e-4 relative and the
@@ -99,6 +99,10 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
         # global batch 8 prompts (16 samples, 8 pairs): 4 x grad_accum 2 x 1 process, or 4 x 2
         "online_dpo": _recipe("online_dpo", out / "online_dpo", micro, batch_size=4, grad_accum=1 if two else 2,
                               online_dpo=online_dpo),
+        # global batch 8 prompts; the teacher is the one-process SFT run's model; lmbda 0.5 over 4 steps draws
+        # both kinds of step (student samples at steps 0 and 3, the dataset's completions at 1 and 2)
+        "gkd": _recipe("gkd", out / "gkd", micro, batch_size=4, grad_accum=1 if two else 2, max_steps=4,
+                       gkd={"teacher_model": str(root / "p1/sft"), "max_new_tokens": 4, "temperature": 1.0}),
         # 8 prompts per optimizer step (4 x grad_accum 2, or 4 x 2 processes); rollouts of 16 prompts
         # cut into 2 minibatches -> 4 steps = 2 rollouts
         "ppo": _recipe("ppo", out / "ppo", micro, batch_size=4, grad_accum=1 if two else 2, max_steps=4, ppo=ppo),
@@ -242,6 +246,15 @@ def test_online_dpo_two_processes_sample_the_same_pairs_and_train_as_one(runs):
     assert _moved(root / "p1/online_dpo", runs["micro"]) > 1e-3
     assert any(r.get("train/reward_margin", 0) > 0 for r in _log(root / "p1/online_dpo"))  # pairs were ranked
     assert m_one["eval/kl"] != 0
+
+
+def test_gkd_two_processes_draw_the_same_coins_and_samples_and_train_as_one(runs):
+    root = runs["root"]
+    m_one, _ = _assert_same_run(root / "p1/gkd", root / "p2/gkd")
+    assert _moved(root / "p1/gkd", runs["micro"]) > 1e-3
+    coins = [r["train/on_policy"] for r in _log(root / "p1/gkd") if "train/on_policy" in r]
+    assert 0 < sum(coins) < len(coins)  # student-sampled and dataset steps both ran
+    assert m_one["eval/jsd"] < m_one["eval/jsd_start"]
 
 
 def test_ppo_two_processes_sample_whiten_and_minibatch_as_one(runs):
