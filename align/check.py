@@ -462,7 +462,8 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     phase = "training step"
     peak = train_peak
     if stage in ONLINE_STAGES:
-        per_prompt = {"ppo": args.num_minibatches, "online_dpo": 2}.get(stage, 1)  # PPO: rows a rollout; DPO: 2 a prompt
+        # rows sampled per prompt of a step: PPO's rollout spans its minibatches; online DPO samples 2 a prompt
+        per_prompt = args.num_minibatches if stage == "ppo" else 2 if stage == "online_dpo" else 1
         gen_rows = min(args.generation_batch_size, t.batch_size * t.grad_accum * per_prompt)
         kv = 2.0 * shape.layers * shape.kv_dim * seq_len * gen_rows * act
         gen_peak = static + kv + 8.0 * gen_rows * shape.vocab

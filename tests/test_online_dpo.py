@@ -169,3 +169,32 @@ def test_trl_names_reach_the_section(tmp_path):
     recipe["online_dpo"].update({"reward_model_path": "runs/x"})
     loaded = load_recipe(None, data=recipe)
     assert loaded.stage_args.reward_model == "runs/x"
+
+
+def test_align_check_counts_the_pairs_and_the_reference(tmp_path):
+    """`align check`: a micro-batch of B prompts trains 2B rows (a pair each) and the frozen reference is resident;
+    a new LoRA adapter needs no second copy (the adapter disabled is the reference)."""
+    from align.check import check
+
+    report = check(None, data=online_recipe(tmp_path), print_fn=None)
+    assert not report.warnings, report.warnings
+    assert report.estimate.rows == 2 * 16
+    assert report.estimate.parts["frozen models (reference / reward)"] > 0
+    lora = online_recipe(tmp_path)
+    lora["model"]["lora"] = {"enabled": True}
+    assert "frozen models (reference / reward)" not in check(None, data=lora, print_fn=None).estimate.parts
+
+
+def test_a_new_lora_adapter_is_scored_against_its_base_model(tmp_path):
+    from accelerate import Accelerator
+
+    from align.stages.online_dpo import OnlineDPOStage
+
+    recipe = online_recipe(tmp_path)
+    recipe["model"]["lora"] = {"enabled": True}
+    stage = OnlineDPOStage(load_recipe(None, data=recipe), Accelerator(cpu=True))
+    assert stage.ref_model is None
+    (batch,) = stage.micro_batches(0)
+    _, metrics = stage.loss(stage.model, batch)
+    assert abs(metrics["objective/kl"][0]) < 1e-4  # a new adapter (B = 0) is its base: every log-ratio 0
+    assert batch["ref_chosen_logps"].abs().sum() > 0
