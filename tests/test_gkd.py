@@ -196,3 +196,14 @@ def test_bad_teacher_or_data_is_one_line(tmp_path, teacher):
         run(load_recipe(None, data=prompts_only))
     with pytest.raises(AlignError, match="gkd.teacher_model"):
         run(load_recipe(None, data=gkd_recipe(tmp_path / "run2", tmp_path / "no_such_teacher")))
+
+
+def test_seq_kd_trains_off_policy_steps_on_the_teachers_samples(tmp_path, teacher):
+    stage = build(tmp_path, teacher, lmbda=0.0, seq_kd=True)
+    (batch,) = stage.micro_batches(0)
+    completions = [[t for t, label in zip(row, labels) if label != -100]
+                   for row, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist())]
+    prompt_ids = [stage.prompts.prompt_ids[i] for i in stage.prompts.step(0)]
+    assert completions == stage._sampled(stage.teacher, prompt_ids, 0)
+    assert completions != stage._sampled(stage.model, prompt_ids, 0)
+    assert completions != [stage.completions[i] for i in stage.prompts.step(0)]
