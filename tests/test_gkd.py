@@ -207,3 +207,26 @@ def test_seq_kd_trains_off_policy_steps_on_the_teachers_samples(tmp_path, teache
     assert completions == stage._sampled(stage.teacher, prompt_ids, 0)
     assert completions != stage._sampled(stage.model, prompt_ids, 0)
     assert completions != [stage.completions[i] for i in stage.prompts.step(0)]
+
+
+@pytest.mark.slow
+def test_gkd_recipe_distils_the_perfect_world_model_about_as_well_as_sft(tmp_path):
+    """recipes/tiny/gkd.yaml against its control recipes/tiny/distill-sft.yaml, both from the micro student's
+    500-step start, teacher recipes/tiny/sft.yaml (both trained first in tmp_path). Measured seed 0: GKD 0.839,
+    control 0.8315, teacher 0.981, GKD's held-out JSD 0.127 -> 0.045. Pinned: GKD no more than 2 points below
+    the control, its JSD to the teacher at least halved.
+
+        OMP_NUM_THREADS=1 pytest -m slow tests/test_gkd.py
+    """
+    from align.planning import run
+    from align.recipe import load_recipe
+
+    from helpers import REPO
+
+    common = ["train.progress_bar=false", f"model.name_or_path={tmp_path / 'start'}"]
+    gkd = run(load_recipe(REPO / "recipes/tiny/gkd.yaml", [f"output_dir={tmp_path / 'gkd'}", *common,
+                                                           f"gkd.teacher_model={tmp_path / 'teacher'}"]))
+    control = run(load_recipe(REPO / "recipes/tiny/distill-sft.yaml", [f"output_dir={tmp_path / 'sft'}", *common]))
+    assert gkd["eval/task_accuracy"] >= control["eval/task_accuracy"] - 0.02, (gkd, control)
+    assert gkd["eval/task_accuracy"] > gkd["eval/task_accuracy_start"] + 0.1, gkd
+    assert gkd["eval/jsd"] < 0.5 * gkd["eval/jsd_start"], gkd

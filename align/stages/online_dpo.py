@@ -37,8 +37,6 @@ Metrics (TRL's names where it has them): `rewards/chosen`, `rewards/rejected`,
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from align import models, rewards
@@ -94,7 +92,7 @@ class OnlineDPOStage:
         self.shared_prompt = recipe.data.shared_prompt and supports_shared_prompt(self.model)
         self.ref_model = None  # a new LoRA adapter: the reference is the base model, adapter disabled
         if not (models.is_peft(self.model) and not models._adapter_base(recipe.model.name_or_path)):
-            self.ref_model = models.load_model(replace(recipe.model), self.tokenizer, seed=recipe.seed,
+            self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed,
                                                trainable=False).to(accelerator.device)
 
     # -- rollout and pairs ---------------------------------------------------------------
