@@ -221,6 +221,7 @@ def test_online_dpo_and_gkd_run_as_pipeline_steps(tmp_path):
                  "train.batch_size": 8, "data.train": prompts, "data.eval_limit": 16, "online_dpo.eval_kl_prompts": 8}},
         {"name": "gkd", "recipe": str(REPO / "recipes/tiny/gkd.yaml"),
          "set": {"gkd.teacher_model": "${steps.sft.output_dir}", "gkd.teacher_model_recipe": None,
+                 "model.name_or_path": "builtin:micro", "model.from_recipe": None,
                  "train.max_steps": 2, "train.batch_size": 8, "data.train": prompts, "data.eval_limit": 16}},
     ]
     rows = run_pipeline(_pipeline(tmp_path, steps), ["all.train.progress_bar=false"])

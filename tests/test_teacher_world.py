@@ -197,7 +197,8 @@ def test_online_dpo_raises_its_verifier_reward_in_miniature(tmp_path):
 def test_online_dpo_beats_the_sft_control(tmp_path, seed):
     """`align train recipes/tiny/teacher-online-dpo.yaml seed=N` (its teacher-SFT start trained first) against
     recipes/tiny/teacher-sft-control.yaml from the same start: held-out accuracy +15 points at least (measured
-    +36.35 / see the recipe header), eval KL under 1 nat, in fewer optimizer steps than the control."""
+    +36.35 / +31.7 / +27.3 for seeds 0 / 1 / 2), eval KL under 1 nat (0.68 / 0.70 / 0.66), in fewer optimizer steps
+    than the control."""
     start = f"model.name_or_path={tmp_path / 'teacher-sft'}"
     common = [f"seed={seed}", start, "train.progress_bar=false"]
     online = run(load_recipe(REPO / "recipes/tiny/teacher-online-dpo.yaml",
