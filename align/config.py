@@ -136,8 +136,9 @@ def build(cls: type[T], data: Any, where: str = "") -> T:
     if validate is not None:
         try:
             validate()
-        except AlignError as err:
-            raise AlignError(f"{where}: {err}" if where else str(err)) from None
+        except AlignError as err:  # a message already naming its key (where.key: ...) is kept as it is
+            named = str(err).startswith(f"{where}.")
+            raise AlignError(f"{where}: {err}" if where and not named else str(err)) from None
     return obj
 
 

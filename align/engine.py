@@ -300,6 +300,7 @@ class _Loop:
     log: JsonlLog | None = None
     sums: MetricSums = field(default_factory=MetricSums)
     tokens_since: int = 0
+    steps_since: int = 0
     time_since: float = field(default_factory=time.perf_counter)
 
 
@@ -424,14 +425,16 @@ def _after_step(loop: _Loop, step: int, lr: float, loss: float, grad_norm, start
     tcfg, acc = loop.recipe.train, loop.accelerator
     # summed over processes this is the step's loss, counted once per step
     loop.sums.add({"train/loss": (loss, 1.0 / acc.num_processes)})
+    loop.steps_since += 1
     if step % tcfg.log_steps == 0 or step == tcfg.max_steps:
         elapsed = time.perf_counter() - loop.time_since
         record = loop.sums.read(acc)
         record["train/lr"] = lr
         record["train/tokens_per_second"] = loop.tokens_since * acc.num_processes / max(elapsed, 1e-9)
+        record["train/seconds_per_step"] = elapsed / max(loop.steps_since, 1)
         if grad_norm is not None:
             record["train/grad_norm"] = grad_norm
-        loop.tokens_since, loop.time_since = 0, time.perf_counter()
+        loop.tokens_since, loop.steps_since, loop.time_since = 0, 0, time.perf_counter()
         if acc.is_main_process:
             loop.log.write(step, record)
             acc.log(record, step=step)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from align.data import IGNORE, collate, encode_prompt, without_causal_padding_mask
-from align.losses import nll_sum
+from align.logprobs import forward_hidden
 from align.models import gathered, stop_token_ids
 
 
@@ -46,8 +46,8 @@ def _eval_loss(model, examples: list[dict], pad_id: int, *, batch_size: int, acc
         batch = without_causal_padding_mask(collate(mine[start: start + batch_size], pad_id))
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits
-        total += nll_sum(logits[:, :-1], labels[:, 1:]).item()
+        hidden, head = forward_hidden(model, **batch, use_cache=False)
+        total -= head.token_logprobs(hidden[:, :-1], labels[:, 1:]).sum().item()
         count += (labels[:, 1:] != IGNORE).sum().item()
     model.train(was_training)
     total, count = _reduce_sum(accelerator, [total, count])

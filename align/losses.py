@@ -611,6 +611,26 @@ def grpo_token_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     return losses, clipped, kl
 
 
+def truncated_importance_weights(logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, *,
+                                 cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS) weights of tokens sampled by another engine: (B, T) -> (B, T).
+
+        w_t = min(exp(log pi_trainer(y_t) - log pi_sampler(y_t)), C)
+
+    The sampler (vLLM) and the trainer compute the same policy with different kernels, so the
+    tokens come from pi_sampler while the loss is taken under pi_trainer; multiplying each token's
+    loss by w_t corrects for that mismatch, and truncating at C bounds the variance (Yao et al.
+    2025; TRL's `vllm_importance_sampling_correction`, mode token_truncate, C its clip_max). Both
+    inputs are log-probs of the same tokens; the weight carries no gradient (detach the trainer's
+    log-probs before calling, or pass the old ones).
+
+    >>> truncated_importance_weights(torch.tensor([[0.0, -1.0, -2.0]]), torch.tensor([[0.0, -2.0, -1.0]]),
+    ...                              cap=2.0).tolist()
+    [[1.0, 2.0, 0.3678794503211975]]
+    """
+    return torch.exp(logprobs - sampling_logprobs).clamp(max=cap)
+
+
 def _agg_grpo(losses, mask, max_completion_length):
     per_sequence = (losses * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
     return per_sequence.sum(), float(losses.shape[0])

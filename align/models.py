@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from align import builtin
+from align import builtin, logprobs
 from align.device import gradient_checkpointing
 from align.errors import AlignError
 from align.recipe import ModelConfig
@@ -180,6 +180,8 @@ def load_model(cfg: ModelConfig, tokenizer, *, head: str = "causal_lm", seed: in
     if not trainable:
         model.eval()
         model.requires_grad_(False)
+    if head == "causal_lm":
+        logprobs.configure(model, chunked=cfg.chunked_logprobs, chunk_tokens=cfg.logprob_chunk_tokens)
     return model
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from align import config as cfg
 from align import trl_names
 from align.errors import AlignError
+from align.stage_settings import RolloutConfig
 
 
 @dataclass
@@ -80,6 +81,16 @@ class ModelConfig:
     the reference log-probs, rollout log-probs and training forwards then compute the same function, so
     the step-0 policy/reference ratios are exactly 1. A LoRA adapter's own `lora.dropout` is kept.
     false: keep the model's dropout (its config's values)."""
+    chunked_logprobs: bool | Literal["auto"] = "auto"
+    """Per-token log-probs (every loss, reference and evaluation) from the last hidden states, chunked over
+    tokens, so that the (tokens x vocabulary) logits never exist at once (`align.logprobs`): the same values
+    and gradients, a fraction of the memory on a real vocabulary. false: the model's full logits (the plain
+    path). auto: chunked for a forward whose logits exceed one chunk (2^24 entries: 64 MiB), else plain
+    (nothing to save; the tiny models keep their exact numbers). Heads it cannot reproduce (a LoRA on
+    lm_head, DeepSpeed ZeRO-3) use the plain path, with a warning."""
+    logprob_chunk_tokens: int | None = None
+    """Positions per chunk of `chunked_logprobs`; None: 2^24 logit entries' worth (~110 positions at a
+    151,936 vocabulary, a tiny model's whole batch)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     from_recipe: str | None = None
     """A recipe that produces `name_or_path` (its output_dir), run first when that folder has no model yet:
@@ -88,6 +99,9 @@ class ModelConfig:
     """`quantization: {load_in_4bit: true}` loads the base model in 4 bits for QLoRA (`align.models`)."""
 
     def validate(self) -> None:
+        if self.logprob_chunk_tokens is not None and self.logprob_chunk_tokens < 1:
+            raise AlignError(f"model.logprob_chunk_tokens: {self.logprob_chunk_tokens} positions per chunk; expected "
+                             "a positive number, or null for the default")
         if self.quantization.load_in_4bit and not self.lora.enabled:
             raise AlignError("quantization.load_in_4bit: 4-bit weights cannot be trained; QLoRA trains a LoRA "
                              "adapter on top: set model.lora.enabled: true")
@@ -268,6 +282,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How the online stages (grpo, ppo) sample: align's own decode loop or vLLM."""
     stage_args: Any = None
     """The stage's own section (`sft:`, `dpo:` …), validated against the stage's schema."""
 
@@ -298,6 +314,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
     if recipe.train.epochs is not None and STAGES[stage].online:
         raise AlignError(f"train.epochs: {stage} is an online stage (it samples new completions every step, so "
                          f"there is no training set to pass over); set its budget with train.max_steps")
+    if recipe.rollout.backend != "own" and stage not in ("grpo", "ppo"):
+        what = "samples with align's own decode loop only" if STAGES[stage].online else "samples none"
+        raise AlignError(f"rollout.backend: {recipe.rollout.backend} samples the rollouts of grpo and ppo; "
+                         f"{stage} {what} (remove the rollout section)")
     return recipe
 
 

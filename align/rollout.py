@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from align.data import prefix_sharing_mask
-from align.losses import token_logprobs
+from align.logprobs import forward_hidden
 
 
 # ---------------------------------------------------------------------------
@@ -392,23 +392,21 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     shared = unique_prompts(prompt_ids, prompt_mask) if _shares_prompts(model) else None
     if shared is None:
         attention_mask = torch.cat([prompt_mask, mask[:, :-1].to(prompt_mask.dtype)], 1)  # (B, P + C - 1)
-        logits = model(input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], 1), attention_mask=attention_mask,
-                       position_ids=position_ids_of(attention_mask), use_cache=False).logits  # (B, P + C - 1, V)
-        logits = logits[:, P - 1:].float()  # (B, C, V): position P-1+t predicts completion token t
+        hidden, head = forward_hidden(model, input_ids=torch.cat([prompt_ids, completion_ids[:, :-1]], 1),
+                                      attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
+                                      use_cache=False)  # (B, P + C - 1, H): no logits (align.logprobs)
+        hidden = hidden[:, P - 1:]  # (B, C, H): position P-1+t predicts completion token t
     else:
         g = grouped_rows(prompt_ids, prompt_mask, completion_ids, mask, shared)
-        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"], position_ids=g["position_ids"],
-                       use_cache=False).logits  # (U, T, V)
-        logits = logits[g["rows"], g["columns"]].float()  # (B, C, V)
-    if temperature != 1.0:
-        logits = logits / temperature
+        hidden, head = forward_hidden(model, input_ids=g["input_ids"], attention_mask=g["attention_mask"],
+                                      position_ids=g["position_ids"], use_cache=False)  # (U, T, H)
+        hidden = hidden[g["rows"], g["columns"]]  # (B, C, H)
     labels = completion_ids.masked_fill(mask == 0, -100)
-    logps = token_logprobs(logits, labels)  # (B, C)
+    out = head.token_logprobs(hidden, labels, temperature=temperature, with_entropy=return_entropy)  # (B, C)
     if not return_entropy:
-        return logps
-    from align.losses import entropy_from_logits
-
-    return logps, entropy_from_logits(logits) * mask
+        return out
+    logps, entropy = out
+    return logps, entropy * mask
 
 
 @torch.no_grad()
@@ -442,6 +440,7 @@ class Rollout:
     ended: torch.Tensor  # (B,) bool: the completion produced an EOS
     logprobs: torch.Tensor | None = None  # (B, C) under the policy at sampling time
     ref_logprobs: torch.Tensor | None = None  # (B, C) under the reference
+    sampling_logprobs: torch.Tensor | None = None  # (B, C) under the sampling engine (vLLM), 0 where masked
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -455,7 +454,7 @@ class Rollout:
 
 def rollout(model, prompts: list[list[int]], *, sampling: SamplingConfig, eos_id: int | list[int], pad_id: int,
             accelerator=None, ref_model=None, policy_logprobs: bool = True, generator_seed: int | None = None,
-            row_ids=None, do_sample: bool = True) -> Rollout:
+            row_ids=None, do_sample: bool = True, engine=None) -> Rollout:
     """Sample one completion per prompt (repeat a prompt G times for a group) and score it.
 
     `policy_logprobs=False` skips the policy forward (on-policy GRPO with one update per
@@ -463,16 +462,28 @@ def rollout(model, prompts: list[list[int]], *, sampling: SamplingConfig, eos_id
     `generator_seed` makes the sampling reproducible without touching the global RNG;
     `row_ids` (default 0..B-1) are the rows' indices in the GLOBAL rollout batch, so a
     batch split over processes samples what one process would (module docstring).
+    `engine`: a `align.vllm_backend.VLLMSampler` already holding the policy's weights samples
+    instead of the own decode loop (same keys, one seed per row); its sampled-token log-probs
+    land in `sampling_logprobs`, the trainer's are computed as always.
     """
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     keys = None
-    if generator_seed is not None:
-        keys = row_keys(generator_seed, range(len(prompts)) if row_ids is None else row_ids)
-    completion_ids = sample(model, prompt_ids, prompt_mask, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
-                            accelerator=accelerator, do_sample=do_sample, keys=keys)
+    if generator_seed is not None or (engine is not None and do_sample):
+        keys = row_keys(generator_seed or 0, range(len(prompts)) if row_ids is None else row_ids)
+    sampling_logprobs = None
+    if engine is None:
+        completion_ids = sample(model, prompt_ids, prompt_mask, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+                                accelerator=accelerator, do_sample=do_sample, keys=keys)
+    else:
+        completion_ids, sampling_logprobs = engine.sample(
+            prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, stop_ids=[eos_id] if isinstance(eos_id, int) else eos_id, pad_id=pad_id,
+            keys=keys if do_sample else None)
     mask, ended = completion_mask(completion_ids, eos_id)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
     out = Rollout(prompt_ids, prompt_mask, completion_ids, mask, ended)
+    if sampling_logprobs is not None:
+        out.sampling_logprobs = sampling_logprobs * mask
     args = (prompt_ids, prompt_mask, completion_ids, mask)
     if policy_logprobs:
         out.logprobs = score_logprobs(model, *args, temperature=sampling.temperature, batch_size=sampling.batch_size)

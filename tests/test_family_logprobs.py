@@ -37,7 +37,7 @@ from families import FAMILIES, SHARED_DATA, SPECS, FamilySpec
 from align import models
 from align.data import IGNORE, Rows, collate, encode_prompt, pack, tokenize_sft
 from align.evaluate_rm import pair_rewards
-from align.losses import token_logprobs
+from align.logprobs import OutputHead
 from align.preference_data import (
     collate_pairs,
     collate_shared_pairs,
@@ -140,7 +140,8 @@ class Family:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, family_dir) -> Family:
-    config = ModelConfig(name_or_path=str(family_dir(request.param)))
+    # chunked log-probs even where a batch's logits would fit in one chunk (`auto` runs the plain path there)
+    config = ModelConfig(name_or_path=str(family_dir(request.param)), chunked_logprobs=True)
     return Family(SPECS[request.param], config, models.load_tokenizer(config))
 
 
@@ -229,18 +230,18 @@ def sft_batch(family: Family, layout: str, kind: str) -> dict:
 @pytest.mark.parametrize("layout", ["padded", "packed", "padding_free", "packed_padding_free"])
 def test_sft_token_logprobs(family, layout, kind, monkeypatch):
     batch = sft_batch(family, layout, kind)
-    seen = []  # the (logits, labels) SFTStage.loss builds its NLL from
-    real_nll_sum = sft.nll_sum
+    seen = []  # the (per-token log-probs, targets) SFTStage.loss builds its NLL from
+    real_token_logprobs = OutputHead.token_logprobs
 
-    def recording_nll_sum(logits, labels):
-        seen.append((logits, labels))
-        return real_nll_sum(logits, labels)
+    def recording(self, hidden, targets, **kwargs):
+        seen.append((real_token_logprobs(self, hidden, targets, **kwargs), targets))
+        return seen[-1][0]
 
-    monkeypatch.setattr(sft, "nll_sum", recording_nll_sum)
+    monkeypatch.setattr(OutputHead, "token_logprobs", recording)
     with torch.no_grad():  # the stage's loss needs no stage state: a bare instance runs it
         loss_sum, _ = sft.SFTStage.__new__(sft.SFTStage).loss(family.model, dict(batch))
-    logits, labels = seen[0]
-    got = token_logprobs(logits, labels)[labels != IGNORE]
+    logps, labels = seen[0]
+    got = logps[labels != IGNORE]
     expected = torch.cat([row_logprobs(family.model, ids)[torch.tensor(sample_labels[1:]) != IGNORE]
                           for ids, sample_labels in samples_of(batch)])
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)

@@ -76,7 +76,15 @@ from align.losses import (
 from align.recipe import Recipe
 from align.rollout import Rollout, completion_logprobs, rollout, score_logprobs
 from align.stage_settings import GRPOArgs  # noqa: F401  (re-exported)
-from align.stages.online import PromptSource, eval_kl, greedy_eval, plot_run, sampling_config
+from align.stages.online import (
+    PromptSource,
+    eval_kl,
+    greedy_eval,
+    plot_run,
+    rollout_engine,
+    sampler_correction,
+    sampling_config,
+)
 
 
 def batch_weight(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> float:
@@ -108,6 +116,7 @@ class GRPOStage:
         if a.kl_coef > 0 and not self._reference_is_base_model():
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
             self.ref_model.to(accelerator.device)
+        self.engine = rollout_engine(recipe, self.prompts, a.max_new_tokens)
         self._cache: tuple[int, list[dict]] | None = None
 
     def _reference_is_base_model(self) -> bool:
@@ -130,16 +139,21 @@ class GRPOStage:
         total = sum(w * s for w, s in zip(weights, per_fn.values()))
         return rewards.missing_eos_penalty(total, out.ended, self.args.missing_eos_penalty), per_fn
 
-    def make_rollout(self, generation: int) -> tuple[Rollout, torch.Tensor, dict]:
-        """Rollout batch `generation` of this process: (rollout, advantages (B,), rollout metrics)."""
+    def make_rollout(self, generation: int, step: int = 0) -> tuple[Rollout, torch.Tensor, dict]:
+        """Rollout batch `generation` (sampled at optimizer step `step`) of this process: (rollout, advantages
+        (B,), rollout metrics)."""
         a, G = self.args, self.args.num_generations
         acc = self.accelerator
         indices = self.prompts.step(generation)
         rows = [self.prompts.rows[i] for i in indices for _ in range(G)]  # (B,) groups contiguous
         prompts = [self.prompts.prompt_ids[i] for i in indices for _ in range(G)]
+        if self.engine is not None:  # vLLM: the policy's weights (LoRA merged, ZeRO-3 gathered) when due
+            with models.gathered(self.model, acc) as bare:
+                self.engine.sync(bare, step)
         out = rollout(self.model, prompts, sampling=self.sampling, eos_id=self.stop_ids,
                       pad_id=self.tokenizer.pad_token_id, accelerator=acc, ref_model=self.ref_model,
-                      policy_logprobs=a.num_iterations > 1, **self.prompts.rollout_seed(generation, len(prompts)))
+                      policy_logprobs=a.num_iterations > 1, engine=self.engine,
+                      **self.prompts.rollout_seed(generation, len(prompts)))
         if a.kl_coef > 0 and self.ref_model is None:  # LoRA: the reference is the base model, adapter disabled
             base = acc.unwrap_model(self.model)
             with base.disable_adapter():
@@ -185,6 +199,8 @@ class GRPOStage:
                 batch["old_logprobs"] = out.logprobs[part]
             if out.ref_logprobs is not None:
                 batch["ref_logprobs"] = out.ref_logprobs[part]
+            if out.sampling_logprobs is not None:
+                batch["sampling_logprobs"] = out.sampling_logprobs[part]
             batch["_weight"] = batch_weight(mask, a.aggregation, a.max_new_tokens)
             batch["_tokens"] = int(out.prompt_mask[part].sum() + mask.sum())
             batches.append(batch)
@@ -198,7 +214,7 @@ class GRPOStage:
             # under the training forward's autocast: the old and reference log-probs (and the reward model)
             # are the same computation as the loss's, so the step-0 ratio is 1 and the KL 0 under bf16 too
             with self.accelerator.autocast():
-                rollout_batch = self.make_rollout(generation)
+                rollout_batch = self.make_rollout(generation, step)
             self._cache = (generation, self.split(*rollout_batch, self.recipe.train.batch_size))
         batches = [dict(b) for b in self._cache[1]]
         if step % self.args.num_iterations:
@@ -217,10 +233,11 @@ class GRPOStage:
                                                 ref_logprobs=batch.get("ref_logprobs"),
                                                 kl_ratio_correction=a.kl_ratio_correction,
                                                 importance_sampling_level=a.importance_sampling_level, mask=mask)
-        numerator, _ = aggregate_token_losses(losses, mask, aggregation=a.aggregation,
+        is_weights, is_metrics = sampler_correction(old, batch, mask, self.recipe.rollout)  # vLLM's samples
+        numerator, _ = aggregate_token_losses(losses * is_weights, mask, aggregation=a.aggregation,
                                               max_completion_length=a.max_new_tokens)
         tokens = float(mask.sum())
-        metrics = dict(batch.get("_metrics", {}))
+        metrics = dict(batch.get("_metrics", {}), **is_metrics)
         metrics["losses/clipfrac"] = (masked_sum(clipped, mask).item(), tokens)
         metrics["objective/entropy"] = (entropy.detach().sum().item(), tokens)
         if kl is not None:

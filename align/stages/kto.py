@@ -39,7 +39,8 @@ import torch
 from align import evaluate, models
 from align.data import load_eval_rows, load_rows, without_causal_padding_mask
 from align.device import micro_batch_tokens
-from align.losses import kto_loss, kto_reference_point, sequence_logps
+from align.logprobs import forward_hidden
+from align.losses import kto_loss, kto_reference_point
 from align.preference_data import (
     add_kl_completions,
     collate_pairs,
@@ -59,8 +60,8 @@ def completion_sums(model, batch: dict, rows: slice) -> torch.Tensor:
     """Summed completion log-probs (R,) of `rows` of a `collate_pairs` batch (right-padded rows)."""
     inputs = without_causal_padding_mask({"input_ids": batch["input_ids"][rows],
                                           "attention_mask": batch["attention_mask"][rows]})
-    logits = model(**inputs, use_cache=False).logits  # (R, T, V)
-    return sequence_logps(logits, batch["labels"][rows])[0]
+    hidden, head = forward_hidden(model, **inputs, use_cache=False)  # (R, T, H): no logits (align.logprobs)
+    return head.token_logprobs(hidden[:, :-1], batch["labels"][rows][:, 1:]).sum(-1)
 
 
 class KTOStage:

@@ -7,6 +7,8 @@
 - `eval_kl`: the held-out KL to the reference that both stages log as `eval/kl`.
 - `sampling_config` and `plot_run`: the sampling section both stages share the names of, and
   the curves they plot at the end.
+- `rollout_engine` and `sampler_correction`: the `rollout:` section's vLLM engine (None for the own
+  decode loop) and the truncated importance weights of the tokens it sampled.
 
 Each stage builds its own model(s) and loss; this module holds no model of its own.
 """
@@ -21,7 +23,7 @@ import torch
 from align import evaluate, models
 from align.data import cut_from_start, encode_prompt, load_eval_rows, load_rows
 from align.errors import AlignError
-from align.losses import kl_penalty, masked_sum
+from align.losses import kl_penalty, masked_sum, truncated_importance_weights
 from align.recipe import Recipe
 from align.rollout import SamplingConfig, rollout, score_logprobs
 
@@ -30,6 +32,37 @@ def sampling_config(a) -> SamplingConfig:
     """The sampling settings of an online stage's section (GRPO's and PPO's share the names)."""
     return SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           batch_size=a.generation_batch_size)
+
+
+def rollout_engine(recipe: Recipe, prompts: "PromptSource", max_new_tokens: int):
+    """The `rollout:` section's engine: None (the own decode loop), or a colocated vLLM engine sized for the
+    longest prompt + max_new_tokens (`align.vllm_backend.VLLMSampler`, started at its first weight sync)."""
+    if recipe.rollout.backend != "vllm":
+        return None
+    from align.vllm_backend import sampler_for
+
+    longest = max(map(len, prompts.prompt_ids))
+    return sampler_for(recipe.rollout, max_model_len=longest + max_new_tokens, seed=recipe.seed)
+
+
+def sampler_correction(old_logprobs: torch.Tensor, batch: dict, mask: torch.Tensor, rollout_cfg):
+    """Truncated importance weights (B, C) of tokens another engine sampled, and the mismatch metrics.
+
+    `old_logprobs`: the trainer's log-probs of the sampled tokens at sampling time (detached).
+    A batch without `sampling_logprobs` (the own decode loop samples with the trainer's
+    weights and kernels) -> (1.0, {}). Logs `rollout/logprob_diff` (mean |trainer - vLLM| per
+    token, TRL's sampling/sampling_logp_difference/mean) and, when the correction is on,
+    `rollout/importance_weight` (mean truncated weight).
+    """
+    if "sampling_logprobs" not in batch:
+        return 1.0, {}
+    sampled, tokens = batch["sampling_logprobs"], float(mask.sum())
+    metrics = {"rollout/logprob_diff": (masked_sum((old_logprobs - sampled).abs(), mask).item(), tokens)}
+    if not rollout_cfg.importance_sampling_correction:
+        return 1.0, metrics
+    weights = truncated_importance_weights(old_logprobs, sampled, cap=rollout_cfg.importance_sampling_cap)
+    metrics["rollout/importance_weight"] = (masked_sum(weights, mask).item(), tokens)
+    return weights, metrics
 
 
 class PromptSource:

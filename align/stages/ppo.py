@@ -62,23 +62,29 @@ import torch
 
 from align import evaluate, models, rewards
 from align.evaluate_rm import score_head
+from align.logprobs import forward_hidden, unwrap
 from align.losses import (
     approx_kl,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance,
     gae_advantages,
     kl_penalty,
     masked_mean,
     masked_sum,
     ppo_clip_loss,
-    token_logprobs,
     whiten,
 )
 from align.recipe import ModelConfig, Recipe
 from align.rollout import position_ids_of, rollout
 from align.stage_settings import PPOArgs  # noqa: F401  (re-exported)
-from align.stages.online import PromptSource, eval_kl, plot_run, sampling_config
+from align.stages.online import (
+    PromptSource,
+    eval_kl,
+    plot_run,
+    rollout_engine,
+    sampler_correction,
+    sampling_config,
+)
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -89,27 +95,30 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.value = policy, value
 
     def forward(self, input_ids, attention_mask, position_ids):
-        """-> policy logits (B, T, V), values (B, T)."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
+        """-> the policy's last hidden states (B, T, H) (or its logits, see `align.logprobs`), values (B, T)."""
+        hidden, self.head = forward_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False)  # the head: for the caller
         captured = []
         handle = score_head(self.value).register_forward_hook(lambda m, a, out: captured.append(out))
         try:
             self.value(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         finally:
             handle.remove()
-        return logits, captured[-1][..., 0].float()
+        return hidden, captured[-1][..., 0].float()
 
 
 def forward_completion(model, prompt_ids, prompt_mask, completion_ids, mask, temperature):
-    """(log-probs (B, C), values (B, C), logits (B, C, V)) of the completion positions."""
+    """(log-probs (B, C), values (B, C), entropy (B, C), detached) of the completion positions."""
     P = prompt_ids.shape[1]
     ids = torch.cat([prompt_ids, completion_ids], 1)
     attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)
-    logits, values = model(ids, attn, position_ids_of(attn))
-    logits = logits[:, P - 1: -1].float() / temperature  # position P-1+t predicts completion token t
+    hidden, values = model(ids, attn, position_ids_of(attn))
+    head = unwrap(model).head  # the path this forward took (align.logprobs)
+    hidden = hidden[:, P - 1: -1]  # position P-1+t predicts completion token t
     values = values[:, P - 1: -1]  # value of the state before completion token t
-    return token_logprobs(logits, completion_ids.masked_fill(mask == 0, -100)), values, logits
+    logps, entropy = head.token_logprobs(hidden, completion_ids.masked_fill(mask == 0, -100), temperature=temperature,
+                                         with_entropy=True)
+    return logps, values, entropy.detach()
 
 
 def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
@@ -183,17 +192,20 @@ class PPOStage:
         self.kl_ctl = AdaptiveKL(a.kl_coef, a.kl_target, a.kl_horizon)
         self._beta_before = (-1, a.kl_coef)  # (generation, beta before that rollout's controller update)
         self.accuracy_fn = rewards.exact_match  # train/task_accuracy and eval/task_accuracy
+        self.engine = rollout_engine(recipe, self.prompts, a.max_new_tokens)
         self._cache = None
 
     # -- rollout ---------------------------------------------------------------------------
-    def make_rollout(self, generation: int) -> tuple[dict, dict]:
+    def make_rollout(self, generation: int, step: int = 0) -> tuple[dict, dict]:
         a, acc = self.args, self.accelerator
         indices = self.prompts.step(generation)
         rows = [self.prompts.rows[i] for i in indices]
         with models.gathered(self.model, acc) as whole:  # ZeRO-3: the engine's parameters gathered to generate
+            if self.engine is not None:  # vLLM: the policy's weights when due (rollout.sync_steps)
+                self.engine.sync(whole.policy, step)
             out = rollout(whole.policy, [self.prompts.prompt_ids[i] for i in indices], sampling=self.sampling,
                           eos_id=self.stop_ids, pad_id=self.tokenizer.pad_token_id, accelerator=acc,
-                          ref_model=self.ref_model, policy_logprobs=False,
+                          ref_model=self.ref_model, policy_logprobs=False, engine=self.engine,
                           **self.prompts.rollout_seed(generation, len(indices)))
         mask = out.completion_mask
         model = self.model
@@ -236,6 +248,8 @@ class PPOStage:
         data = {"prompt_ids": out.prompt_ids, "prompt_mask": out.prompt_mask, "completion_ids": out.completion_ids,
                 "completion_mask": mask, "old_logprobs": out.logprobs, "old_values": values,
                 "advantages": advantages, "returns": returns}
+        if out.sampling_logprobs is not None:
+            data["sampling_logprobs"] = out.sampling_logprobs
         return data, metrics
 
     # -- engine interface -------------------------------------------------------------------
@@ -245,7 +259,7 @@ class PPOStage:
         generation, k = divmod(step, per_rollout)
         if self._cache is None or self._cache[0] != generation:
             with self.accelerator.autocast():  # the loss's computation (see align.stages.grpo.GRPOStage.micro_batches)
-                self._cache = (generation, *self.make_rollout(generation))
+                self._cache = (generation, *self.make_rollout(generation, step))
         _, data, metrics = self._cache
         epoch, minibatch = divmod(k, a.num_minibatches)
         rows = self._minibatch_rows(generation, epoch, minibatch)
@@ -279,22 +293,24 @@ class PPOStage:
     def loss(self, model, batch):
         a = self.args
         mask = batch["completion_mask"]
-        logps, values, logits = forward_completion(model, batch["prompt_ids"], batch["prompt_mask"],
+        logps, values, entropy = forward_completion(model, batch["prompt_ids"], batch["prompt_mask"],
                                                    batch["completion_ids"], mask, a.temperature)
         pg, clipped = ppo_clip_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=a.clip_coef)
+        is_weights, is_metrics = sampler_correction(batch["old_logprobs"], batch, mask, self.recipe.rollout)
+        pg = pg * is_weights  # vLLM's samples: truncated importance weights (1.0 with the own loop)
         vl = clipped_value_loss(values, batch["old_values"], batch["returns"], clip_eps=a.vf_clip)
         loss_sum = masked_sum(pg + a.vf_coef * vl, mask)
         tokens = float(mask.sum())
         with torch.no_grad():
             v_clipped = (values - batch["old_values"]).abs() > (a.vf_clip or float("inf"))
-            metrics = dict(batch.get("_metrics", {}))
+            metrics = dict(batch.get("_metrics", {}), **is_metrics)
             metrics.update({
                 "losses/policy_loss": (masked_sum(pg, mask).item(), tokens),
                 "losses/value_loss": (masked_sum(vl, mask).item(), tokens),
                 "losses/clipfrac": (masked_sum(clipped, mask).item(), tokens),
                 "losses/approx_kl": (masked_sum(approx_kl(logps, batch["old_logprobs"]), mask).item(), tokens),
                 "val/clipfrac": (masked_sum(v_clipped.float(), mask).item(), tokens),
-                "objective/entropy": (masked_sum(entropy_from_logits(logits), mask).item(), tokens),
+                "objective/entropy": (masked_sum(entropy, mask).item(), tokens),
                 "val/mean": (masked_mean(values, mask).item() * tokens, tokens),
             })
         return loss_sum, metrics

@@ -55,7 +55,8 @@ from align import evaluate, models
 from align.data import load_eval_rows, load_rows, without_causal_padding_mask
 from align.device import micro_batch_tokens
 from align.errors import AlignError
-from align.losses import dpo_loss, orpo_loss, simpo_loss, token_logprobs
+from align.logprobs import forward_hidden
+from align.losses import dpo_loss, orpo_loss, simpo_loss
 from align.preference_data import (
     CHOSEN,
     PROMPT,
@@ -129,14 +130,14 @@ def pair_logps(model, batch: dict, *, nll_on_prompt: bool = False) -> dict[str, 
         return _shared_pair_logps(model, batch, nll_on_prompt=nll_on_prompt)
     # right-padded rows need no mask under causal attention (see data.without_causal_padding_mask)
     inputs = without_causal_padding_mask({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
-    logits = model(**inputs, use_cache=False).logits  # (2B, T, V)
+    hidden, head = forward_hidden(model, **inputs, use_cache=False)  # (2B, T, H): no logits (align.logprobs)
     targets = batch["labels"][:, 1:]  # (2B, T-1) completion tokens, -100 elsewhere
     completion = targets != -100
     if nll_on_prompt:
         scored = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
     else:
         scored = targets
-    token_lp = token_logprobs(logits[:, :-1], scored)  # (2B, T-1)
+    token_lp = head.token_logprobs(hidden[:, :-1], scored)  # (2B, T-1)
     sums = (token_lp * completion).sum(-1)
     counts = completion.sum(-1).to(sums.dtype)
     B = sums.shape[0] // 2
@@ -158,21 +159,21 @@ def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, 
     empty prompt there is no such position and the first rejected token is not scored, as
     the first chosen token is not: what a row of its own gives (`rejected_n` counts it so).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False).logits  # (B, T, V)
+    hidden, head = forward_hidden(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], use_cache=False)  # (B, T, H)
     ids, seg = batch["input_ids"], batch["segments"]  # (B, T)
     target_seg = seg[:, 1:]  # (B, T-1): segment of the token position t predicts
     chosen_m = target_seg == CHOSEN
     rejected_m = (target_seg == REJECTED) & (seg[:, :-1] == REJECTED)  # the first rejected token is not t+1's
     nll_m = chosen_m | (target_seg == PROMPT) if nll_on_prompt else chosen_m
     scored = ids[:, 1:].masked_fill(~(nll_m | rejected_m), -100)
-    token_lp = token_logprobs(logits[:, :-1], scored)  # (B, T-1)
+    token_lp = head.token_logprobs(hidden[:, :-1], scored)  # (B, T-1)
     rows = torch.arange(ids.shape[0], device=ids.device)
     first = ids[rows, batch["chosen_last"] + 1]  # (B,) the first rejected token
     # an empty prompt (no BOS, no shared beginning) leaves nothing to predict the first answer token from,
     # as in a row of its own: it is not scored (the chosen side's first token is not either)
     has_prompt = batch["prompt_last"] >= 0  # (B,)
-    first_lp = token_logprobs(logits[rows, batch["prompt_last"].clamp(min=0)][:, None], first[:, None])[:, 0]
+    first_lp = head.token_logprobs(hidden[rows, batch["prompt_last"].clamp(min=0)], first)  # (B,)
     first_lp = torch.where(has_prompt, first_lp, torch.zeros_like(first_lp))  # (B,)
     chosen = (token_lp * chosen_m).sum(-1)
     out = {"chosen": chosen, "rejected": (token_lp * rejected_m).sum(-1) + first_lp,

@@ -20,7 +20,7 @@ from align.data import (
     without_causal_padding_mask,
 )
 from align.device import micro_batch_tokens
-from align.losses import nll_sum
+from align.logprobs import forward_hidden
 from align.recipe import Recipe
 from align.stage_settings import SFTArgs  # noqa: F401  (re-exported)
 from align.stages.base import OfflineBatches, tensors_only
@@ -94,8 +94,8 @@ class SFTStage:
         batch = without_causal_padding_mask(tensors_only(batch))
         labels = batch.pop("labels")
         # use_cache=False: with a KV cache transformers would ignore packed position_ids
-        logits = model(**batch, use_cache=False).logits  # (B, T, V)
-        loss_sum = nll_sum(logits[:, :-1], labels[:, 1:])
+        hidden, head = forward_hidden(model, **batch, use_cache=False)  # (B, T, H): no logits (align.logprobs)
+        loss_sum = -head.token_logprobs(hidden[:, :-1], labels[:, 1:], uniform=True).sum()  # (a summed NLL)
         return loss_sum, {}
 
     def after_step(self, step: int) -> None:

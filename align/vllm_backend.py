@@ -1,0 +1,196 @@
+"""vLLM as the rollout engine (`rollout.backend: vllm`): GRPO and PPO rollouts, `align generate --backend vllm`.
+
+Colocated: one in-process vLLM engine per training process, next to the policy
+(`VLLMSampler`); under `accelerate launch` each process's engine joins the process group as an
+`external_launcher` and samples its own rows (2 CPU processes train the 1-process weights,
+tests/test_vllm.py). Everything around the sampling stays align's:
+
+- **Weights**: the engine starts from the policy's config with placeholder weights
+  (`load_format="dummy"`: nothing is written to disk or read from the hub) and is sent the
+  policy's own weights before it first samples, then again before sampling after every
+  `rollout.sync_steps` optimizer steps (`sync`): `collective_rpc("reload_weights")` with the
+  Hugging Face parameter names, LoRA adapters merged into their base weights
+  (`merged_state_dict`, computed; the training model is untouched), whole parameters under
+  ZeRO-3 (the caller gathers them, `align.models.gathered`). The prefix cache is reset after
+  each update, or a repeated prompt would reuse keys/values of the old weights. A resumed run
+  starts its engine from the resumed weights (exact resume with sync_steps 1).
+- **Log-probs**: vLLM returns the log-prob of each sampled token under the distribution it
+  sampled from (`logprobs_mode="processed_logprobs"`: after temperature, top-k, top-p). The
+  losses never use them: the old/reference log-probs are the trainer's, recomputed by a forward
+  (`align.rollout.completion_logprobs`); vLLM's only serve the truncated importance-sampling
+  correction (`align.losses.truncated_importance_weights`) and `rollout/logprob_diff`.
+- **Reproducible**: each row is one request with its own `seed`, the row's 32-bit key from the
+  rollout seed and its GLOBAL index (`align.rollout.row_keys`), so what a row samples depends
+  neither on its batch nor on how rows are dealt out to processes. (The draws are vLLM's, not
+  the own loop's Gumbel noise: the two backends sample different, equally distributed tokens.)
+- **In-process**: VLLM_ENABLE_V1_MULTIPROCESSING=0 and the "uni" executor (no child process);
+  on a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (1 unless set). vLLM reseeds the global
+  torch RNG when it starts and turns `torch.set_num_threads` into a no-op; `VLLMSampler` gives
+  both back, so the training's random stream and threads do not depend on the backend.
+- **Held-out evaluation** (greedy `eval/task_accuracy`, `eval/kl`) stays on the own decode loop
+  and the trainer's weights.
+
+Not here: **server mode** (generation on dedicated GPUs, `trl vllm-serve` style: a vLLM HTTP
+server with a weight-update endpoint, an NCCL group between trainer rank 0 and the server's
+workers to broadcast each parameter after an update, and requests sent per process with the
+same per-row seeds) and **sleep mode** (`LLM(enable_sleep_mode=True)`, `llm.sleep()` between
+generation and training on a GPU). Both need a GPU to build and test; none was available.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from align.errors import AlignError
+
+
+def require_vllm(key: str = "rollout.backend") -> None:
+    """One clear line (exit 2) when vLLM is not importable; `key` names the setting that chose it."""
+    import importlib.util
+
+    from align.stage_settings import VLLM_MISSING
+
+    if importlib.util.find_spec("vllm") is None:
+        raise AlignError(VLLM_MISSING.replace("rollout.backend", key, 1))
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The causal LM's weights under Hugging Face names, each LoRA adapter merged into its base weight.
+
+    A PEFT model gives W + scale * B A for every adapted linear (PEFT's `get_delta_weight`,
+    computed here in the weights' dtype, outside any autocast, without grad: the model itself
+    is not merged); the adapter matrices are left out. A plain model gives its state dict.
+    Tensors are detached views, not copies.
+    """
+    from align.models import is_peft
+
+    if not is_peft(model):
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    device = next(model.parameters()).device.type
+    with torch.no_grad(), torch.autocast(device_type=device, enabled=False):
+        deltas = {name: sum(module.get_delta_weight(a) for a in module.active_adapters)
+                  for name, module in inner.named_modules() if isinstance(module, LoraLayer) and not module.merged}
+    out = {}
+    for key, value in inner.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        name = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        owner = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and owner in deltas:
+            value = value + deltas[owner].to(value.dtype)
+        out[name] = value.detach()
+    return out
+
+
+def _engine_env() -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+class VLLMSampler:
+    """A colocated vLLM engine that samples completions of token-id prompts from the policy's current weights.
+
+    `max_model_len`: the longest prompt + completion it must hold; `seed`: the engine's (rows
+    have their own); `sync_steps`: send weights when sampling at least this many optimizer
+    steps after the last send. The engine starts on the first `sync`.
+    """
+
+    def __init__(self, *, max_model_len: int, seed: int = 0, sync_steps: int = 1,
+                 gpu_memory_utilization: float = 0.3):
+        require_vllm()
+        self.max_model_len, self.seed, self.sync_steps = max_model_len, seed, sync_steps
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.llm = None
+        self.synced_step: int | None = None
+        self._folder = None
+
+    def _start(self, model) -> None:
+        """The engine for `model`'s architecture (its config in a temporary folder, placeholder weights)."""
+        _engine_env()
+        from vllm import LLM
+
+        from align.models import is_peft
+
+        config = (model.get_base_model() if is_peft(model) else model).config
+        self._folder = tempfile.TemporaryDirectory(prefix="align-vllm-")
+        config.save_pretrained(self._folder.name)
+        dtype = next(model.parameters()).dtype
+        # one engine per training process: under a process group (accelerate launch) vLLM joins it as an
+        # external launcher (each rank an independent engine, as TRL's colocate mode), else it runs alone
+        joined = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                  and torch.distributed.get_world_size() > 1)  # (an earlier engine leaves a group of one)
+        set_num_threads = torch.set_num_threads  # vLLM's CPU worker makes it a no-op: given back below
+        with torch.random.fork_rng(devices=[]):  # vLLM reseeds the global RNG: keep the training's stream
+            self.llm = LLM(model=self._folder.name, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+                           seed=self.seed, max_model_len=self.max_model_len, enforce_eager=True,
+                           distributed_executor_backend="external_launcher" if joined else "uni",
+                           generation_config="vllm", logprobs_mode="processed_logprobs",
+                           gpu_memory_utilization=self.gpu_memory_utilization)
+        torch.set_num_threads = set_num_threads
+
+    def sync(self, model, step: int = 0) -> bool:
+        """Send `model`'s weights (the bare module, whole) when due at optimizer step `step`; -> whether sent.
+
+        Due: never sent yet, or at least `sync_steps` steps since the last send (counted from where this
+        engine started: a resumed run with sync_steps > 1 sends at other steps than the run it resumes)."""
+        if self.synced_step is not None and step - self.synced_step < self.sync_steps:
+            return False
+        if self.llm is None:
+            self._start(model)
+        weights = list(merged_state_dict(model).items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+        self.synced_step = step
+        return True
+
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+               top_k: int, stop_ids: list[int], pad_id: int,
+               keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completions of `prompts` (token lists): -> (completion ids (B, C), their sampled log-probs (B, C)).
+
+        `keys` (B,) the rows' seeds (`align.rollout.row_keys`); None: greedy. Rows are padded
+        with `pad_id` (log-prob 0) after their stop token, which they keep.
+        """
+        from vllm import SamplingParams
+
+        if self.llm is None:
+            raise RuntimeError("VLLMSampler.sample before sync: the engine has no weights yet")
+        common = dict(max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True, detokenize=False,
+                      logprobs=0, skip_special_tokens=False)
+        if keys is None:
+            params = [SamplingParams(temperature=0.0, **common)] * len(prompts)
+        else:
+            params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or -1, seed=int(k), **common)
+                      for k in keys.tolist()]
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        with torch.random.fork_rng(devices=[]):
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        return _pad_outputs([o.outputs[0] for o in outputs], pad_id)
+
+
+def _pad_outputs(completions, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM completion outputs -> (token ids (B, C) padded with pad_id, sampled log-probs (B, C), 0 at pads)."""
+    C = max(1, max(len(c.token_ids) for c in completions))
+    ids = torch.full((len(completions), C), pad_id, dtype=torch.long)
+    logps = torch.zeros(len(completions), C)
+    for row, c in enumerate(completions):
+        tokens = list(c.token_ids)
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        if c.logprobs is not None:
+            logps[row, : len(tokens)] = torch.tensor([lp[t].logprob for t, lp in zip(tokens, c.logprobs)])
+    return ids, logps
+
+
+def sampler_for(rollout_cfg, *, max_model_len: int, seed: int) -> VLLMSampler | None:
+    """The recipe's rollout engine: None for the own decode loop, else a `VLLMSampler`."""
+    if rollout_cfg.backend != "vllm":
+        return None
+    return VLLMSampler(max_model_len=max_model_len, seed=seed, sync_steps=rollout_cfg.sync_steps,
+                       gpu_memory_utilization=rollout_cfg.gpu_memory_utilization)
+
