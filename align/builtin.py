@@ -29,8 +29,11 @@ CHAT_TEMPLATE = (
 )
 
 # name -> Llama config overrides. `tiny` is the default of every tiny recipe
-# (about 1.05M parameters); `small` (about 5M) is the benchmark model.
+# (about 1.05M parameters); `small` (about 5M) is the benchmark model; `micro` (about 0.1M) is the
+# student that recipes/tiny/gkd.yaml distils `tiny` into.
 MODEL_CONFIGS = {
+    "micro": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4),
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4),
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,

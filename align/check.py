@@ -118,7 +118,7 @@ from align.recipe import ModelConfig, Recipe, load_recipe
 
 GiB = 2**30
 PAIR_STAGES = ("dpo", "simpo", "orpo", "kto", "reward")
-ONLINE_STAGES = ("ppo", "grpo")
+ONLINE_STAGES = ("ppo", "grpo", "online_dpo", "gkd")
 HIGHLIGHT = ("⟦", "⟧")
 ANSI = ("\x1b[42;30m", "\x1b[0m")
 DRIFT_WORDS = "boundary drift"
@@ -451,6 +451,10 @@ def _resident_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, mixed:
         frozen = 2 * P * w  # reference copy + reward model
     elif stage == "grpo" and getattr(args, "kl_coef", 0) > 0 and not shape.lora:
         frozen = P * w
+    elif stage == "gkd":  # the teacher, counted at the student's size (a larger teacher needs more)
+        frozen = P * w
+    elif stage == "online_dpo":  # the reference (none for a new LoRA adapter), and a reward model if it has one
+        frozen = P * w * ((0 if shape.lora else 1) + (args.reward_model is not None))
     if frozen:
         parts["frozen models (reference / reward)"] = shard(frozen, par.kind == "deepspeed" and par.zero_stage == 3)
 
@@ -465,7 +469,7 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     parts, offloaded, grads = _resident_memory(recipe, shape, par, mixed, act)
 
     # activations of the largest micro-batch
-    rows = t.batch_size * (2 if stage in PAIR_STAGES else 1)
+    rows = t.batch_size * (2 if stage in PAIR_STAGES + ("online_dpo",) else 1)
     tokens = rows * seq_len
     # the estimate is per GPU
     ckpt = gradient_checkpointing(recipe.model.gradient_checkpointing, on_accelerator=True) \
@@ -487,8 +491,9 @@ def estimate_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, *, seq_
     phase = "training step"
     peak = train_peak
     if stage in ONLINE_STAGES:
-        gen_rows = min(args.generation_batch_size, t.batch_size * t.grad_accum
-                       * (args.num_minibatches if stage == "ppo" else 1))
+        # rows sampled per prompt of a step: PPO's rollout spans its minibatches; online DPO samples 2 a prompt
+        per_prompt = args.num_minibatches if stage == "ppo" else 2 if stage == "online_dpo" else 1
+        gen_rows = min(args.generation_batch_size, t.batch_size * t.grad_accum * per_prompt)
         kv = 2.0 * shape.layers * shape.kv_dim * seq_len * gen_rows * act
         gen_peak = static + kv + 8.0 * gen_rows * shape.vocab
         notes.append(f"generation: KV cache {kv / GiB:.2f} GiB for {gen_rows} rows x {seq_len} tokens "
@@ -628,7 +633,8 @@ def _kto_samples(recipe: Recipe, tokenizer, rows: Rows, report: CheckReport, key
 
 SAMPLERS: dict[str, Callable] = {
     "sft": _sft_samples, "dpo": _pair_samples, "simpo": _pair_samples, "orpo": _pair_samples, "kto": _kto_samples,
-    "reward": _pair_samples, "grpo": _prompt_samples, "ppo": _prompt_samples,
+    "reward": _pair_samples, "grpo": _prompt_samples, "ppo": _prompt_samples, "online_dpo": _prompt_samples,
+    "gkd": _prompt_samples,
 }
 
 

@@ -268,7 +268,7 @@ def _check_seed(pipeline: PipelineConfig, state: dict, out: Path) -> None:
                          f"another output_dir (e.g. output_dir={out}-seed{pipeline.seed})")
 
 
-GENERATIVE = {"sft", "dpo", "orpo", "simpo", "kto", "ppo", "grpo"}
+GENERATIVE = {"sft", "dpo", "orpo", "simpo", "kto", "online_dpo", "gkd", "ppo", "grpo"}
 
 
 def write_samples(recipe, folder: Path, n: int = 5) -> None:

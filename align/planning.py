@@ -6,7 +6,8 @@ A recipe can need what other recipes make:
 
 - `model.from_recipe`: its starting model, trained by another recipe when `model.name_or_path` holds
   no model yet (that recipe may name another one in turn);
-- `ppo.reward_model_recipe`: PPO's reward model, likewise;
+- `ppo.reward_model_recipe` / `online_dpo.reward_model_recipe`: the reward model, likewise;
+- `gkd.teacher_model_recipe`: GKD's teacher, likewise;
 - `data.from_policy`: preference pairs sampled from a policy (which `policy_recipe` may have to train
   first), written to the files `data.train` / `data.eval` name.
 
@@ -41,6 +42,8 @@ STAGE_COLUMNS = {
     "kto": (("prompt", "completion", "label"), ("chosen", "rejected")),
     "grpo": (("prompt",),),
     "ppo": (("prompt",),),
+    "online_dpo": (("prompt",),),
+    "gkd": (("prompt", "completion"),),
     "generate": (("prompt",), ("messages",)),  # the prompts data.from_policy samples from
 }
 
@@ -85,10 +88,14 @@ def plan(recipe: Recipe, *, why: str = "the recipe itself", made: frozenset[str]
     steps: list = []
     where = f"{recipe.output_dir}"
     needed = [(recipe.model, "model.from_recipe")]
-    if recipe.stage == "ppo":
+    if recipe.stage in ("ppo", "online_dpo") and recipe.stage_args.reward_model is not None:
         a = recipe.stage_args
         needed.append((ModelConfig(name_or_path=a.reward_model, from_recipe=a.reward_model_recipe),
-                       "ppo.reward_model_recipe"))
+                       f"{recipe.stage}.reward_model_recipe"))
+    if recipe.stage == "gkd":
+        a = recipe.stage_args
+        needed.append((ModelConfig(name_or_path=a.teacher_model, from_recipe=a.teacher_model_recipe),
+                       "gkd.teacher_model_recipe"))
     pairs = recipe.data.from_policy
     if pairs is not None and missing_sources(pairs):
         needed.append((ModelConfig(name_or_path=pairs.policy, from_recipe=pairs.policy_recipe),
@@ -132,11 +139,18 @@ def check_plan(steps: list) -> None:
             made_models.add(str(Path(step.recipe.output_dir)))
 
 
+# the models a stage loads besides its own (`section.key`: a folder, a built-in model or a hub id)
+STAGE_MODELS = {"ppo": ("reward_model",), "online_dpo": ("reward_model",), "gkd": ("teacher_model",)}
+
+
 def _check_train(step: TrainStep, made_models: set[str], made_files: set[str]) -> None:
     recipe = step.recipe
     prefix = "" if step.why == "the recipe itself" else f"{step.why}: "
     _check_output_dir(recipe.output_dir, prefix)
     _check_model(recipe.model.name_or_path, made_models, f"{prefix}model.name_or_path")
+    for key in STAGE_MODELS.get(recipe.stage, ()):
+        if getattr(recipe.stage_args, key) is not None:
+            _check_model(getattr(recipe.stage_args, key), made_models, f"{prefix}{recipe.stage}.{key}")
     for key in ("train", "eval"):
         spec = getattr(recipe.data, key)
         if spec is not None:

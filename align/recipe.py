@@ -156,7 +156,7 @@ class DataConfig:
     max_length: int = field(default=1024, metadata=cfg.positive("data.max_length"))
     """Longest tokenized sequence the model is given to learn from: SFT, a sample (prompt + completion; with
     packing, a row); reward and DPO family, one side of a pair (prompt + the longer answer); GRPO/PPO, a
-    prompt (completions add up to grpo/ppo.max_new_tokens). Too long: `data.prompt_truncation` cuts pair
+    prompt (completions add up to grpo/ppo/online_dpo/gkd.max_new_tokens). Too long: `data.prompt_truncation` cuts pair
     and online prompts, `data.truncation` SFT samples."""
     truncation: Literal["keep_start", "drop"] = "keep_start"
     """keep_start: cut the end of too-long samples; drop: drop them. Either way a sample left with
@@ -273,7 +273,7 @@ class EvalConfig:
 @dataclass
 class Recipe:
     stage: str = ""
-    """The stage to run: sft, reward, dpo, simpo, orpo, grpo or ppo (`align train --help`)."""
+    """The stage to run: sft, reward, dpo, simpo, orpo, kto, online_dpo, gkd, grpo or ppo (`align train --help`)."""
     output_dir: str = ""
     """Folder of the run: the model, metrics.json, log.jsonl, config.yaml, checkpoints/ (required)."""
     seed: int = 0
@@ -314,9 +314,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, dat
     if recipe.train.epochs is not None and STAGES[stage].online:
         raise AlignError(f"train.epochs: {stage} is an online stage (it samples new completions every step, so "
                          f"there is no training set to pass over); set its budget with train.max_steps")
-    if recipe.rollout.backend != "own" and not STAGES[stage].online:
-        raise AlignError(f"rollout.backend: {recipe.rollout.backend} samples the rollouts of the online stages "
-                         f"(grpo, ppo); {stage} samples none (remove the rollout section)")
+    if recipe.rollout.backend != "own" and stage not in ("grpo", "ppo"):
+        what = "samples with align's own decode loop only" if STAGES[stage].online else "samples none"
+        raise AlignError(f"rollout.backend: {recipe.rollout.backend} samples the rollouts of grpo and ppo; "
+                         f"{stage} {what} (remove the rollout section)")
     return recipe
 
 

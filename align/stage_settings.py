@@ -1,7 +1,7 @@
-"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `grpo:`, `ppo:`),
-and the `rollout:` section the online stages share: plain dataclasses, part of the recipe schema, so reading and
-validating a recipe imports no runtime code (no model, data or stage module). Each field's docstring is its
-documentation (`align keys`)."""
+"""The settings section of each stage (`sft:`, `reward:`, `dpo:`, `simpo:`, `orpo:`, `kto:`, `online_dpo:`, `gkd:`,
+`grpo:`, `ppo:`), and the `rollout:` section the online stages share: plain dataclasses, part of the recipe schema,
+so reading and validating a recipe imports no runtime code (no model, data or stage module). Each field's docstring
+is its documentation (`align keys`)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,67 @@ class KTOArgs:
     warns and suggests values)."""
     ref_batch_size: int | None = field(default=None, metadata=cfg.positive("kto.ref_batch_size"))
     """Examples per forward while precomputing the reference log-probs (None: train.batch_size)."""
+
+
+@dataclass
+class OnlineDPOArgs:
+    beta: float = field(default=0.1, metadata=cfg.positive("online_dpo.beta"))
+    """Strength of the implicit KL constraint, as dpo.beta."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """TRL's OnlineDPOTrainer offers these two (ipo divides each log-ratio by its token count, as dpo's)."""
+    rpo_alpha: float = field(default=0.0, metadata=cfg.non_negative("online_dpo.rpo_alpha"))
+    """Weight of the NLL of the chosen sample added to each informative pair's loss. 0: plain online DPO."""
+    max_new_tokens: int = field(default=64, metadata=cfg.positive("online_dpo.max_new_tokens"))
+    temperature: float = field(default=0.9, metadata=cfg.positive("online_dpo.temperature"))
+    """Sampling temperature (TRL's default 0.9); the trained log-probs are those of the model itself."""
+    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "online_dpo.top_p"))
+    top_k: int = field(default=0, metadata=cfg.non_negative("online_dpo.top_k"))
+    """0: no top-k filtering."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["exact_match"])
+    """What ranks the two samples of a prompt (without reward_model): built-in names or package.module:function."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (default 1 each)."""
+    reward_model: str | None = None
+    """Folder (or hub id) of a reward model (reward stage output, same tokenizer) that ranks the samples instead
+    of reward_funcs (TRL's reward_model_path)."""
+    reward_model_recipe: str | None = None
+    """A recipe that trains `reward_model` when that folder has no model yet."""
+    missing_eos_penalty: float | None = field(default=None,
+                                              metadata=cfg.non_negative("online_dpo.missing_eos_penalty"))
+    """Subtracted from the score of samples with no EOS before ranking."""
+    skip_ties: bool = True
+    """A pair whose two samples score the same teaches no ranking: it gets no gradient (counted in
+    train/tied_pairs, still in the normaliser, as GRPO's zero-std groups). False: the first sample is chosen
+    and trained on, as TRL does."""
+    accuracy: str = "exact_match"
+    """The reward function whose mean over held-out greedy completions is eval/task_accuracy."""
+    generation_batch_size: int = field(default=256, metadata=cfg.positive("online_dpo.generation_batch_size"))
+    """Rows per generate call."""
+    eval_kl_prompts: int = field(default=256, metadata=cfg.non_negative("online_dpo.eval_kl_prompts"))
+    """Held-out prompts sampled once each for eval/kl."""
+
+
+@dataclass
+class GKDArgs:
+    teacher_model: str = "runs/tiny/sft"
+    """Folder (or hub id) of the frozen teacher; same tokenizer as the student (TRL's teacher_model_name_or_path)."""
+    teacher_model_recipe: str | None = None
+    """A recipe that trains `teacher_model` when that folder has no model yet."""
+    lmbda: float = field(default=0.5, metadata=cfg.in_range(0.0, 1.0, "gkd.lmbda"))
+    """Probability that a step's completions are sampled by the student (on-policy); else the dataset's (or,
+    with seq_kd, the teacher's samples). TRL's name and default."""
+    beta: float = field(default=0.5, metadata=cfg.in_range(0.0, 1.0, "gkd.beta"))
+    """Generalised JSD interpolation: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)."""
+    seq_kd: bool = False
+    """Off-policy steps use completions sampled by the teacher instead of the dataset's (sequence-level KD)."""
+    max_new_tokens: int = field(default=128, metadata=cfg.positive("gkd.max_new_tokens"))
+    temperature: float = field(default=0.9, metadata=cfg.positive("gkd.temperature"))
+    """Sampling temperature (the divergence itself is taken at temperature 1, as TRL's GKDTrainer does)."""
+    top_p: float = field(default=1.0, metadata=cfg.in_range(1e-6, 1.0, "gkd.top_p"))
+    top_k: int = field(default=0, metadata=cfg.non_negative("gkd.top_k"))
+    accuracy: str = "exact_match"
+    """The reward function whose mean over held-out greedy completions is eval/task_accuracy."""
+    generation_batch_size: int = field(default=256, metadata=cfg.positive("gkd.generation_batch_size"))
 
 
 @dataclass

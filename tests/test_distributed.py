@@ -1,11 +1,11 @@
 """Two CPU processes under `accelerate launch` train every stage as one process does, and evaluate once.
 
 The invariance guarantee (same global batch -> same update, whatever the split over
-micro-batches and processes) for SFT, reward, DPO, KTO, GRPO and PPO: each runs a few steps on a
+micro-batches and processes) for SFT, reward, DPO, KTO, online DPO, GKD, GRPO and PPO: each runs a few steps on a
 micro Llama (hidden 32, 2 layers) as ONE process (batch B, or B/2 x grad_accum 2) and
 as TWO CPU processes (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2`, batch B/2 each); the final weights agree to 1e-4 relative and the
-logged metrics agree. For GRPO and PPO that needs rollouts that do not depend on the
+logged metrics agree. For online DPO, GRPO and PPO that needs rollouts that do not depend on the
 process split (per-row sampling keys, `align.rollout`), advantages whitened over the
 global batch and the same global PPO minibatches (`PPOStage._minibatch_rows`).
 
@@ -78,6 +78,9 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
     out = root / f"p{processes}"
     grpo = {"num_generations": 2, "max_new_tokens": 4, "kl_coef": 0.05, "reward_funcs": ["length"],
             "missing_eos_penalty": 0.5, "eval_kl_prompts": EVAL_PROMPTS, "plot": False}
+    # ties trained (the first sample chosen, as TRL): the micro model's samples rarely end, so lengths often tie
+    online_dpo = {"max_new_tokens": 4, "temperature": 1.0, "reward_funcs": ["length"], "missing_eos_penalty": 0.5,
+                  "skip_ties": False, "rpo_alpha": 0.5, "eval_kl_prompts": EVAL_PROMPTS}
     ppo = {"reward_model": str(root / "p1/reward"), "max_new_tokens": 4, "update_epochs": 1, "num_minibatches": 2,
            "kl_target": 0.5, "kl_horizon": 100, "eval_kl_prompts": EVAL_PROMPTS, "plot": False}
     return {
@@ -93,6 +96,13 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
         "kto": _recipe("kto", out / "kto", micro, batch_size=4, grad_accum=1 if two else 2, kto={"beta": 0.5}),
         # global batch 8 completions = 4 prompts x G=2
         "grpo": _recipe("grpo", out / "grpo", micro, batch_size=4 if two else 8, grpo=grpo),
+        # global batch 8 prompts (16 samples, 8 pairs): 4 x grad_accum 2 x 1 process, or 4 x 2
+        "online_dpo": _recipe("online_dpo", out / "online_dpo", micro, batch_size=4, grad_accum=1 if two else 2,
+                              online_dpo=online_dpo),
+        # global batch 8 prompts; the teacher is the one-process SFT run's model; lmbda 0.5 over 4 steps draws
+        # both kinds of step (student samples at steps 0 and 3, the dataset's completions at 1 and 2)
+        "gkd": _recipe("gkd", out / "gkd", micro, batch_size=4, grad_accum=1 if two else 2, max_steps=4,
+                       gkd={"teacher_model": str(root / "p1/sft"), "max_new_tokens": 4, "temperature": 1.0}),
         # 8 prompts per optimizer step (4 x grad_accum 2, or 4 x 2 processes); rollouts of 16 prompts
         # cut into 2 minibatches -> 4 steps = 2 rollouts
         "ppo": _recipe("ppo", out / "ppo", micro, batch_size=4, grad_accum=1 if two else 2, max_steps=4, ppo=ppo),
@@ -228,6 +238,23 @@ def test_grpo_two_processes_sample_the_same_rollouts_and_train_as_one(runs):
         # eval/kl is a small difference of log-prob sums: float32 rounding of the terms (~1e-7) sets its tolerance
         assert m_one[key] == m_two[key] or m_one[key] == pytest.approx(m_two[key], rel=1e-5, abs=1e-6), key
     assert m_one["eval/kl"] != 0  # sampled completions scored under the trained policy and the reference
+
+
+def test_online_dpo_two_processes_sample_the_same_pairs_and_train_as_one(runs):
+    root = runs["root"]
+    m_one, _ = _assert_same_run(root / "p1/online_dpo", root / "p2/online_dpo")
+    assert _moved(root / "p1/online_dpo", runs["micro"]) > 1e-3
+    assert any(r.get("train/reward_margin", 0) > 0 for r in _log(root / "p1/online_dpo"))  # pairs were ranked
+    assert m_one["eval/kl"] != 0
+
+
+def test_gkd_two_processes_draw_the_same_coins_and_samples_and_train_as_one(runs):
+    root = runs["root"]
+    m_one, _ = _assert_same_run(root / "p1/gkd", root / "p2/gkd")
+    assert _moved(root / "p1/gkd", runs["micro"]) > 1e-3
+    coins = [r["train/on_policy"] for r in _log(root / "p1/gkd") if "train/on_policy" in r]
+    assert 0 < sum(coins) < len(coins)  # student-sampled and dataset steps both ran
+    assert m_one["eval/jsd"] < m_one["eval/jsd_start"]
 
 
 def test_ppo_two_processes_sample_whiten_and_minibatch_as_one(runs):

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from align import evaluate, models, rewards
+from align import models, rewards
 from align.errors import AlignError
 from align.losses import (
     ADVANTAGE_ESTIMATORS,
@@ -79,6 +79,7 @@ from align.stage_settings import GRPOArgs  # noqa: F401  (re-exported)
 from align.stages.online import (
     PromptSource,
     eval_kl,
+    greedy_eval,
     plot_run,
     rollout_engine,
     sampler_correction,
@@ -247,19 +248,9 @@ class GRPOStage:
         pass
 
     def evaluate(self, model) -> dict:
-        ev, acc, eval_rows = self.recipe.eval, self.accelerator, self.prompts.eval_rows
-        if not eval_rows or not ev.generate:
-            return {}
-        completions = evaluate.greedy_completions(model, self.tokenizer, [r["prompt"] for r in eval_rows],
-                                                  max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                                                  accelerator=acc)
-        mine = sorted(completions)
-        rows, texts = [eval_rows[i] for i in mine], [completions[i] for i in mine]
-        columns = self.prompts.columns(rows)
-        reward = self.reward_fn([r["prompt"] for r in rows], texts, **columns)
-        correct = self.accuracy_fn([r["prompt"] for r in rows], texts, **columns)
-        total, right, count = evaluate._reduce_sum(acc, [sum(reward), sum(correct), float(len(rows))])
-        metrics = {"eval/reward": total / max(count, 1.0), "eval/task_accuracy": right / max(count, 1.0)}
+        metrics = greedy_eval(model, self.prompts, self.accuracy_fn, self.reward_fn)
+        if not metrics:
+            return metrics
         if self.args.kl_coef > 0 and self.args.eval_kl_prompts:
             metrics["eval/kl"] = eval_kl(model, self.ref_model, self.prompts, self.sampling, self.stop_ids,
                                          self.args.eval_kl_prompts)

@@ -1,8 +1,9 @@
-"""What the online stages (GRPO, PPO) share, by composition rather than inheritance.
+"""What the online stages (GRPO, PPO, online DPO) share, by composition rather than inheritance.
 
 - `PromptSource`: the left-padding tokenizer, the training and held-out prompts encoded as
   generation sees them, the schedule that deals training prompts out to rollout batches
   and processes, and each rollout row's sampling key (`rollout_seed`).
+- `greedy_eval`: held-out task accuracy (and reward) of greedy completions;
 - `eval_kl`: the held-out KL to the reference that both stages log as `eval/kl`.
 - `sampling_config` and `plot_run`: the sampling section both stages share the names of, and
   the curves they plot at the end.
@@ -135,6 +136,26 @@ class PromptSource:
     def columns(rows: list[dict]) -> dict[str, list]:
         """The rows' columns other than `prompt`, as reward functions take them (e.g. the reference answer)."""
         return {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+
+
+def greedy_eval(model, prompts: PromptSource, accuracy_fn, reward_fn=None) -> dict:
+    """Means over the held-out prompts' greedy completions: eval/reward (of `reward_fn`, when given) and
+    eval/task_accuracy (of `accuracy_fn`); {} without held-out prompts or with eval.generate off."""
+    ev, acc, eval_rows = prompts.recipe.eval, prompts.accelerator, prompts.eval_rows
+    if not eval_rows or not ev.generate:
+        return {}
+    completions = evaluate.greedy_completions(model, prompts.tokenizer, [r["prompt"] for r in eval_rows],
+                                              max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                                              accelerator=acc)
+    mine = sorted(completions)
+    rows, texts = [eval_rows[i] for i in mine], [completions[i] for i in mine]
+    columns, texts_of = prompts.columns(rows), [r["prompt"] for r in rows]
+    reward = reward_fn(texts_of, texts, **columns) if reward_fn is not None else []
+    correct = accuracy_fn(texts_of, texts, **columns)
+    total, right, count = evaluate._reduce_sum(acc, [sum(reward), sum(correct), float(len(rows))])
+    metrics = {"eval/reward": total / max(count, 1.0)} if reward_fn is not None else {}
+    metrics["eval/task_accuracy"] = right / max(count, 1.0)
+    return metrics
 
 
 def eval_kl(policy, ref_model, prompts: PromptSource, sampling: SamplingConfig, stop_ids: list[int],
