@@ -139,7 +139,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         entropy = hidden.new_zeros(N if with_entropy else 0, dtype=torch.float32)
         lse = hidden.new_zeros(N, dtype=torch.float32)
         needs = ctx.needs_input_grad[:3]
+        token = _TokenGrads(hidden, with_entropy) if needs[0] and not any(needs[1:]) else None  # a frozen head
         eager = _Grads(hidden, weight, bias, needs) if uniform and not with_entropy and any(needs) else None
+        eager = None if token is not None else eager
         kept = ()
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
@@ -150,7 +152,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:
                 p = logp.exp()
                 entropy[s:e] = -(p * logp).sum(-1)
-            if eager is not None:  # d(sum of scored logp)/dz = onehot - p on scored rows
+            if token is not None:
+                token.add(s, e, logp, entropy[s:e] if with_entropy else None, valid[s:e], safe[s:e],
+                          lambda g, t=t: _grad_raw(g, t, scale, temperature), weight)
+            elif eager is not None:  # d(sum of scored logp)/dz = onehot - p on scored rows
                 g = logp.exp_().neg_().mul_(valid[s:e, None])
                 g.scatter_add_(-1, safe[s:e, None], valid[s:e, None].to(g.dtype))
                 eager.add(s, e, _grad_raw(g, t, scale, temperature))
@@ -158,7 +163,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 kept = (p if with_entropy else logp.exp_(),) + (() if t is None else (t,))
         logps = logps.masked_fill(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, *kept)
-        ctx.eager = eager
+        ctx.eager, ctx.token = eager, token
         ctx.settings = (temperature, softcap, scale, chunk, with_entropy)
         device = hidden.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
@@ -171,6 +176,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         valid = targets != -100
         g_lp = (torch.zeros_like(lse) if grad_logps is None else grad_logps) * valid
         use_entropy = with_entropy and grad_entropy is not None
+        if ctx.token is not None:
+            grad_h = ctx.token.grad(g_lp, grad_entropy if use_entropy else None).to(hidden.dtype)
+            return (grad_h, None, None, None, None, None, None, None, None, None)
         factor = _uniform_weight(g_lp, valid) if ctx.eager is not None and not use_entropy else None
         if factor is not None:
             eager, ctx.eager = ctx.eager, None  # scaled in place: a second backward recomputes instead
@@ -196,6 +204,31 @@ class _ChunkedLogprobs(torch.autograd.Function):
             g.scatter_add_(-1, targets[s:e].clamp(min=0)[:, None], g_lp[s:e, None])
             grads.add(s, e, _grad_raw(g, t, scale, temperature))
         return (*grads.scaled(None), None, None, None, None, None, None, None)
+
+
+class _TokenGrads:
+    """A frozen head (LoRA, or a frozen lm_head): d/dh_t of any loss is local to position t,
+    g_t a_t + g^H_t b_t with a_t = (onehot_t - p_t) W and b_t = -(p_t (log p_t + H_t)) W (through
+    the temperature and soft-cap), so the forward forms a_t (and b_t) and the backward only weighs
+    them: exact for any weights, no recompute, two head matmuls as on the plain path."""
+
+    def __init__(self, hidden, with_entropy: bool):
+        self.a = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        self.b = torch.zeros_like(self.a) if with_entropy else None
+
+    def add(self, s, e, logp, entropy, valid, safe, chain, weight) -> None:
+        """From one chunk's log p (n, V): its rows of a (and b)."""
+        p = logp.exp()
+        with torch.autocast(p.device.type, enabled=False):
+            if self.b is not None:
+                self.b[s:e] = chain(-(p * (logp + entropy[:, None]))).to(weight.dtype) @ weight
+            g = p.neg_().mul_(valid[:, None])
+            g.scatter_add_(-1, safe[:, None], valid[:, None].to(g.dtype))
+            self.a[s:e] = chain(g).to(weight.dtype) @ weight
+
+    def grad(self, g_lp, g_entropy):
+        out = self.a * g_lp[:, None]
+        return out if g_entropy is None else out + self.b * g_entropy[:, None]
 
 
 class _Grads:

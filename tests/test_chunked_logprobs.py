@@ -142,3 +142,26 @@ def test_lora_elsewhere_keeps_the_chunked_head(tiny_lm):
     model, _ = tiny_lm
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert not logprobs.output_head(lora).plain
+
+
+@pytest.mark.parametrize("chunk", [4, 100])
+def test_a_frozen_head_forms_every_positions_gradient_in_the_forward(chunk, monkeypatch):
+    """LoRA leaves lm_head frozen: d/dh_t is local to position t for any loss (here unequal weights on log-probs
+    and entropies, a temperature and a soft-cap), so the backward runs no head matmul and equals the plain path."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 7, 5, generator=g, requires_grad=True)
+    weight = torch.randn(19, 5, generator=g)
+    targets = torch.randint(0, 19, (2, 7), generator=g)
+    targets[0, 5:] = -100
+    w_lp, w_ent = torch.randn(2, 7, generator=g), torch.randn(2, 7, generator=g)
+    logps, entropy = OutputHead(weight=weight, softcap=3.0, chunk_tokens=chunk).token_logprobs(
+        hidden, targets, temperature=0.6, with_entropy=True)
+    recomputed = []
+    real_linear = logprobs.F.linear
+    monkeypatch.setattr(logprobs.F, "linear", lambda *a: recomputed.append(1) or real_linear(*a))
+    got = torch.autograd.grad((logps * w_lp).sum() + (entropy * w_ent).sum(), hidden)[0]
+    monkeypatch.undo()
+    assert not recomputed
+    want_lp, want_ent = _plain(hidden, weight, None, targets, temperature=0.6, softcap=3.0)
+    want = torch.autograd.grad((want_lp * w_lp).sum() + (want_ent * w_ent).sum(), hidden)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -44,8 +44,9 @@ def _both_paths(model, quantity):
     (chunked_value, chunked_grads), (plain_value, plain_grads) = results
     torch.testing.assert_close(chunked_value, plain_value, **TOL)
     assert chunked_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(chunked_grads[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    for name, grad in plain_grads.items():  # 1e-5 of the tensor's scale (a gradient entry may be a cancellation)
+        scale = grad.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(chunked_grads[name] / scale, grad / scale, **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _weighted(stats: dict) -> torch.Tensor:
@@ -118,3 +119,21 @@ def test_a_short_run_gives_the_same_weights_either_way(tmp_path, stage):
     # measured 2.0-2.5e-4 (v_proj): Adam's normalisation turns float-rounding differences in near-zero gradient
     # entries into a fraction of a step; a wrong gradient would differ by whole steps (lr 1e-3 x 5 ~ 5e-2)
     assert max_relative_difference(*finals) < 1e-3
+
+
+def test_lora_policy_logprobs_and_pairs(family):
+    """A LoRA adapter leaves lm_head frozen: the chunked head forms each position's gradient in the forward."""
+    from peft import LoraConfig, get_peft_model
+
+    out = rollout_rows(family, grouped=True)
+    args = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
+    model = get_peft_model(family.load(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    assert logprobs.output_head(model).weight.requires_grad is False
+
+    def quantity(m):
+        logps, entropy = completion_logprobs(m, *args, temperature=0.7, return_entropy=True)
+        return (logps * torch.linspace(-1, 2, logps.shape[1])).sum() + 0.3 * entropy.sum()
+
+    _both_paths(model, quantity)
+    batch = COLLATE["two_rows"](tokenized_pairs(family, "explicit"), family.tokenizer.pad_token_id)
+    _both_paths(model, lambda m: _weighted(pair_logps(m, batch)))
