@@ -13,9 +13,11 @@ logs it, so here:
 3. `OutputHead.token_logprobs` computes log p(target) (and the entropy) in chunks of
    `chunk_tokens` positions: logits of one chunk at a time, only their log-sum-exp kept;
    the backward recomputes each chunk's logits and forms d/dlogits = g (onehot - p)
-   directly, so no chunk's logits outlive its step (`_ChunkedLogprobs`). When the
-   whole input fits in one chunk (the tiny models) the probabilities are kept instead of
-   recomputed: the plain path's memory and one matmul fewer than a recompute.
+   directly, so no chunk's logits outlive its step (`_ChunkedLogprobs`). Two cases need no
+   recompute: a loss that weighs every scored token alike (SFT) gets the head's gradient
+   formed in the forward (`_Grads`), and a frozen head (LoRA) each position's hidden-state
+   gradient (`_TokenGrads`). When the whole input fits in one chunk the probabilities are
+   kept instead of recomputed.
 
 Temperature, Gemma's final logit soft-capping and the Cohere/Granite logit scales are
 applied as the model applies them. The head's reconstruction is checked once per model
