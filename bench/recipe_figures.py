@@ -38,10 +38,7 @@ OUT_MD = REPO / "docs" / "recipe-figures.md"
 README = REPO / "README.md"
 # Recipes the JSON holds no figures for, with why: the table, the README and the header say so instead of
 # quoting figures of an older version (tests/test_recipe_figures.py checks the JSON has none for them).
-PENDING = {
-    "reward-ppo": "not re-measured since its start, recipes/tiny/sft-grpo-start.yaml, changed (2026-12-06)",
-    "ppo": "not re-measured since its start, recipes/tiny/sft-grpo-start.yaml, changed (2026-12-06)",
-}
+PENDING: dict[str, str] = {}
 TASK, PAIR, KL, STEPS = "eval/task_accuracy", "eval/pair_accuracy", "eval/kl", "train/steps"
 
 # recipe -> the metric its header and the README quote, upstream recipes before the ones that start from them
