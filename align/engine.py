@@ -283,7 +283,8 @@ def _finished_metrics(out: Path, max_steps: int) -> dict | None:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    return metrics if metrics.get("train/steps", -1) >= max_steps else None
+    done = metrics.get("train/steps", -1) >= max_steps or metrics.get("train/stopped_at_value")
+    return metrics if done else None
 
 
 @dataclass
@@ -323,7 +324,8 @@ def train(stage, recipe: Recipe, accelerator) -> dict:
         while step < tcfg.max_steps:
             lr, step_loss, grad_norm = _optimizer_step(loop, step, start_metrics)
             step += 1
-            _after_step(loop, step, lr, step_loss, grad_norm, start_metrics, bar)
+            if _after_step(loop, step, lr, step_loss, grad_norm, start_metrics, bar):
+                break
     finally:
         bar.close()
         _Stop.restore(previous_handlers)
@@ -420,8 +422,9 @@ def _optimizer_step(loop: _Loop, step: int, start_metrics: dict) -> tuple[float,
     return lr, step_loss / global_weight, grad_norm
 
 
-def _after_step(loop: _Loop, step: int, lr: float, loss: float, grad_norm, start_metrics: dict, bar) -> None:
-    """Log every train.log_steps, evaluate every eval.steps, checkpoint every train.save_steps."""
+def _after_step(loop: _Loop, step: int, lr: float, loss: float, grad_norm, start_metrics: dict, bar) -> bool:
+    """Log every train.log_steps, evaluate every eval.steps, checkpoint every train.save_steps.
+    -> whether the evaluation reached eval.stop_value (training stops there)."""
     tcfg, acc = loop.recipe.train, loop.accelerator
     # summed over processes this is the step's loss, counted once per step
     loop.sums.add({"train/loss": (loss, 1.0 / acc.num_processes)})
@@ -439,11 +442,17 @@ def _after_step(loop: _Loop, step: int, lr: float, loss: float, grad_norm, start
             loop.log.write(step, record)
             acc.log(record, step=step)
             bar.set_postfix(loss=f"{record['train/loss']:.4f}", tok_s=f"{record['train/tokens_per_second']:.0f}")
-    if loop.recipe.eval.steps and step % loop.recipe.eval.steps == 0 and step < tcfg.max_steps:
-        _evaluate(loop, step)
+    ecfg, reached = loop.recipe.eval, False
+    if ecfg.steps and step % ecfg.steps == 0 and step < tcfg.max_steps:
+        metrics = _evaluate(loop, step)
+        reached = ecfg.stop_metric is not None and metrics.get(ecfg.stop_metric, -math.inf) >= ecfg.stop_value
+        if reached:
+            acc.print(f"\n{ecfg.stop_metric} {metrics[ecfg.stop_metric]:.4g} >= eval.stop_value {ecfg.stop_value:g} "
+                      f"at step {step}: training stops here")
     bar.update(1)
-    if step % tcfg.save_steps == 0 and step < tcfg.max_steps:
+    if step % tcfg.save_steps == 0 and step < tcfg.max_steps and not reached:
         save_checkpoint(acc, loop.out, step, _trainer_state(loop.stage, step, start_metrics), tcfg.save_total_limit)
+    return reached
 
 
 def _finish(loop: _Loop, step: int, start_metrics: dict) -> dict:
@@ -453,6 +462,8 @@ def _finish(loop: _Loop, step: int, start_metrics: dict) -> dict:
     metrics = dict(final)
     metrics.update({f"{k}_start": v for k, v in start_metrics.items()})
     metrics["train/steps"] = step
+    if step < loop.recipe.train.max_steps:  # stopped by eval.stop_value: a rerun has nothing left to do
+        metrics["train/stopped_at_value"] = 1
     loop.stage.save(loop.out, acc)
     if acc.is_main_process:
         atomic_write_json(loop.out / "metrics.json", metrics)

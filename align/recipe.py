@@ -268,6 +268,18 @@ class EvalConfig:
     """Compute eval/task_accuracy: exact match of greedy generations against the reference completions."""
     max_new_tokens: int = field(default=8, metadata=cfg.positive("eval.max_new_tokens"))
     """Greedy generation length for eval/task_accuracy."""
+    stop_metric: str | None = None
+    """Stop training at the first periodic evaluation (every eval.steps) where this metric (e.g.
+    eval/task_accuracy) reaches eval.stop_value; train.max_steps caps the run. For a start model of a
+    chosen accuracy whatever the seed's pace (the tiny SFT starts learn to add at a seed-dependent step)."""
+    stop_value: float | None = None
+    """The value of eval.stop_metric (at least) that stops training."""
+
+    def validate(self) -> None:
+        if (self.stop_metric is None) != (self.stop_value is None):
+            raise AlignError("eval.stop_metric and eval.stop_value go together; give both or neither")
+        if self.stop_metric is not None and not self.steps:
+            raise AlignError("eval.stop_metric needs eval.steps (the evaluations that can stop the run)")
 
 
 @dataclass

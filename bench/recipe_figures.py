@@ -10,7 +10,9 @@ folder with the same seed (the planning layer passes it down; a recipe asked for
 Seeds run in parallel, `--jobs` at a time. The results go to `docs/recipe-figures.json` (every metric of every run) and
 `docs/recipe-figures.md` (the table: per recipe the headline metric before -> after for each seed, mean and
 min, with the date, the machine's load and each run's wall time), merged with earlier results for other
-(recipe, seed) cells. A figure in the README or a recipe header is quoted from that table.
+(recipe, seed) cells. The README's stage table (its "measured" cells) and each recipe header's first paragraph
+are then rewritten from docs/recipe-figures.json (`--quote-only` rewrites them without running anything);
+tests/test_recipe_figures.py checks that they match it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +35,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OUT_JSON = REPO / "docs" / "recipe-figures.json"
 OUT_MD = REPO / "docs" / "recipe-figures.md"
+README = REPO / "README.md"
+# Recipes the JSON holds no figures for, with why: the table, the README and the header say so instead of
+# quoting figures of an older version (tests/test_recipe_figures.py checks the JSON has none for them).
+PENDING: dict[str, str] = {}
+TASK, PAIR, KL, STEPS = "eval/task_accuracy", "eval/pair_accuracy", "eval/kl", "train/steps"
 
 # recipe -> the metric its header and the README quote, upstream recipes before the ones that start from them
 HEADLINE = {
@@ -59,12 +68,13 @@ def run_seed(recipes: list[str], seed: int) -> list[dict]:
             proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
             seconds = round(time.perf_counter() - started, 1)
             if proc.returncode != 0:
-                results.append({"recipe": recipe, "seed": seed, "seconds": seconds,
+                results.append({"recipe": recipe, "seed": seed, "seconds": seconds, "date": WHEN, "load": LOAD,
                                 "error": proc.stderr.strip().splitlines()[-1:]})
                 save(results[-1:])
                 continue
             metrics = json.loads((checkout / "runs" / "tiny" / recipe / "metrics.json").read_text())
-            results.append({"recipe": recipe, "seed": seed, "metrics": metrics, "seconds": seconds})
+            results.append({"recipe": recipe, "seed": seed, "metrics": metrics, "seconds": seconds,
+                            "date": WHEN, "load": LOAD})
             save(results[-1:])
             print(f"seed {seed} {recipe}: {HEADLINE[recipe]} {metrics.get(HEADLINE[recipe] + '_start')} -> "
                   f"{metrics[HEADLINE[recipe]]} ({seconds:.0f} s)", flush=True)
@@ -83,15 +93,19 @@ def save(new: list[dict]) -> None:
         done = {(r["recipe"], r["seed"]) for r in new}
         results = [r for r in old if (r["recipe"], r["seed"]) not in done] + new
         OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
-        OUT_MD.write_text(table(results, WHEN, LOAD))
+        OUT_MD.write_text(table(results))
 
 
-def table(results: list[dict], when: str, load: str) -> str:
-    lines = [f"# Tiny recipe figures\n\nMeasured {when} by `bench/recipe_figures.py` (each run from a clean folder, "
-             f"upstream recipes trained first with the same seed); load average at the start: {load}.\n",
-             "| recipe | metric | seed: before -> after (wall) | mean after | min after |", "|---|---|---|---|---|"]
+def table(results: list[dict]) -> str:
+    lines = ["# Tiny recipe figures\n\nMeasured by `bench/recipe_figures.py` (each run from a clean folder, upstream "
+             "recipes trained first with the same seed); the last column gives each recipe's run date(s) and the "
+             "machine's load average (1, 5, 15 min) when its seeds started.\n",
+             "| recipe | metric | seed: before -> after (wall) | mean after | min after | measured (load) |",
+             "|---|---|---|---|---|---|"]
     for recipe in HEADLINE:
-        runs = sorted((r for r in results if r["recipe"] == recipe), key=lambda r: r["seed"])
+        runs = seed_runs(results, recipe)
+        if recipe in PENDING:
+            lines.append(f"| {recipe} | {HEADLINE[recipe]} | {PENDING[recipe]} | — | — | — |")
         if not runs:
             continue
         key = HEADLINE[recipe]
@@ -105,8 +119,101 @@ def table(results: list[dict], when: str, load: str) -> str:
             cells.append(f"{r['seed']}: {m.get(key + '_start', float('nan')):.4g} -> {m[key]:.4g} ({r['seconds']:.0f} s)")
         mean = f"{statistics.mean(after):.4g}" if after else "—"
         least = f"{min(after):.4g}" if after else "—"
-        lines.append(f"| {recipe} | {key} | {'; '.join(cells)} | {mean} | {least} |")
+        when = "; ".join(sorted({f"{r['date']} ({r['load']})" for r in runs}))
+        lines.append(f"| {recipe} | {key} | {'; '.join(cells)} | {mean} | {least} | {when} |")
     return "\n".join(lines) + "\n"
+
+
+def seed_runs(results: list[dict], recipe: str) -> list[dict]:
+    return sorted((r for r in results if r["recipe"] == recipe), key=lambda r: r["seed"])
+
+
+# What the README's stage table quotes in its "measured" cell, by the first recipe its row names:
+# (label, recipe, metric, how): "span" before -> after per seed, "gain" points gained per seed, "after" the end value, "plain" the values alone.
+README_CELLS = {
+    "sft": [("task accuracy", "sft", TASK, "span")],
+    "reward": [("held-out pair accuracy", "reward", PAIR, "span")],
+    "sft-short": [("sft-short", "sft-short", TASK, "span"), ("after steps", "sft-short", STEPS, "plain"),
+                  ("sft-grpo-start", "sft-grpo-start", TASK, "span"), ("after steps", "sft-grpo-start", STEPS, "plain")],
+    "dpo": [("DPO+NLL task accuracy", "dpo", TASK, "gain"), ("its pair accuracy", "dpo", PAIR, "after"),
+            ("IPO pair accuracy", "ipo", PAIR, "after"), ("IPO task accuracy", "ipo", TASK, "gain")],
+    "simpo": [("task accuracy", "simpo", TASK, "gain"), ("pair accuracy", "simpo", PAIR, "after")],
+    "orpo": [("task accuracy", "orpo", TASK, "span"), ("pair accuracy", "orpo", PAIR, "after")],
+    "grpo": [("task accuracy", "grpo", TASK, "gain"), ("eval/kl", "grpo", KL, "after")],
+    "ppo": [("task accuracy", "ppo", TASK, "gain"), ("eval/kl", "ppo", KL, "after"),
+            ("its reward model's pair accuracy (reward-ppo)", "reward-ppo", PAIR, "after")],
+}
+# What each recipe header's first paragraph quotes: its headline metric first.
+HEADER_METRICS = {"sft-short": [TASK, STEPS], "sft-grpo-start": [TASK, STEPS], "dpo": [TASK, PAIR], "ipo": [PAIR, TASK], "simpo": [TASK, PAIR], "orpo": [TASK, PAIR],
+                  "grpo": [TASK, KL], "ppo": [TASK, "eval/reward", KL]}
+
+
+def figure(results: list[dict], recipe: str, key: str, how: str) -> str:
+    """One metric of one recipe over its seeds, e.g. `0 -> 0.981 / 0.973 / 0.9845 (min 0.973)`."""
+    runs = [r["metrics"] for r in seed_runs(results, recipe) if "error" not in r]
+    after = [m[key] for m in runs]
+    ends = " / ".join(f"{a:.4g}" for a in after)
+    if how == "plain":
+        return ends
+    if how == "after":  # a KL is bounded from above: its worst seed is the largest
+        return f"{ends} (max {max(after):.4g})" if key == KL else f"{ends} (min {min(after):.4g})"
+    starts = [m[key + "_start"] for m in runs]
+    if how == "gain":
+        gains = [100 * (a - b) for a, b in zip(after, starts)]
+        spans = " / ".join(f"{b:.4g} -> {a:.4g}" for a, b in zip(after, starts))
+        return f"{' / '.join(f'{g:+.1f}' for g in gains)} points (min {min(gains):+.1f}; {spans})"
+    if len({round(b, 6) for b in starts}) == 1:
+        return f"{starts[0]:.4g} -> {ends} (min {min(after):.4g})"
+    return " / ".join(f"{b:.4g} -> {a:.4g}" for a, b in zip(after, starts)) + f" (min {min(after):.4g})"
+
+
+def readme_cell(results: list[dict], row: str) -> str:
+    seeds = "/".join(str(r["seed"]) for r in seed_runs(results, README_CELLS[row][0][1]))
+    cells = README_CELLS[row]
+    parts = [f"{label} {figure(results, recipe, key, how)}" for label, recipe, key, how in cells if recipe not in PENDING]
+    pending = {}  # reason -> the labels it holds back
+    for label, recipe, _, _ in cells:
+        if recipe in PENDING:
+            pending.setdefault(PENDING[recipe], []).append(label)
+    parts += [f"{', '.join(labels)}: {why}" for why, labels in pending.items()]
+    if not seeds:
+        return "; ".join(parts)
+    return f"seeds {seeds}: " + "; ".join(parts).replace("->", "→")
+
+
+def header_block(results: list[dict], recipe: str) -> str:
+    """A recipe header's first paragraph (the lines before its first bare `#`): the figures of its seeds."""
+    runs = seed_runs(results, recipe)
+    if recipe in PENDING:
+        text = (f"Figures: {PENDING[recipe]}; `python bench/recipe_figures.py --recipes {recipe}` measures them "
+                f"(its upstream recipes are trained first in each seed's clean folder).")
+        return "".join(f"# {line}\n" for line in textwrap.wrap(text, 110)) + "#\n"
+    dates = ", ".join(sorted({r["date"] for r in runs}))
+    keys = HEADER_METRICS.get(recipe, [HEADLINE[recipe]])
+    how = {TASK: "span", PAIR: "span", "eval/reward": "span", KL: "after", STEPS: "plain"}
+    text = (f"Measured for seeds {' / '.join(str(r['seed']) for r in runs)}, each from a clean folder with its "
+            f"upstream recipes trained first (bench/recipe_figures.py, {dates}; docs/recipe-figures.md): "
+            + "; ".join(f"{key} {figure(results, recipe, key, how[key])}" for key in keys) + ".")
+    return "".join(f"# {line}\n" for line in textwrap.wrap(text, 110)) + "#\n"
+
+
+def quote(results: list[dict]) -> None:
+    """Rewrite the README stage table's measured cells and each recipe header's first paragraph from `results`."""
+    lines = README.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        row = README_ROW.match(line)
+        if row and row["recipe"] in README_CELLS:
+            cells = line.rstrip("\n").split(" | ")
+            cells[-1] = readme_cell(results, row["recipe"]) + " |"
+            lines[i] = " | ".join(cells) + "\n"
+    README.write_text("".join(lines))
+    for recipe in HEADLINE:
+        path = REPO / "recipes" / "tiny" / f"{recipe}.yaml"
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text(header_block(results, recipe) + "".join(lines[lines.index("#\n") + 1:]))
+
+
+README_ROW = re.compile(r"^\| `[^`]+`[^|]* \| `recipes/tiny/(?P<recipe>[\w-]+)\.yaml`")
 
 
 def main() -> None:
@@ -114,10 +221,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", default=list(HEADLINE), choices=list(HEADLINE))
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--quote-only", action="store_true",
+                        help="run nothing: rewrite the table, the README cells and the recipe headers from the JSON")
     args = parser.parse_args()
     recipes = [r for r in HEADLINE if r in args.recipes]  # upstream first
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda seed: run_seed(recipes, seed), args.seeds))  # each result saved as it comes
+    if not args.quote_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda seed: run_seed(recipes, seed), args.seeds))  # each result saved as it comes
+    results = json.loads(OUT_JSON.read_text())
+    OUT_MD.write_text(table(results))
+    quote(results)
     print(OUT_MD.read_text())
 
 

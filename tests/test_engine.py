@@ -223,3 +223,31 @@ def test_every_stage_provides_what_the_engine_needs():
             assert list(inspect.signature(getattr(cls, name)).parameters) == list(
                 inspect.signature(getattr(Stage, name)).parameters), (cls.__name__, name)
         assert not any(other in cls.__mro__[1:] for other in classes), cls.__name__
+
+
+def test_training_stops_at_the_first_evaluation_that_reaches_eval_stop_value(tmp_path, capsys):
+    """eval.stop_metric / eval.stop_value: the run ends at that evaluation's step, says so, and a rerun of the
+    same output_dir has nothing left to do (the stopped run is finished, not interrupted)."""
+    def recipe():
+        return load_recipe(None, data=tiny_sft_recipe(
+            tmp_path / "run", **{"train.max_steps": 8, "data.eval": {"path": str(REPO / "data/arith/sft_eval.jsonl"),
+                                                                      "take": 8},
+                                 "eval.generate": True, "eval.max_new_tokens": 4, "eval.steps": 2,
+                                 "eval.stop_metric": "eval/task_accuracy", "eval.stop_value": 0.0}))
+
+    metrics = planning.run(recipe())
+    assert metrics["train/steps"] == 2 and metrics["train/stopped_at_value"] == 1
+    assert "at step 2: training stops here" in capsys.readouterr().out
+    assert planning.run(recipe())["train/steps"] == 2
+    assert "already trained to step 2; nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("evaluation, message", [
+    ({"stop_metric": "eval/task_accuracy"}, "eval.stop_metric and eval.stop_value go together"),
+    ({"stop_metric": "eval/task_accuracy", "stop_value": 0.5}, "eval.stop_metric needs eval.steps"),
+])
+def test_a_half_given_stop_rule_is_one_clear_error(tmp_path, evaluation, message):
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError, match=message):
+        load_recipe(None, data=tiny_sft_recipe(tmp_path / "run", eval=evaluation))

@@ -135,7 +135,7 @@ def test_an_upstream_folder_made_with_other_settings_is_reused_with_a_warning(tm
     make_sft("train.max_steps=7")
     assert [s.recipe.stage for s in plan(_dpo(tmp_path, "seed=2"))] == ["dpo"]  # reused, not retrained
     out = capsys.readouterr().out
-    assert f"warning: {tmp_path / 'sft'}" in out and "seed: 0 -> 2" in out and "train.max_steps: 7 -> 400" in out
+    assert f"warning: {tmp_path / 'sft'}" in out and "seed: 0 -> 2" in out and "train.max_steps: 7 -> 1000" in out
 
 
 def test_reading_a_recipe_imports_no_runtime_module():

@@ -24,7 +24,7 @@ def _run(recipe_path, tmp_path, *overrides):
 def test_dpo_with_nll_term_beats_its_sft_start(tmp_path):
     metrics = _run("recipes/tiny/dpo.yaml", tmp_path)
     assert metrics["eval/task_accuracy"] >= metrics["eval/task_accuracy_start"] + 0.05
-    assert metrics["eval/pair_accuracy"] >= 0.9
+    assert metrics["eval/pair_accuracy"] >= 0.85  # the header's target (restated from 0.9)
 
 
 def test_orpo_from_scratch_learns_the_task(tmp_path):

@@ -1,0 +1,66 @@
+"""One source for the tiny recipes' figures: the README's stage table, docs/recipe-figures.md and each recipe
+header quote docs/recipe-figures.json, the output of bench/recipe_figures.py (which rewrites all three)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def figures():
+    spec = importlib.util.spec_from_file_location("recipe_figures", REPO / "bench" / "recipe_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def results(figures):
+    return json.loads(figures.OUT_JSON.read_text())
+
+
+def test_every_recipe_has_seeds_0_1_2_without_failures_or_is_pending(figures, results):
+    """A recipe is measured for seeds 0, 1, 2, or declared pending (with why) and then has no figures at all:
+    no figure of an older version of a recipe or of its upstream is quoted."""
+    for recipe in figures.HEADLINE:
+        runs = figures.seed_runs(results, recipe)
+        if recipe in figures.PENDING:
+            assert runs == [], recipe
+            continue
+        assert [r["seed"] for r in runs] == [0, 1, 2], recipe
+        assert not [r for r in runs if "error" in r], recipe
+
+
+def test_the_readme_stage_table_quotes_the_json(figures, results):
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        row = figures.README_ROW.match(line)
+        if row:
+            rows[row["recipe"]] = line.split(" | ")[-1].removesuffix(" |")
+    assert set(rows) >= set(figures.README_CELLS)
+    for name in figures.README_CELLS:
+        assert rows[name] == figures.readme_cell(results, name), name
+
+
+def test_each_recipe_header_and_the_table_quote_the_json(figures, results):
+    for recipe in figures.HEADLINE:
+        text = (REPO / "recipes" / "tiny" / f"{recipe}.yaml").read_text()
+        assert text.startswith(figures.header_block(results, recipe)), recipe
+    assert figures.OUT_MD.read_text() == figures.table(results)
+
+
+def test_figures_render_starts_ends_gains_and_the_least_seed(figures):
+    def run(seed, start, end):
+        return {"recipe": "dpo", "seed": seed, "metrics": {"eval/task_accuracy": end,
+                                                           "eval/task_accuracy_start": start}}
+
+    results = [run(1, 0.5, 0.62), run(0, 0.6, 0.75)]
+    assert figures.figure(results, "dpo", "eval/task_accuracy", "gain") == \
+        "+15.0 / +12.0 points (min +12.0; 0.6 -> 0.75 / 0.5 -> 0.62)"
+    assert figures.figure(results, "dpo", "eval/task_accuracy", "span") == "0.6 -> 0.75 / 0.5 -> 0.62 (min 0.62)"
+    assert figures.figure(results, "dpo", "eval/task_accuracy", "after") == "0.75 / 0.62 (min 0.62)"
+    same_start = [run(0, 0.0, 0.9), run(1, 0.0, 0.8)]
+    assert figures.figure(same_start, "dpo", "eval/task_accuracy", "span") == "0 -> 0.9 / 0.8 (min 0.8)"
