@@ -20,6 +20,7 @@ checkpointing and forwards of at most 1,024 tokens on a CPU; SFT with
    tensors by key (the (B, 1, T, T) shared-prompt masks), tensors autograd saved for the
    backward by module kind at the end of each forward (activations; the head's
    log-probs)), and glibc's heap (mallinfo2: bytes in use, free inside the arenas, mmapped).
+   `--unbounded` profiles the state before the fix (own widths, caches at 1,024 entries).
 3. `malloc`: the whole run's peak resident set and wall time under glibc settings
    (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) as env variables,
    to compare against the default.
@@ -289,11 +290,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=96)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="steps of the profiled runs (malloc: a whole pass)")
+    parser.add_argument("--steps", type=int, default=12, help="steps of the profiled runs (malloc: a whole pass)")
     parser.add_argument("--inspect", type=int, default=1, help="the step taken apart")
     parser.add_argument("--override", action="append", default=[], help="extra recipe override (both stages)")
     parser.add_argument("--pad-multiple", type=int, help="pad micro-batches to this multiple instead of "
                         "align.data.PAD_TO_MULTIPLE_OF (1: each micro-batch's own width, as before)")
+    parser.add_argument("--unbounded", action="store_true", help="as before the fix: each micro-batch at its own "
+                        "width (--pad-multiple 1) and the CPU matmul primitive caches at their default 1,024 entries")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -313,6 +316,10 @@ def main() -> None:
         return
 
     parts = args.part.split(",")
+    cache_env = {}
+    if args.unbounded:
+        args.pad_multiple = 1
+        cache_env = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
     print(f"builtin:small, batch {args.batch}, max length {args.max_length}, OMP_NUM_THREADS=1; {machine_load()}")
     if "imports" in parts:
         print("\n== resident MB after imports (each line adds to the one above) ==")
@@ -327,14 +334,14 @@ def main() -> None:
                 *([f"--pad-multiple={args.pad_multiple}"] if args.pad_multiple else [])]
         for kind in ("dpo", "sft"):
             if kind in parts:
-                r = run_child([*argv, "--child", f"profile:{kind}"], child_env())
+                r = run_child([*argv, "--child", f"profile:{kind}"], child_env(**cache_env))
                 if r:
                     print_profile(kind, r, args)
         if "malloc" in parts:
             print("\n== whole runs under glibc settings: process peak MB, seconds ==")
             for kind in ("dpo", "sft"):
                 for name, env in MALLOC_SETTINGS.items():
-                    r = run_child([*argv, "--child", f"whole:{kind}"], child_env(**env))
+                    r = run_child([*argv, "--child", f"whole:{kind}"], child_env(**cache_env, **env))
                     if r:
                         print(f"  {kind} {name:22s} peak {r['peak']:7.0f}  {r['seconds']:6.1f} s", flush=True)
     print(f"\nfinished; {machine_load()}")
