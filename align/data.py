@@ -586,31 +586,13 @@ def prefix_sharing_mask(segments: torch.Tensor, real: torch.Tensor | None = None
     return allowed[:, None]
 
 
-PAD_TO_MULTIPLE_OF = 64
-"""Training micro-batches of varying lengths are padded to a multiple of this many tokens.
-
-On a CPU under bf16 autocast every new matmul shape adds a primitive to oneDNN's cache and to
-ideep's (each keeps ~1,024 entries, with their buffers): at each micro-batch's own width
-nearly every micro-batch is a new shape and the process grows step after step (measured on
-builtin:small, DPO on HH-RLHF, batch 8: +45 MB of heap in use per step, 1.3 GB added after
-16 steps; bench/profile_memory.py). Widths rounded up to 64 tokens repeat, so the caches stop
-growing once each shape has been seen and hit instead of building primitives. Pads cost at
-most 63 tokens a row; right pads change no real token's logits (causal attention)."""
-
-
-def round_width(width: int, multiple: int = 1) -> int:
-    """`width` rounded up to a multiple of `multiple`: round_width(70, 64) == 128."""
-    return -(-width // multiple) * multiple
-
-
 def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False,
-            width: int | None = None, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+            width: int | None = None) -> dict[str, torch.Tensor]:
     """Stack examples into tensors.
 
     Padded (default): right-padded (B, T) input_ids / labels / attention_mask, T the
     longest example or `width` if that is more (packed rows come at data.max_length: every
-    micro-batch then has the same shape, so the allocator reuses the same blocks each step),
-    rounded up to a multiple of `pad_to_multiple_of` (see `PAD_TO_MULTIPLE_OF`).
+    micro-batch then has the same shape, so the allocator reuses the same blocks each step).
     Padding-free, or packed rows: examples concatenated into one (1, sum T) row with
     position_ids restarting at each sample and no attention_mask; transformers then
     keeps attention within each sample.
@@ -623,7 +605,7 @@ def collate(examples: list[dict], pad_id: int, *, padding_free: bool = False,
             positions += ex.get("position_ids") or list(range(len(ex["input_ids"])))
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions])}
-    width = round_width(max([len(ex["input_ids"]) for ex in examples] + [width or 0]), pad_to_multiple_of)
+    width = max([len(ex["input_ids"]) for ex in examples] + [width or 0])
     B = len(examples)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE, dtype=torch.long)

@@ -38,7 +38,6 @@ from align.data import (
     encode_prompt_completion,
     is_conversational,
     prefix_sharing_mask,
-    round_width,
 )
 from align.errors import AlignError
 
@@ -201,20 +200,18 @@ def pair_length(example: dict) -> int:
     return n + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
 
 
-def collate_pairs(examples: list[dict], pad_id: int, *, padding_side: str = "right",
-                  pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def collate_pairs(examples: list[dict], pad_id: int, *, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """One concatenated batch for one forward pass: rows [chosen_1..chosen_B, rejected_1..rejected_B].
 
-    input_ids, attention_mask: (2B, T), T the longest row rounded up to a multiple of
-    `pad_to_multiple_of` (`align.data.PAD_TO_MULTIPLE_OF`); labels: (2B, T), the completion
-    tokens and -100 elsewhere (prompt and padding); margin: (B,) when the pairs have margins.
+    input_ids, attention_mask: (2B, T); labels: (2B, T), the completion tokens and
+    -100 elsewhere (prompt and padding); margin: (B,) when the pairs have margins.
     """
     sequences, labels = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for ex in examples:
             sequences.append(ex["prompt_ids"] + ex[side])
             labels.append([IGNORE] * len(ex["prompt_ids"]) + ex[side])
-    width = round_width(max(len(s) for s in sequences), pad_to_multiple_of)
+    width = max(len(s) for s in sequences)
     rows = len(sequences)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     label_t = torch.full((rows, width), IGNORE, dtype=torch.long)
@@ -239,7 +236,7 @@ def shared_pair_width(example: dict) -> int:
     return len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
 
 
-def collate_shared_pairs(examples: list[dict], pad_id: int, *, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def collate_shared_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """One row per pair, [prompt, chosen, rejected], right-padded: the prompt is computed once.
 
     Prefix sharing (Wang et al. 2024, "Accelerating Direct Preference Optimization with
@@ -249,7 +246,7 @@ def collate_shared_pairs(examples: list[dict], pad_id: int, *, pad_to_multiple_o
     [prompt, chosen] and [prompt, rejected] of `collate_pairs`.
 
     input_ids, position_ids, segments (PROMPT/CHOSEN/REJECTED/PAD): (B, T) with
-    T = max(P + C + R) rounded up to a multiple of `pad_to_multiple_of`; position_ids [0..P+C-1, P..P+R-1, then the pads' own, none past the batch's
+    T = max(P + C + R); position_ids [0..P+C-1, P..P+R-1, then the pads' own, none past the batch's
     longest pair: max(P + max(C, R)) - 1];
     attention_mask: (B, 1, T, T) bool from `align.data.prefix_sharing_mask` (PROMPT = 0 is the
     shared prefix: chosen sees prompt + chosen, rejected prompt + rejected, pads the prompt and
@@ -267,7 +264,7 @@ def collate_shared_pairs(examples: list[dict], pad_id: int, *, pad_to_multiple_o
     max_length 1024, 1.5x at 384) with lower peak memory (fewer rows and logits).
     """
     B = len(examples)
-    width = round_width(max(shared_pair_width(e) for e in examples), pad_to_multiple_of)
+    width = max(shared_pair_width(e) for e in examples)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     segments = torch.full((B, width), PAD, dtype=torch.long)
     position_ids = torch.arange(width).repeat(B, 1)  # (B, T)

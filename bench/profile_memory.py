@@ -20,7 +20,7 @@ checkpointing and forwards of at most 1,024 tokens on a CPU; SFT with
    tensors by key (the (B, 1, T, T) shared-prompt masks), tensors autograd saved for the
    backward by module kind at the end of each forward (activations; the head's
    log-probs)), and glibc's heap (mallinfo2: bytes in use, free inside the arenas, mmapped).
-   `--unbounded` profiles the state before the fix (own widths, caches at 1,024 entries).
+   `--unbounded` profiles the caches as they were before align capped them (1,024 entries).
 3. `malloc`: the whole run's peak resident set and wall time under glibc settings
    (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) as env variables,
    to compare against the default.
@@ -293,10 +293,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps of the profiled runs (malloc: a whole pass)")
     parser.add_argument("--inspect", type=int, default=1, help="the step taken apart")
     parser.add_argument("--override", action="append", default=[], help="extra recipe override (both stages)")
-    parser.add_argument("--pad-multiple", type=int, help="pad micro-batches to this multiple instead of "
-                        "align.data.PAD_TO_MULTIPLE_OF (1: each micro-batch's own width, as before)")
-    parser.add_argument("--unbounded", action="store_true", help="as before the fix: each micro-batch at its own "
-                        "width (--pad-multiple 1) and the CPU matmul primitive caches at their default 1,024 entries")
+    parser.add_argument("--unbounded", action="store_true", help="as before the fix: the CPU matmul primitive "
+                        "caches at their default 1,024 entries (align.device.bound_matmul_caches keeps a user's setting)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,12 +303,6 @@ def main() -> None:
 
         torch.set_num_threads(1)
         what, kind = args.child.split(":")
-        if args.pad_multiple:
-            import align.stages.preference
-            import align.stages.sft
-
-            for module in (align.stages.preference, align.stages.sft):
-                module.PAD_TO_MULTIPLE_OF = args.pad_multiple
         emit(profiled_run(kind, Path(args.work), args, args.override) if what == "profile"
              else whole_run(kind, Path(args.work), args, args.override))
         return
@@ -318,7 +310,6 @@ def main() -> None:
     parts = args.part.split(",")
     cache_env = {}
     if args.unbounded:
-        args.pad_multiple = 1
         cache_env = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
     print(f"builtin:small, batch {args.batch}, max length {args.max_length}, OMP_NUM_THREADS=1; {machine_load()}")
     if "imports" in parts:
@@ -330,8 +321,7 @@ def main() -> None:
         prepare(work, args)
         argv = [__file__, "--work", str(work), "--pairs", str(args.pairs), "--rows", str(args.rows),
                 "--max-length", str(args.max_length), "--batch", str(args.batch), "--steps", str(args.steps),
-                "--inspect", str(args.inspect), *[f"--override={o}" for o in args.override],
-                *([f"--pad-multiple={args.pad_multiple}"] if args.pad_multiple else [])]
+                "--inspect", str(args.inspect), *[f"--override={o}" for o in args.override]]
         for kind in ("dpo", "sft"):
             if kind in parts:
                 r = run_child([*argv, "--child", f"profile:{kind}"], child_env(**cache_env))

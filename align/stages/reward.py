@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from align import models
-from align.data import PAD_TO_MULTIPLE_OF, load_eval_rows, load_rows
+from align.data import load_eval_rows, load_rows
 from align.device import micro_batch_tokens
 from align.evaluate_rm import pair_rewards, score_pairs
 from align.losses import bradley_terry_loss
@@ -76,9 +76,7 @@ class RewardStage:
             train.examples, [lengths(e) for e in train.examples], batch_size=recipe.train.batch_size,
             grad_accum=recipe.train.grad_accum, process=accelerator.process_index,
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=recipe.data.group_by_length,
-            # padded to a multiple of 64 tokens: repeated shapes (see data.PAD_TO_MULTIPLE_OF)
-            collate_fn=lambda exs: collate(exs, self.pad_id, pad_to_multiple_of=PAD_TO_MULTIPLE_OF),
-            weight_fn=lambda e: 1,
+            collate_fn=lambda exs: collate(exs, self.pad_id), weight_fn=lambda e: 1,
             max_tokens=micro_batch_tokens(recipe), widths=[widths(e) for e in train.examples],
             rows_per_example=rows,
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 from align import evaluate, models
 from align.data import (
     IGNORE,
-    PAD_TO_MULTIPLE_OF,
     collate,
     load_eval_rows,
     load_rows,
@@ -52,9 +51,7 @@ class SFTStage:
             processes=accelerator.num_processes, seed=recipe.seed, group_by_length=data.group_by_length,
             # packed rows stay (B, max_length) rows: one concatenated row would make CPU sdpa build a dense
             # (sum T)^2 block mask (2.5x slower, 1.7x the memory at 8 x 512); padding_free asks for that row
-            # unpacked rows are padded to a multiple of 64 tokens: repeated shapes (see data.PAD_TO_MULTIPLE_OF)
-            collate_fn=lambda exs: collate(exs, self.pad_id, padding_free=data.padding_free, width=fixed_width,
-                                           pad_to_multiple_of=1 if fixed_width else PAD_TO_MULTIPLE_OF),
+            collate_fn=lambda exs: collate(exs, self.pad_id, padding_free=data.padding_free, width=fixed_width),
             weight_fn=lambda e: sum(1 for label in e["labels"][1:] if label != IGNORE),
             max_tokens=micro_batch_tokens(recipe),
             widths=[fixed_width] * len(examples) if fixed_width else lengths,
