@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from align.device import bound_matmul_caches
 from align.errors import AlignError
 from align.recipe import TrainConfig
 
@@ -18,6 +19,7 @@ def make_accelerator(train: TrainConfig, output_dir: str):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    bound_matmul_caches()  # before the run's first matmul (align.device)
     mixed = resolve_mixed_precision(train.mixed_precision)
     forget_other_precision(mixed)
     trackers = [t for t in train.report_to if t != "none"]

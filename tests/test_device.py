@@ -114,3 +114,18 @@ def test_packed_sft_forwards_have_one_shape(tmp_path, cpu_only, monkeypatch):
     planning.run(recipe(tmp_path, **{"data.max_length": 128, "train.batch_size": 16, "train.max_steps": 2,
                                    "data.train.take": 512}))
     assert seen == [(8, 128)] * 4
+
+
+def test_a_run_caps_the_cpu_matmul_primitive_caches_unless_the_user_did(monkeypatch):
+    """make_accelerator caps oneDNN's and ideep's per-shape primitive caches (align.device.bound_matmul_caches:
+    under bf16 on a CPU they grew with every new batch shape); a capacity the user set is kept."""
+    from align.accel import make_accelerator
+    from align.recipe import TrainConfig
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    make_accelerator(TrainConfig(mixed_precision="no"), ".")
+    import os
+
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(device.MATMUL_CACHE_CAPACITY) == "64"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

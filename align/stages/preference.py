@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 
 from align import evaluate, models
-from align.data import load_eval_rows, load_rows, without_causal_padding_mask
+from align.data import load_eval_rows, load_rows, split_by_token_budget, without_causal_padding_mask
 from align.device import micro_batch_tokens
 from align.errors import AlignError
 from align.logprobs import forward_hidden
@@ -187,23 +187,30 @@ def _shared_pair_logps(model, batch: dict, *, nll_on_prompt: bool) -> dict[str, 
 
 @torch.no_grad()
 def summed_pair_logps(model, examples: list[dict], pad_id: int, *, batch_size: int, accelerator=None,
-                shared_prompt: bool = False) -> torch.Tensor:
+                      shared_prompt: bool = False, max_tokens: int | None = None) -> torch.Tensor:
     """Summed completion log-probs of every pair under `model`: (N, 2) [chosen, rejected].
 
-    Pairs are scored in length-sorted batches, as shared-prompt rows with `shared_prompt`
-    (`collate_shared_pairs`), else as 2B rows; under several processes each scores every
-    n-th pair and the results are summed over processes (exact: zeros elsewhere).
+    Pairs are scored in length-sorted batches of `batch_size`, each cut again into forwards
+    of at most `max_tokens` padded tokens when set (train.micro_batch_tokens: the reference
+    pass then peaks no higher than a training step; bench/profile_memory.py), as shared-prompt
+    rows with `shared_prompt` (`collate_shared_pairs`), else as 2B rows; under several
+    processes each scores every n-th pair and the results are summed over processes (exact:
+    zeros elsewhere).
     """
     n = len(examples)
     out = torch.zeros(n, 2, dtype=torch.float64)
     processes = 1 if accelerator is None else accelerator.num_processes
     collate, width = (collate_shared_pairs, shared_pair_width) if shared_prompt else (collate_pairs, pair_length)
     mine = sorted(evaluate.shard(n, accelerator), key=lambda i: width(examples[i]))
+    chunks = [mine[start: start + batch_size] for start in range(0, len(mine), batch_size)]
+    if max_tokens is not None:
+        widths = {i: width(examples[i]) for i in mine}
+        chunks = [c for chunk in chunks for c in split_by_token_budget(chunk, widths, max_tokens,
+                                                                       rows_per_example=1 if shared_prompt else 2)]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start: start + batch_size]
+    for chunk in chunks:
         batch = collate([examples[i] for i in chunk], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
@@ -302,9 +309,10 @@ class PreferenceStage:
                 if not examples:
                     continue
                 scores = summed_pair_logps(whole, examples, self.pad_id,
-                                     batch_size=args.ref_batch_size or self.recipe.train.batch_size,
-                                     accelerator=self.accelerator,
-                                     shared_prompt=self.shared_prompt and supports_shared_prompt(whole))
+                                           batch_size=args.ref_batch_size or self.recipe.train.batch_size,
+                                           accelerator=self.accelerator,
+                                           shared_prompt=self.shared_prompt and supports_shared_prompt(whole),
+                                           max_tokens=micro_batch_tokens(self.recipe))
                 for e, (c, r) in zip(examples, scores.tolist()):
                     e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
         if reference is not self.model:
