@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (child_env, emit, interleaved, machine_load, memory_after, print_table,  # noqa: E402, I001
-                    reset_peak_rss, run_child, setup_child)
+                    reset_peak_rss, run_child, setup_child, step_stamps)
 from bench_sft import hh_transcripts, write_jsonl  # noqa: E402
 
 VOCAB = 151_936
@@ -118,18 +118,10 @@ def child(system: str, stage: str, work: Path, args) -> dict:
 def trl_run(stage: str, work: Path, out: Path, args) -> list[float]:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    stamps = []
-
-    class Stamp(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            if not stamps:
-                stamps.append(time.perf_counter())
-
-        def on_step_end(self, a, state, control, **kw):
-            stamps.append(time.perf_counter())
+    stamp, stamps = step_stamps()
 
     rows = [json.loads(line) for line in (work / f"{stage}.jsonl").open()]
     common = dict(output_dir=str(out), use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to="none",
@@ -139,10 +131,10 @@ def trl_run(stage: str, work: Path, out: Path, args) -> list[float]:
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
     if stage == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(max_length=args.seq, **common),
-                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Stamp()])
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[stamp])
     else:
         trainer = DPOTrainer(model=model, args=DPOConfig(max_length=2 * args.seq, **common),
-                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Stamp()])
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[stamp])
     trainer.train()
     return [b - a for a, b in zip(stamps, stamps[1:])]
 

@@ -69,7 +69,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (HH, child_env, clean_rounds, emit, interleaved, machine_load, memory_after,  # noqa: E402, I001
-                    print_table, reset_peak_rss, run_child, setup_child)
+                    print_table, reset_peak_rss, run_child, setup_child, step_stamps)
 
 A_SYSTEMS = ["plain", "align", "trl", "trl-defaults"]
 # system -> recipe overrides on top of align's defaults (part b)
@@ -209,22 +209,11 @@ def child_a(system: str, work: Path, args) -> dict:
         rates = [r["train/tokens_per_second"] for r in records if "train/tokens_per_second" in r]
         times = [args.batch * args.seq / rate for rate in rates]
     else:
-        from transformers import TrainerCallback
-
-        stamps = []
-
-        class Stamp(TrainerCallback):
-            def on_step_begin(self, a, state, control, **kw):
-                if not stamps:
-                    stamps.append(time.perf_counter())
-
-            def on_step_end(self, a, state, control, **kw):
-                stamps.append(time.perf_counter())
-
+        stamp, stamps = step_stamps()
         config = trl_config(work, out, TRL_SETTINGS[system], per_device_train_batch_size=args.batch,
                             max_length=args.seq, max_steps=steps, learning_rate=LR, logging_steps=10,
                             disable_tqdm=False)
-        trainer = trl_trainer(work, "fixed.jsonl", config, [Stamp()])
+        trainer = trl_trainer(work, "fixed.jsonl", config, [stamp])
         assert {len(x) for x in trainer.train_dataset["input_ids"]} == {args.seq}
         trainer.train()
         times = [b - a for a, b in zip(stamps, stamps[1:])]

@@ -94,6 +94,27 @@ def memory_after(base_mb: float) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# per-step time of a transformers Trainer (TRL)
+# ---------------------------------------------------------------------------
+def step_stamps():
+    """-> (a TrainerCallback, its list of perf_counter stamps): the first step's start, then every step's end;
+    consecutive differences are the step times."""
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not stamps:
+                stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    return Stamp(), stamps
+
+
+# ---------------------------------------------------------------------------
 # child processes
 # ---------------------------------------------------------------------------
 def child_env(**extra: str) -> dict:
