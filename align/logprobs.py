@@ -47,8 +47,9 @@ from align.losses import entropy_from_logits, token_logprobs
 
 CHUNK_ELEMENTS = 2 ** 24
 """Logit entries per chunk (64 MiB in fp32): ~110 positions at a 151,936 vocabulary; the whole batch of a
-tiny model. Measured in bench/bench_logprobs.py: smaller chunks cost time (more, thinner matmuls), larger
-ones memory, with no speed left to gain past ~16M entries."""
+tiny model. It bounds the transient at about two chunk copies. A head-only A/B on this 2-core CPU (4,096
+positions, V = 151,936; chunks of 110, 441 and 1,024 positions; every round throttled) showed no size
+clearly faster, so the smallest bound was kept; not yet timed on a GPU."""
 
 
 def default_chunk_tokens(vocab: int) -> int:
