@@ -113,7 +113,7 @@ from align.data import (
 )
 from align.device import gradient_checkpointing
 from align.errors import AlignError
-from align.logprobs import CHUNK_ELEMENTS, default_chunk_tokens
+from align.logprobs import chunk_positions
 from align.recipe import ModelConfig, Recipe, load_recipe
 
 GiB = 2**30
@@ -405,11 +405,9 @@ def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int | None = None
 
 def logprob_chunk_tokens(recipe: Recipe, shape: ModelShape, par: Parallelism, tokens: int) -> int | None:
     """Positions per chunk of the log-prob head, or None where the plain path runs (`align.logprobs`)."""
-    if recipe.model.chunked_logprobs is False or (par.kind == "deepspeed" and par.zero_stage == 3):
+    if par.kind == "deepspeed" and par.zero_stage == 3:
         return None
-    if recipe.model.chunked_logprobs == "auto" and tokens * shape.vocab <= CHUNK_ELEMENTS:
-        return None  # the whole forward's logits fit in one chunk: the plain path runs
-    return recipe.model.logprob_chunk_tokens or default_chunk_tokens(shape.vocab)
+    return chunk_positions(recipe.model.chunked_logprobs, tokens, shape.vocab, recipe.model.logprob_chunk_tokens)
 
 
 def _resident_memory(recipe: Recipe, shape: ModelShape, par: Parallelism, mixed: str, act: int):

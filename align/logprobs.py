@@ -56,6 +56,15 @@ def default_chunk_tokens(vocab: int) -> int:
     return max(16, CHUNK_ELEMENTS // max(vocab, 1))
 
 
+def chunk_positions(setting, tokens: int, vocab: int, chunk_tokens: int | None = None) -> int | None:
+    """Positions per chunk for a forward of `tokens` positions under `model.chunked_logprobs` = `setting`, or
+    None where the plain path runs (false; auto with the whole forward's logits within one chunk). The
+    fallbacks of `output_head` (hooks, wrappers, ZeRO-3) come on top."""
+    if setting is False or (setting == "auto" and tokens * vocab <= CHUNK_ELEMENTS):
+        return None
+    return chunk_tokens or default_chunk_tokens(vocab)
+
+
 # ---------------------------------------------------------------------------
 # the output head as a function of hidden states
 # ---------------------------------------------------------------------------
@@ -298,16 +307,12 @@ def forward_hidden(model, **inputs) -> tuple[torch.Tensor, OutputHead]:
     """
     lm = unwrap(model)
     head = output_head(lm)
-    if head.plain or (getattr(lm, "align_chunked_logprobs", "auto") == "auto" and _fits_one_chunk(inputs, head)):
+    ids = inputs.get("input_ids")
+    # auto with logits no larger than one chunk (the tiny models): chunking saves nothing, the model's own logits
+    if head.plain or (ids is not None and chunk_positions(getattr(lm, "align_chunked_logprobs", "auto"),
+                                                          ids.numel(), head.weight.shape[0]) is None):
         return model(**inputs).logits, PLAIN
     return _hidden_through(model, lm.get_output_embeddings(), **inputs), head
-
-
-def _fits_one_chunk(inputs: dict, head: OutputHead) -> bool:
-    """`auto`: the whole forward's logits are no larger than one chunk, so chunking saves nothing (the tiny
-    models): the model's own logits, exactly the plain path's numbers."""
-    ids = inputs.get("input_ids")
-    return ids is not None and ids.numel() * head.weight.shape[0] <= CHUNK_ELEMENTS
 
 
 def _hooked(layer) -> bool:

@@ -60,3 +60,14 @@ def save_dropout_model(folder, arch: str = "gpt2", p: float = 0.1):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return pathlib.Path(folder)
+
+
+def grads_of(stage, batches):
+    """Gradients of one step of `stage` over `batches`, normalised by their total weight as the engine does."""
+    model = stage.model
+    model.zero_grad(set_to_none=True)
+    total = sum(b["_weight"] for b in batches)
+    for b in batches:
+        loss_sum, _ = stage.loss(model, b)
+        (loss_sum / total).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -11,7 +11,7 @@ from align.errors import AlignError
 from align.planning import run
 from align.recipe import load_recipe
 
-from helpers import REPO
+from helpers import REPO, grads_of
 
 
 def digit_share(prompts, completions, **_) -> list[float]:
@@ -40,17 +40,6 @@ def build(tmp_path, **grpo):
 
     recipe = load_recipe(None, data=grpo_recipe(tmp_path, **grpo))
     return GRPOStage(recipe, Accelerator(cpu=True))
-
-
-def grads_of(stage, batches):
-    """Gradients of one step over `batches`, normalised by their total weight as the engine does."""
-    model = stage.model
-    model.zero_grad(set_to_none=True)
-    total = sum(b["_weight"] for b in batches)
-    for b in batches:
-        loss_sum, _ = stage.loss(model, b)
-        (loss_sum / total).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])

@@ -13,7 +13,7 @@ from align.errors import AlignError
 from align.planning import run
 from align.recipe import load_recipe
 
-from helpers import REPO, max_relative_difference, weights
+from helpers import REPO, grads_of, max_relative_difference, weights
 
 
 def digit_share(prompts, completions, **_) -> list[float]:
@@ -90,16 +90,6 @@ def test_the_loss_is_trls_on_the_stages_own_pairs(tmp_path):
     loss_sum, metrics = stage.loss(stage.model, batch)
     expected = _trl_loss(stage.model, stage.ref_model, pairs, 0.5)
     torch.testing.assert_close(loss_sum, expected.sum(), atol=1e-5, rtol=1e-5)
-
-
-def grads_of(stage, batches):
-    model = stage.model
-    model.zero_grad(set_to_none=True)
-    total = sum(b["_weight"] for b in batches)
-    for b in batches:
-        loss_sum, _ = stage.loss(model, b)
-        (loss_sum / total).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
 def test_a_step_is_invariant_to_micro_batch_splits_and_ties_carry_no_gradient(tmp_path):
