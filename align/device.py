@@ -18,6 +18,8 @@ cheaper depends on the device:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 
 import torch
@@ -74,3 +76,27 @@ def bound_matmul_caches(capacity: int = MATMUL_CACHE_CAPACITY) -> None:
     """
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         os.environ.setdefault(name, str(capacity))
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_heap(device: torch.device) -> None:
+    """On a CPU, hand the C heap's free pages back to the system (glibc's malloc_trim).
+
+    A CPU step allocates and frees tensors of every size; glibc keeps what was freed in its arenas,
+    fragmented, so each backward's transient landed on top of the last one's leftovers and the
+    process grew step after step. Called after each micro-batch's backward and each optimizer step:
+    on the real-vocabulary DPO benchmark (bench/bench_logprobs.py, 2 pairs x 2,048 tokens) the peak
+    fell from 1,941 to 1,837 MB (one run each, /tmp profile of RSS between phases); each call takes
+    about 0.05 ms. No effect on an accelerator's memory, so not called there.
+    """
+    trim = _malloc_trim() if device.type == "cpu" else None
+    if trim is not None:
+        trim(0)

@@ -42,6 +42,7 @@ import yaml
 
 from align.accel import make_accelerator
 from align.config import flat_keys
+from align.device import release_freed_heap
 from align.errors import AlignError
 from align.io_utils import JsonlLog, atomic_write_json, atomic_write_text
 from align.recipe import Recipe, TrainConfig, recipe_to_dict
@@ -405,6 +406,7 @@ def _optimizer_step(loop: _Loop, step: int, start_metrics: dict) -> tuple[float,
                 acc.deepspeed_engine_wrapped.backward(loss_sum * scale, sync_gradients=last)
             else:
                 acc.backward(loss_sum * scale)
+        release_freed_heap(acc.device)
         step_loss += loss_sum.detach().float()
         loop.sums.add(metrics)
         loop.tokens_since += batch["_tokens"]
@@ -418,6 +420,7 @@ def _optimizer_step(loop: _Loop, step: int, start_metrics: dict) -> tuple[float,
         grad_norm = float(acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm))
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
+    release_freed_heap(acc.device)
     loop.stage.after_step(step)
     return lr, step_loss / global_weight, grad_norm
 

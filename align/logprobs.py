@@ -196,16 +196,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
             eager, ctx.eager = ctx.eager, None  # scaled in place: a second backward recomputes instead
             return (*eager.scaled(factor), None, None, None, None, None, None, None)
         grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
-        device, dtype, enabled = ctx.autocast
+        head = () if kept else _as_forward_ran(ctx.autocast, hidden, weight, bias)
         for s in range(0, hidden.shape[0], chunk):
             e = min(s + chunk, hidden.shape[0])
             if kept:
                 p, t = kept[0], (kept[1] if softcap else None)
                 logp = torch.log(p.clamp(min=1e-45)) if use_entropy else None
             else:
-                with torch.autocast(device, dtype=dtype, enabled=enabled):
-                    raw = F.linear(hidden[s:e], weight, bias)
-                z, t = _post(raw, softcap, scale, temperature)
+                z, t = _post(F.linear(head[0][s:e], *head[1:]), softcap, scale, temperature)
                 logp = z.sub_(lse[s:e, None])
                 p = logp.exp() if use_entropy else logp.exp_()
             if use_entropy:
@@ -216,6 +214,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
             g.scatter_add_(-1, targets[s:e].clamp(min=0)[:, None], g_lp[s:e, None])
             grads.add(s, e, _grad_raw(g, t, scale, temperature))
         return (*grads.scaled(None), None, None, None, None, None, None, None)
+
+
+def _as_forward_ran(autocast, hidden, weight, bias):
+    """(hidden, weight, bias) in the dtype the forward's autocast ran the head in (as autocast casts a
+    linear's inputs), cast once for every chunk the backward recomputes: an autocast region per chunk
+    would cast the (V, H) weight again for each chunk, its cast cache lasting one region."""
+    _, dtype, enabled = autocast
+    if not enabled:
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 class _TokenGrads:

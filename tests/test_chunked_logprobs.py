@@ -44,6 +44,32 @@ def test_values_and_gradients_equal_the_full_logits(chunk, settings, bias):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_under_bf16_autocast_the_backward_recomputes_the_logits_the_forward_computed(monkeypatch):
+    """Several chunks (recomputed in the backward) give the gradients of one chunk (the forward's p kept):
+    the backward's recompute runs the head in the forward's bf16, casting the weight once, not per chunk."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(23, 8, generator=g, requires_grad=True)
+    weight = torch.randn(31, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 31, (23,), generator=g)
+    w_lp = torch.randn(23, generator=g)  # unequal weights: the backward recomputes
+
+    def grads(chunk):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = OutputHead(weight=weight, chunk_tokens=chunk).token_logprobs(hidden, targets)
+        return logps, torch.autograd.grad((logps * w_lp).sum(), [hidden, weight])
+
+    kept_lp, kept = grads(100)
+    casts = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: casts.append(self is weight) or real_to(self, *a, **k))
+    chunked_lp, chunked = grads(5)
+    torch.testing.assert_close(chunked_lp, kept_lp, atol=0, rtol=0)  # the forward: bf16 logits, fp32 softmax
+    for got, want in zip(chunked, kept, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # a float32 backward (the weight not cast) would differ by bf16's rounding of the logits, ~1e-2
+    assert sum(casts) == 1, casts  # the weight itself cast once (the old code: once per chunk, 5 times)
+
+
 @pytest.mark.parametrize("chunk", [4, 100])
 def test_log_probs_alone_give_the_same_gradient_and_a_frozen_head_gets_none(chunk):
     g = torch.Generator().manual_seed(1)

@@ -129,3 +129,22 @@ def test_a_run_caps_the_cpu_matmul_primitive_caches_unless_the_user_did(monkeypa
 
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(device.MATMUL_CACHE_CAPACITY) == "64"
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(device._malloc_trim() is None, reason="no glibc malloc_trim here")
+def test_freed_heap_goes_back_to_the_system_on_a_cpu_only():
+    """Tensors below glibc's mmap threshold live in its heap; freed with every other one kept, the holes
+    stay resident until release_freed_heap (called by the engine after each backward and step) trims them."""
+    device.release_freed_heap(torch.device("cpu"))
+    tensors = [torch.ones(16_000) for _ in range(4_000)]  # 64 KB each, 256 MB in all
+    del tensors[::2]
+    before = _resident_mb()
+    device.release_freed_heap(torch.device("meta"))  # not a CPU: nothing happens
+    assert _resident_mb() > before - 20
+    device.release_freed_heap(torch.device("cpu"))
+    assert _resident_mb() < before - 80, (before, _resident_mb())
