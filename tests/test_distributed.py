@@ -1,7 +1,8 @@
 """Two CPU processes under `accelerate launch` train every stage as one process does, and evaluate once.
 
 The invariance guarantee (same global batch -> same update, whatever the split over
-micro-batches and processes) for SFT, reward, DPO, KTO, online DPO, GKD, GRPO and PPO: each runs a few steps on a
+micro-batches and processes) for SFT, reward, DPO, KTO, online DPO, GKD, GRPO (and its RLOO,
+REINFORCE++ and GSPO settings) and PPO: each runs a few steps on a
 micro Llama (hidden 32, 2 layers) as ONE process (batch B, or B/2 x grad_accum 2) and
 as TWO CPU processes (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
 --num_processes 2`, batch B/2 each); the final weights agree to 1e-4 relative and the
@@ -72,6 +73,10 @@ def _recipe(stage, out, micro, *, batch_size, grad_accum=1, max_steps=3, **secti
     return recipe
 
 
+GRPO_VARIANTS = {"rloo": {"advantage_estimator": "rloo"}, "reinforce_pp": {"advantage_estimator": "reinforce_pp"},
+                 "gspo": {"importance_sampling_level": "sequence", "num_iterations": 2}}
+
+
 def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
     """Each stage's recipe for one process or for two (same global batch)."""
     two = processes == 2
@@ -94,8 +99,12 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
         # global batch 8 unpaired examples (4 pairs split in two): 4 x grad_accum 2 x 1 process, or 4 x 2; KTO's
         # reference point z_0 covers the whole step's batch, so it is the same number either way
         "kto": _recipe("kto", out / "kto", micro, batch_size=4, grad_accum=1 if two else 2, kto={"beta": 0.5}),
-        # global batch 8 completions = 4 prompts x G=2
+        # global batch 8 completions = 4 prompts x G=2; RLOO's and REINFORCE++'s advantages (the latter whitened over
+        # the global batch), and GSPO's sequence ratio on rollouts reused for 2 steps (4 steps = 2 rollouts)
         "grpo": _recipe("grpo", out / "grpo", micro, batch_size=4 if two else 8, grpo=grpo),
+        **{f"grpo-{name}": _recipe("grpo", out / f"grpo-{name}", micro, batch_size=4 if two else 8,
+                                   max_steps=4 if name == "gspo" else 3, grpo={**grpo, **variant})
+           for name, variant in GRPO_VARIANTS.items()},
         # global batch 8 prompts (16 samples, 8 pairs): 4 x grad_accum 2 x 1 process, or 4 x 2
         "online_dpo": _recipe("online_dpo", out / "online_dpo", micro, batch_size=4, grad_accum=1 if two else 2,
                               online_dpo=online_dpo),
@@ -228,12 +237,14 @@ def test_kto_two_processes_train_and_evaluate_as_one_accumulating(runs):
     assert m_one["eval/pair_accuracy"] == m_two["eval/pair_accuracy"]
 
 
-def test_grpo_two_processes_sample_the_same_rollouts_and_train_as_one(runs):
+@pytest.mark.parametrize("name", ["grpo", *[f"grpo-{name}" for name in GRPO_VARIANTS]])
+def test_grpo_two_processes_sample_the_same_rollouts_and_train_as_one(runs, name):
+    """GRPO and its variants (RLOO, REINFORCE++, GSPO): the same rollouts, advantages and update on 2 processes."""
     root = runs["root"]
-    m_one, m_two = _assert_same_run(root / "p1/grpo", root / "p2/grpo")
-    assert _moved(root / "p1/grpo", runs["micro"]) > 1e-3
-    rewards = [r["train/reward"] for r in _log(root / "p1/grpo") if "train/reward" in r]
-    assert len(set(rewards)) > 1  # the length reward varies: advantages are not all zero
+    m_one, m_two = _assert_same_run(root / "p1" / name, root / "p2" / name)
+    assert _moved(root / "p1" / name, runs["micro"]) > 1e-3
+    # the length reward varies within groups: advantages are not all zero
+    assert any(r.get("train/reward_std", 0) > 0 for r in _log(root / "p1" / name))
     for key in ("eval/task_accuracy", "eval/reward", "eval/kl"):
         # eval/kl is a small difference of log-prob sums: float32 rounding of the terms (~1e-7) sets its tolerance
         assert m_one[key] == m_two[key] or m_one[key] == pytest.approx(m_two[key], rel=1e-5, abs=1e-6), key

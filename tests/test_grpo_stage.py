@@ -232,3 +232,51 @@ def test_estimator_settings_are_checked(tmp_path):
         build(tmp_path, advantage_estimator="reinforce_pp", scale_rewards="batch")
     with pytest.raises(AlignError, match="importance_sampling_level"):
         build(tmp_path, importance_sampling_level="seq")
+
+
+@pytest.mark.parametrize("settings", [
+    {"advantage_estimator": "rloo"},
+    {"advantage_estimator": "reinforce_pp"},
+    {"importance_sampling_level": "sequence", "num_iterations": 2},
+], ids=["rloo", "reinforce_pp", "gspo"])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, settings):
+    """A run killed after its step-2 checkpoint and rerun ends with the weights of a run straight through (GSPO:
+    steps 0-1 and 2-3 each train on one rollout, so step 2 is a rollout boundary)."""
+    from align.stages.grpo import GRPOStage
+
+    from helpers import max_relative_difference, weights
+
+    def recipe(name, **train):
+        r = grpo_recipe(tmp_path / name, kl_coef=0.05, **settings)
+        r["train"].update(max_steps=4, **train)
+        r["eval"]["generate"] = False
+        return load_recipe(None, data=r)
+
+    run(recipe("straight"))
+
+    def crash(self, step):
+        if step == 2:  # the step after the checkpoint
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(GRPOStage, "after_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(recipe("resumed", save_steps=2))
+    assert (tmp_path / "resumed/checkpoints/step-2").is_dir()
+    monkeypatch.undo()
+    run(recipe("resumed", save_steps=2))
+    assert max_relative_difference(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6
+
+
+def test_checkpoints_inside_a_rollout_are_warned_about(tmp_path, capsys):
+    """With num_iterations 2 a checkpoint at an odd step falls inside a rollout, which no checkpoint keeps: the
+    resumed run would sample it again from other weights (measured: 5% relative weight difference after 4 steps)."""
+    build(tmp_path, num_iterations=2)
+    assert "warning" not in capsys.readouterr().out  # save_steps 1000
+    recipe = grpo_recipe(tmp_path, num_iterations=2)
+    recipe["train"]["save_steps"] = 3
+    from accelerate import Accelerator
+
+    from align.stages.grpo import GRPOStage
+
+    GRPOStage(load_recipe(None, data=recipe), Accelerator(cpu=True))
+    assert "train.save_steps 3 is not a multiple of grpo.num_iterations 2" in capsys.readouterr().out

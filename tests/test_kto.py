@@ -182,6 +182,30 @@ def test_kto_update_does_not_depend_on_accumulation(tmp_path):
         [r["kl"] for r in _log(tmp_path, "one") if "kl" in r], abs=1e-6)
 
 
+def test_a_killed_kto_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed after its step-2 checkpoint and rerun: the weights of a run straight through (the reference
+    log-probs are precomputed again at the restart, and z_0 of the remaining steps comes out the same)."""
+    from align.stages.kto import KTOStage
+
+    from helpers import max_relative_difference, weights
+
+    steps = ("train.max_steps=4", "train.save_steps=2")
+    run(_recipe(tmp_path, *steps, name="straight", train_rows=32))
+
+    def crash(self, step):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(KTOStage, "after_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(_recipe(tmp_path, *steps, name="resumed", train_rows=32))
+    monkeypatch.undo()
+    run(_recipe(tmp_path, *steps, name="resumed", train_rows=32))
+    assert max_relative_difference(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-6
+    assert [r["kl"] for r in _log(tmp_path, "resumed") if "kl" in r] == pytest.approx(
+        [r["kl"] for r in _log(tmp_path, "straight") if "kl" in r], abs=1e-6)
+
+
 def test_kto_bad_label_in_a_file_is_one_clear_error(tmp_path):
     data = _write(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True},
                                            {"prompt": "1+2=", "completion": "3", "label": "false"}])

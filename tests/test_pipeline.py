@@ -210,9 +210,10 @@ def test_report_compares_with_the_control_and_draws_accuracy_against_steps(tmp_p
         load_pipeline(path)
 
 
-def test_online_dpo_and_gkd_run_as_pipeline_steps(tmp_path):
-    """The new stages as steps: online DPO from the SFT step's model (ranked by exact match), GKD distilling
-    the SFT step's model into builtin:micro; the report has a row and a task accuracy for each."""
+def test_online_dpo_gkd_kto_and_gspo_run_as_pipeline_steps(tmp_path):
+    """The newer stages and settings as steps: online DPO from the SFT step's model (ranked by exact match), GKD
+    distilling the SFT step's model into builtin:micro, KTO on truth-labelled pairs split unpaired, GRPO with RLOO
+    advantages and GSPO's sequence ratio; the report has a row and a task accuracy for each."""
     data = str(REPO / "data/arith")
     prompts = {"path": f"{data}/sft_train.jsonl", "take": 64}
     steps = _steps()[:1] + [
@@ -223,9 +224,18 @@ def test_online_dpo_and_gkd_run_as_pipeline_steps(tmp_path):
          "set": {"gkd.teacher_model": "${steps.sft.output_dir}", "gkd.teacher_model_recipe": None,
                  "model.name_or_path": "builtin:micro", "model.from_recipe": None,
                  "train.max_steps": 2, "train.batch_size": 8, "data.train": prompts, "data.eval_limit": 16}},
+        {"name": "kto", "recipe": str(REPO / "recipes/tiny/teacher-kto.yaml"),
+         "set": {"model.name_or_path": "${steps.sft.output_dir}", "model.from_recipe": None, "train.max_steps": 2,
+                 "train.batch_size": 8, "data.train": {"path": f"{data}/teacher_prefs_train.jsonl", "take": 32},
+                 "data.eval_limit": 16}},
+        {"name": "gspo", "recipe": str(REPO / "recipes/tiny/teacher-gspo.yaml"),
+         "set": {"model.name_or_path": "${steps.sft.output_dir}", "model.from_recipe": None, "train.max_steps": 2,
+                 "train.batch_size": 16, "data.train": prompts, "data.eval_limit": 16, "grpo.eval_kl_prompts": 8,
+                 "grpo.advantage_estimator": "rloo", "grpo.plot": False}},
     ]
     rows = run_pipeline(_pipeline(tmp_path, steps), ["all.train.progress_bar=false"])
-    assert [r["step"] for r in rows] == ["sft", "online-dpo", "gkd"]
+    assert [r["step"] for r in rows] == ["sft", "online-dpo", "gkd", "kto", "gspo"]
     assert all(r["eval/task_accuracy"] is not None for r in rows)
     report = (tmp_path / "run/report.md").read_text()
     assert "| online-dpo | online_dpo |" in report and "| gkd | gkd |" in report
+    assert "| kto | kto |" in report and "| gspo | grpo |" in report

@@ -41,6 +41,9 @@ On-policy by default (`num_iterations: 1`: one update per rollout; the old log-p
 are the training forward's own, detached, so the ratio is 1 and no extra forward is
 spent, as TRL does). With `num_iterations: k` a rollout is reused for k consecutive
 optimizer steps, its old log-probs computed once at sampling time; the clip then acts.
+Resume is exact from a checkpoint on a rollout boundary (`train.save_steps` a multiple of
+num_iterations; the stage warns otherwise): a checkpoint inside a rollout's steps keeps no
+rollout, so the resumed run samples it again from the partly updated policy (as PPO's).
 
 `kl_coef: 0` (TRL's beta, default 0) loads no reference model at all and logs no KL; kl_coef > 0 loads
 a frozen copy of the starting policy (for a new LoRA adapter: the same weights with the
@@ -117,6 +120,11 @@ class GRPOStage:
             self.ref_model = models.load_model(recipe.model, self.tokenizer, seed=recipe.seed, trainable=False)
             self.ref_model.to(accelerator.device)
         self.engine = rollout_engine(recipe, self.prompts, a.max_new_tokens)
+        if t.save_steps % a.num_iterations:
+            accelerator.print(f"warning: train.save_steps {t.save_steps} is not a multiple of grpo.num_iterations "
+                              f"{a.num_iterations}: a run resumed from a checkpoint inside a rollout samples that "
+                              f"rollout again from the partly updated policy (not the same result as a run straight "
+                              f"through)")
         self._cache: tuple[int, list[dict]] | None = None
 
     def _reference_is_base_model(self) -> bool:
