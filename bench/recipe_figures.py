@@ -38,8 +38,10 @@ OUT_MD = REPO / "docs" / "recipe-figures.md"
 README = REPO / "README.md"
 # Recipes the JSON holds no figures for, with why: the table, the README and the header say so instead of
 # quoting figures of an older version (tests/test_recipe_figures.py checks the JSON has none for them).
-PENDING: dict[str, str] = {}
-TASK, PAIR, KL, STEPS = "eval/task_accuracy", "eval/pair_accuracy", "eval/kl", "train/steps"
+_BY_HAND = ("not yet measured by this script for seeds 0-2 (seed 0 by hand, 2026-12-06: GKD 0.839, SFT control "
+            "0.8315, start 0.674, teacher 0.981)")
+PENDING: dict[str, str] = {"micro-sft-start": _BY_HAND, "gkd": _BY_HAND, "distill-sft": _BY_HAND}
+TASK, PAIR, KL, STEPS, JSD = "eval/task_accuracy", "eval/pair_accuracy", "eval/kl", "train/steps", "eval/jsd"
 
 # recipe -> the metric its header and the README quote, upstream recipes before the ones that start from them
 HEADLINE = {
@@ -48,7 +50,13 @@ HEADLINE = {
     "simpo": "eval/task_accuracy", "orpo": "eval/task_accuracy",
     "sft-grpo-start": "eval/task_accuracy", "grpo": "eval/task_accuracy", "reward-ppo": "eval/pair_accuracy",
     "ppo": "eval/task_accuracy",
+    "micro-sft-start": "eval/task_accuracy", "gkd": "eval/task_accuracy", "distill-sft": "eval/task_accuracy",
 }
+# Distillation: the teacher (trained in the same folder with the same seed) and the SFT control a student run is
+# compared with, for the "closed" (share of the start's gap to the teacher) and "over" (points over the control)
+# figures.
+TEACHER = {"gkd": "sft", "distill-sft": "sft"}
+CONTROL = {"gkd": "distill-sft"}
 
 
 def run_seed(recipes: list[str], seed: int) -> list[dict]:
@@ -142,14 +150,20 @@ README_CELLS = {
     "grpo": [("task accuracy", "grpo", TASK, "gain"), ("eval/kl", "grpo", KL, "after")],
     "ppo": [("task accuracy", "ppo", TASK, "gain"), ("eval/kl", "ppo", KL, "after"),
             ("its reward model's pair accuracy (reward-ppo)", "reward-ppo", PAIR, "after")],
+    "gkd": [("GKD task accuracy", "gkd", TASK, "span"), ("SFT control (distill-sft)", "distill-sft", TASK, "span"),
+            ("GKD minus control", "gkd", TASK, "over"), ("gap to the teacher (sft) closed by GKD", "gkd", TASK, "closed"),
+            ("by the control", "distill-sft", TASK, "closed"), ("GKD's JSD to the teacher", "gkd", JSD, "span")],
 }
 # What each recipe header's first paragraph quotes: its headline metric first.
 HEADER_METRICS = {"sft-short": [TASK, STEPS], "sft-grpo-start": [TASK, STEPS], "dpo": [TASK, PAIR], "ipo": [PAIR, TASK], "simpo": [TASK, PAIR], "orpo": [TASK, PAIR],
-                  "grpo": [TASK, KL], "ppo": [TASK, "eval/reward", KL]}
+                  "grpo": [TASK, KL], "ppo": [TASK, "eval/reward", KL], "gkd": [TASK, JSD, "over", "closed"],
+                  "distill-sft": [TASK, "closed"]}
 
 
 def figure(results: list[dict], recipe: str, key: str, how: str) -> str:
     """One metric of one recipe over its seeds, e.g. `0 -> 0.981 / 0.973 / 0.9845 (min 0.973)`."""
+    if how in ("over", "closed"):
+        return distillation_figure(results, recipe, key, how)
     runs = [r["metrics"] for r in seed_runs(results, recipe) if "error" not in r]
     after = [m[key] for m in runs]
     ends = " / ".join(f"{a:.4g}" for a in after)
@@ -165,6 +179,22 @@ def figure(results: list[dict], recipe: str, key: str, how: str) -> str:
     if len({round(b, 6) for b in starts}) == 1:
         return f"{starts[0]:.4g} -> {ends} (min {min(after):.4g})"
     return " / ".join(f"{b:.4g} -> {a:.4g}" for a, b in zip(after, starts)) + f" (min {min(after):.4g})"
+
+
+def distillation_figure(results: list[dict], recipe: str, key: str, how: str) -> str:
+    """Per seed, a student run against the same seed's runs: "over" its control in points, "closed" the share of
+    the gap from its start to the teacher that it closed, e.g. `+0.8 / -1.2 points (min -1.2)`, `96% / 90% (min 90%)`."""
+    def by_seed(name):
+        return {r["seed"]: r["metrics"] for r in seed_runs(results, name) if "error" not in r}
+
+    runs, teacher, control = by_seed(recipe), by_seed(TEACHER[recipe]), by_seed(CONTROL.get(recipe, recipe))
+    seeds = [s for s in runs if s in teacher and s in control]
+    if how == "over":
+        values = [100 * (runs[s][key] - control[s][key]) for s in seeds]
+        return f"{' / '.join(f'{v:+.1f}' for v in values)} points (min {min(values):+.1f})"
+    values = [100 * (runs[s][key] - runs[s][key + "_start"]) / (teacher[s][key] - runs[s][key + "_start"])
+              for s in seeds]
+    return f"{' / '.join(f'{v:.0f}%' for v in values)} (min {min(values):.0f}%)"
 
 
 def readme_cell(results: list[dict], row: str) -> str:
@@ -190,10 +220,14 @@ def header_block(results: list[dict], recipe: str) -> str:
         return "".join(f"# {line}\n" for line in textwrap.wrap(text, 110)) + "#\n"
     dates = ", ".join(sorted({r["date"] for r in runs}))
     keys = HEADER_METRICS.get(recipe, [HEADLINE[recipe]])
-    how = {TASK: "span", PAIR: "span", "eval/reward": "span", KL: "after", STEPS: "plain"}
+    how = {TASK: "span", PAIR: "span", "eval/reward": "span", KL: "after", STEPS: "plain", JSD: "span",
+           "over": "over", "closed": "closed"}
+    label = {"over": f"{TASK} over the control ({CONTROL.get(recipe)})",
+             "closed": f"share of the start's gap to the teacher ({TEACHER.get(recipe)}) closed"}
     text = (f"Measured for seeds {' / '.join(str(r['seed']) for r in runs)}, each from a clean folder with its "
             f"upstream recipes trained first (bench/recipe_figures.py, {dates}; docs/recipe-figures.md): "
-            + "; ".join(f"{key} {figure(results, recipe, key, how[key])}" for key in keys) + ".")
+            + "; ".join(f"{label.get(key, key)} {figure(results, recipe, TASK if key in label else key, how[key])}"
+                        for key in keys) + ".")
     return "".join(f"# {line}\n" for line in textwrap.wrap(text, 110)) + "#\n"
 
 

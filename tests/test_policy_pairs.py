@@ -79,14 +79,15 @@ def test_reward_ppo_recipe_builds_its_pairs_from_the_ppo_start_policy():
 
 @pytest.mark.slow
 def test_reward_model_on_policy_pairs_ranks_the_policys_held_out_samples(tmp_path, clean_checkout):
-    """recipes/tiny/reward-ppo.yaml: held-out pairs of the start policy's own samples ranked >= 0.7 (the header's
+    """recipes/tiny/reward-ppo.yaml: held-out pairs of the start policy's own samples ranked >= 0.8 (the header's
     target; docs/recipe-figures.md has each seed's figure), from near chance (the value head is untrained).
 
-    From a fresh checkout: the start policy is trained and its pairs sampled first; ~10 min on a busy 2-core CPU."""
+    From a fresh checkout: the start policy is trained and its pairs sampled first; ~20 min on a busy
+    2-core CPU (the reward model alone 12-13 min at load 5-6)."""
     from align.planning import run
 
     recipe = load_recipe(REPO / "recipes/tiny/reward-ppo.yaml",
                          [f"output_dir={tmp_path / 'rm'}", "train.progress_bar=false"])
     metrics = run(recipe)
-    assert metrics["eval/pair_accuracy"] >= 0.7, metrics
+    assert metrics["eval/pair_accuracy"] >= 0.8, metrics  # seeds 0-2: 0.8937 / 0.8504 / 0.8665
     assert metrics["eval/pair_accuracy_start"] < 0.6, metrics  # seed 1 started at 0.5624 (2026-12-06)

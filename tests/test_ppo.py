@@ -98,9 +98,9 @@ def test_tiny_ppo_recipe_meets_its_target(tmp_path, clean_checkout):
     recipe = load_recipe(REPO / "recipes/tiny/ppo.yaml", [f"output_dir={tmp_path / 'ppo'}", "train.progress_bar=false"])
     metrics = run(recipe)
     assert metrics["eval/reward"] > metrics["eval/reward_start"], metrics
-    # +5 points holds for seeds 0 and 2, not 1 (the header says so); seed 0 is what runs here
-    assert metrics["eval/task_accuracy"] >= metrics["eval/task_accuracy_start"] + 0.05, metrics
-    assert metrics["eval/kl"] < 0.7, metrics  # the bound the recipe header states (seeds 0-2: at most 0.6726)
+    # the header's target for seeds 0-2 (+9.4 / +4.3 / +14.9 points); seed 0 is what runs here
+    assert metrics["eval/task_accuracy"] >= metrics["eval/task_accuracy_start"] + 0.04, metrics
+    assert metrics["eval/kl"] < 0.7, metrics  # the bound the recipe header states (seeds 0-2: at most 0.5801)
     assert (tmp_path / "ppo" / "ppo_curves.png").is_file() and (tmp_path / "ppo" / "ppo_kl.png").is_file()
 
 

@@ -64,3 +64,17 @@ def test_figures_render_starts_ends_gains_and_the_least_seed(figures):
     assert figures.figure(results, "dpo", "eval/task_accuracy", "after") == "0.75 / 0.62 (min 0.62)"
     same_start = [run(0, 0.0, 0.9), run(1, 0.0, 0.8)]
     assert figures.figure(same_start, "dpo", "eval/task_accuracy", "span") == "0 -> 0.9 / 0.8 (min 0.8)"
+
+
+def test_distillation_figures_compare_each_seed_with_its_own_teacher_and_control(figures):
+    def run(recipe, seed, start, end):
+        return {"recipe": recipe, "seed": seed, "metrics": {"eval/task_accuracy": end,
+                                                            "eval/task_accuracy_start": start}}
+
+    results = [run("sft", 0, 0.0, 0.98), run("sft", 1, 0.0, 0.90),
+               run("gkd", 0, 0.68, 0.83), run("gkd", 1, 0.60, 0.80),
+               run("distill-sft", 0, 0.68, 0.86), run("distill-sft", 1, 0.60, 0.75)]
+    assert figures.figure(results, "gkd", "eval/task_accuracy", "over") == "-3.0 / +5.0 points (min -3.0)"
+    # (0.83 - 0.68) / (0.98 - 0.68) = 50%; (0.80 - 0.60) / (0.90 - 0.60) = 67%
+    assert figures.figure(results, "gkd", "eval/task_accuracy", "closed") == "50% / 67% (min 50%)"
+    assert figures.figure(results, "distill-sft", "eval/task_accuracy", "closed") == "60% / 50% (min 50%)"
