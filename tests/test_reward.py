@@ -280,7 +280,7 @@ def test_hh_rlhf_recipe_trains_on_real_pairs_and_eval_rm_scores_the_rest(tmp_pat
     out = tmp_path / "rm"
     metrics = planning.run(load_recipe(str(REPO / "recipes/tiny/reward-hh.yaml"), [f"output_dir={out}"]))
     assert metrics["eval/loss"] < metrics["eval/loss_start"] + 0.05
-    summary = evaluate_reward_model(str(out), {"path": str(HH.parent), "split": "test[1800:]"}, max_length=256,
+    summary = evaluate_reward_model(str(out), {"path": str(HH), "split": "test[1800:]"}, max_length=256,
                                     quiet=True)
     assert summary["n"] + summary["dropped_identical"] + summary["dropped_empty"] == 512
     assert summary["accuracy"] == pytest.approx(metrics["eval/pair_accuracy"], abs=1e-6)
