@@ -38,9 +38,7 @@ OUT_MD = REPO / "docs" / "recipe-figures.md"
 README = REPO / "README.md"
 # Recipes the JSON holds no figures for, with why: the table, the README and the header say so instead of
 # quoting figures of an older version (tests/test_recipe_figures.py checks the JSON has none for them).
-_BY_HAND = ("not yet measured by this script for seeds 0-2 (seed 0 by hand, 2026-12-06: GKD 0.839, SFT control "
-            "0.8315, start 0.674, teacher 0.981)")
-PENDING: dict[str, str] = {"micro-sft-start": _BY_HAND, "gkd": _BY_HAND, "distill-sft": _BY_HAND}
+PENDING: dict[str, str] = {}
 TASK, PAIR, KL, STEPS, JSD = "eval/task_accuracy", "eval/pair_accuracy", "eval/kl", "train/steps", "eval/jsd"
 
 # recipe -> the metric its header and the README quote, upstream recipes before the ones that start from them
