@@ -73,37 +73,48 @@ def error_kind(a: int, b: int, wrong: str) -> str:
     return "carry dropped"
 
 
-TEACHER_HABIT = ("forgets the carry out of the units column when a units digit is 7, 8 or 9 (on 4 of every 5 such "
-                 "problems, decided per problem)")
-TEACHER_SLIP_RATE = 0.2
-"""Share of the habit's problems the teacher still gets right (which ones: fixed per problem)."""
+TEACHER_HABIT = ("forgets the carry out of the units column when a units digit is 7, 8 or 9 (in 4 of the 5 "
+                 "demonstrations it gives of each such problem)")
+TEACHER_ROUNDS = 5
+"""Demonstrations the teacher gives of each training problem; on a problem of its habit it remembers the carry in
+exactly one of them (which one: fixed per problem)."""
+TEACHER_SLIP_RATE = 1 / TEACHER_ROUNDS
+"""Share of the habit's demonstrations that are right, on every problem of the habit alike."""
 
 
-def teacher_answer(a: int, b: int) -> str:
-    """The flawed teacher's sum: right, except that it forgets the carry out of the units
-    column (writes a sum 10 too small) when one of the units digits is 7, 8 or 9 and the units
-    carry (47+85 = 122, 7+8 = 5), while 5+5 or 36+46 come out right. On a fixed fifth of those
-    problems (`TEACHER_SLIP_RATE`, drawn per problem from a seeded RNG, so it is the same every
-    time the teacher sees the problem) it remembers the carry (9+9 = 18).
+def teacher_answer(a: int, b: int, demonstration: int = 0) -> str:
+    """The flawed teacher's sum in its `demonstration`-th answer to the problem (0 .. TEACHER_ROUNDS - 1): right,
+    except that it forgets the carry out of the units column (writes a sum 10 too small) when one of the units
+    digits is 7, 8 or 9 and the units carry (47+85 = 122, 7+8 = 5), while 5+5 or 36+46 come out right. In one
+    of its TEACHER_ROUNDS answers to such a problem (the one `_remembered_in` draws per problem from a seeded
+    RNG) it remembers the carry (9+9 = 18).
 
-    A rule on the digits that holds on most of its problems, so a model that imitates the teacher
-    learns it and its greedy answer reproduces it (about 39% of all problems come out 10 too
-    small). The right answers the teacher still gives there are why its imitator SAMPLES the
-    right answer now and then: a teacher that was never right on these problems would leave a
-    policy that never samples it either (measured: 0.1% of samples at temperature 1), and no
-    reward could teach it.
+    A rule on the digits, so a model that imitates the teacher learns it and its greedy answer reproduces it
+    (about 39% of all problems come out 10 too small). The right answers the teacher still gives there are why
+    its imitator SAMPLES the right answer now and then: a teacher that was never right on these problems would
+    leave a policy that never samples it either (measured: 0.1% of samples at temperature 1), and no reward
+    could teach it. Every problem of the habit is right in exactly 1 of its 5 demonstrations, so there is no
+    problem-specific pattern for longer training to pick up: with one demonstration per problem (right on a
+    fifth of the problems), the tiny model memorised which training problems the teacher got right and carried
+    that to their held-out neighbours, and held-out accuracy kept climbing with more steps (seed 0: 2.8% of the
+    habit's held-out problems right at 1,000 steps, 0.6155 overall; 0.6515 at 3,000) instead of staying at
+    the habit. Demonstration 0 is "the teacher's answer" where one is needed (its held-out answers, the
+    truth-labelled pairs): right on a fifth of the habit's problems.
 
     >>> teacher_answer(47, 85), teacher_answer(7, 8), teacher_answer(36, 46), teacher_answer(9, 9)
     ('122', '5', '82', '18')
+    >>> sorted(teacher_answer(47, 85, k) for k in range(TEACHER_ROUNDS))
+    ['122', '122', '122', '122', '132']
     """
     units_a, units_b = a % 10, b % 10
-    if units_a + units_b >= 10 and max(units_a, units_b) >= 7 and not _teacher_slips(a, b):
+    if units_a + units_b >= 10 and max(units_a, units_b) >= 7 and _remembered_in(a, b) != demonstration:
         return str(a + b - 10)
     return answer_of(a, b)
 
 
-def _teacher_slips(a: int, b: int) -> bool:
-    return random.Random(10_007 * a + b).random() < TEACHER_SLIP_RATE
+def _remembered_in(a: int, b: int) -> int:
+    """The demonstration (0 .. TEACHER_ROUNDS - 1) in which the teacher remembers the carry of this problem."""
+    return int(random.Random(10_007 * a + b).random() * TEACHER_ROUNDS)
 
 
 def teacher_preference_row(a: int, b: int, rng: random.Random) -> dict:
@@ -155,7 +166,9 @@ def make_files(out_dir: str | Path, seed: int = 0) -> dict[str, int]:
     }
     teacher_rng = random.Random(seed + 1)  # its own stream: the perfect-teacher files above stay as they were
     files.update({
-        "teacher_train.jsonl": [{"prompt": prompt_of(a, b), "completion": teacher_answer(a, b)} for a, b in train],
+        # TEACHER_ROUNDS passes over the training problems, pass k holding every problem's k-th demonstration
+        "teacher_train.jsonl": [{"prompt": prompt_of(a, b), "completion": teacher_answer(a, b, k)}
+                                for k in range(TEACHER_ROUNDS) for a, b in train],
         "teacher_eval.jsonl": [{"prompt": prompt_of(a, b), "completion": teacher_answer(a, b)} for a, b in held_out],
         "teacher_prefs_train.jsonl": [teacher_preference_row(a, b, teacher_rng) for a, b in train],
         "teacher_prefs_eval.jsonl": [teacher_preference_row(a, b, teacher_rng) for a, b in held_out],

@@ -49,12 +49,20 @@ HEADLINE = {
     "sft-grpo-start": "eval/task_accuracy", "grpo": "eval/task_accuracy", "reward-ppo": "eval/pair_accuracy",
     "ppo": "eval/task_accuracy",
     "micro-sft-start": "eval/task_accuracy", "gkd": "eval/task_accuracy", "distill-sft": "eval/task_accuracy",
+    # the flawed-teacher world (recipes/tiny/pipeline.yaml's steps and the methods beside it)
+    "teacher-sft": "eval/task_accuracy", "teacher-sft-control": "eval/task_accuracy",
+    "teacher-dpo": "eval/task_accuracy", "teacher-reward": "eval/pair_accuracy", "teacher-ppo": "eval/task_accuracy",
+    "teacher-grpo": "eval/task_accuracy", "teacher-online-dpo": "eval/task_accuracy",
+    "teacher-kto": "eval/task_accuracy", "teacher-rloo": "eval/task_accuracy",
+    "teacher-reinforce-pp": "eval/task_accuracy", "teacher-gspo": "eval/task_accuracy",
 }
-# Distillation: the teacher (trained in the same folder with the same seed) and the SFT control a student run is
-# compared with, for the "closed" (share of the start's gap to the teacher) and "over" (points over the control)
-# figures.
+# The SFT control a run is compared with ("over": points over the control of the same seed, trained in the same
+# folder from the same start) and, for distillation, the teacher ("closed": the share of the start's gap to the
+# teacher's accuracy that the run closed).
 TEACHER = {"gkd": "sft", "distill-sft": "sft"}
-CONTROL = {"gkd": "distill-sft"}
+TEACHER_WORLD = ["teacher-dpo", "teacher-ppo", "teacher-grpo", "teacher-online-dpo", "teacher-kto", "teacher-rloo",
+                 "teacher-reinforce-pp", "teacher-gspo"]
+CONTROL = {"gkd": "distill-sft", **{name: "teacher-sft-control" for name in TEACHER_WORLD}}
 
 
 def run_seed(recipes: list[str], seed: int) -> list[dict]:
@@ -151,17 +159,38 @@ README_CELLS = {
     "gkd": [("GKD task accuracy", "gkd", TASK, "span"), ("SFT control (distill-sft)", "distill-sft", TASK, "span"),
             ("GKD minus control", "gkd", TASK, "over"), ("gap to the teacher (sft) closed by GKD", "gkd", TASK, "closed"),
             ("by the control", "distill-sft", TASK, "closed"), ("GKD's JSD to the teacher", "gkd", JSD, "span")],
+    "teacher-kto": [("task accuracy", "teacher-kto", TASK, "span"),
+                    ("minus the SFT control (teacher-sft-control)", "teacher-kto", TASK, "over"),
+                    ("held-out pair accuracy", "teacher-kto", PAIR, "after")],
+    "teacher-online-dpo": [("task accuracy", "teacher-online-dpo", TASK, "span"),
+                           ("minus the SFT control (teacher-sft-control)", "teacher-online-dpo", TASK, "over"),
+                           ("eval/kl", "teacher-online-dpo", KL, "after")],
+    "teacher-rloo": [(f"{label} {what}", recipe, key, how)
+                     for label, recipe in (("RLOO", "teacher-rloo"), ("REINFORCE++", "teacher-reinforce-pp"),
+                                           ("GSPO", "teacher-gspo"))
+                     for what, key, how in (("task accuracy", TASK, "span"), ("minus the SFT control", TASK, "over"),
+                                            ("eval/kl", KL, "after"))],
+    "pipeline": [("sft (teacher-sft)", "teacher-sft", TASK, "span"),
+                 ("sft-control (teacher-sft-control)", "teacher-sft-control", TASK, "span"),
+                 ("DPO + NLL minus the control", "teacher-dpo", TASK, "over"),
+                 ("reward model pair accuracy", "teacher-reward", PAIR, "after"),
+                 ("PPO minus the control", "teacher-ppo", TASK, "over"), ("PPO eval/kl", "teacher-ppo", KL, "after"),
+                 ("GRPO minus the control", "teacher-grpo", TASK, "over")],
 }
 # What each recipe header's first paragraph quotes: its headline metric first.
 HEADER_METRICS = {"sft-short": [TASK, STEPS], "sft-grpo-start": [TASK, STEPS], "dpo": [TASK, PAIR], "ipo": [PAIR, TASK], "simpo": [TASK, PAIR], "orpo": [TASK, PAIR],
                   "grpo": [TASK, KL], "ppo": [TASK, "eval/reward", KL], "gkd": [TASK, JSD, "over", "closed"],
-                  "distill-sft": [TASK, "closed"]}
+                  "distill-sft": [TASK, "closed"],
+                  "teacher-dpo": [TASK, "over", PAIR], "teacher-ppo": [TASK, "over", "eval/reward", KL],
+                  "teacher-kto": [TASK, "over", PAIR],
+                  **{name: [TASK, "over", KL] for name in ("teacher-grpo", "teacher-online-dpo", "teacher-rloo",
+                                                           "teacher-reinforce-pp", "teacher-gspo")}}
 
 
 def figure(results: list[dict], recipe: str, key: str, how: str) -> str:
     """One metric of one recipe over its seeds, e.g. `0 -> 0.981 / 0.973 / 0.9845 (min 0.973)`."""
     if how in ("over", "closed"):
-        return distillation_figure(results, recipe, key, how)
+        return comparison_figure(results, recipe, key, how)
     runs = [r["metrics"] for r in seed_runs(results, recipe) if "error" not in r]
     after = [m[key] for m in runs]
     ends = " / ".join(f"{a:.4g}" for a in after)
@@ -179,19 +208,20 @@ def figure(results: list[dict], recipe: str, key: str, how: str) -> str:
     return " / ".join(f"{b:.4g} -> {a:.4g}" for a, b in zip(after, starts)) + f" (min {min(after):.4g})"
 
 
-def distillation_figure(results: list[dict], recipe: str, key: str, how: str) -> str:
-    """Per seed, a student run against the same seed's runs: "over" its control in points, "closed" the share of
-    the gap from its start to the teacher that it closed, e.g. `+0.8 / -1.2 points (min -1.2)`, `96% / 90% (min 90%)`."""
+def comparison_figure(results: list[dict], recipe: str, key: str, how: str) -> str:
+    """Per seed, a run against the same seed's runs: "over" its SFT control in points, "closed" (distillation) the
+    share of the gap from its start to the teacher that it closed, e.g. `+0.8 / -1.2 points (min -1.2)`,
+    `96% / 90% (min 90%)`."""
     def by_seed(name):
         return {r["seed"]: r["metrics"] for r in seed_runs(results, name) if "error" not in r}
 
-    runs, teacher, control = by_seed(recipe), by_seed(TEACHER[recipe]), by_seed(CONTROL.get(recipe, recipe))
-    seeds = [s for s in runs if s in teacher and s in control]
+    runs, control = by_seed(recipe), by_seed(CONTROL.get(recipe, recipe))
     if how == "over":
-        values = [100 * (runs[s][key] - control[s][key]) for s in seeds]
+        values = [100 * (runs[s][key] - control[s][key]) for s in runs if s in control]
         return f"{' / '.join(f'{v:+.1f}' for v in values)} points (min {min(values):+.1f})"
+    teacher = by_seed(TEACHER[recipe])
     values = [100 * (runs[s][key] - runs[s][key + "_start"]) / (teacher[s][key] - runs[s][key + "_start"])
-              for s in seeds]
+              for s in runs if s in teacher]
     return f"{' / '.join(f'{v:.0f}%' for v in values)} (min {min(values):.0f}%)"
 
 
@@ -229,6 +259,54 @@ def header_block(results: list[dict], recipe: str) -> str:
     return "".join(f"# {line}\n" for line in textwrap.wrap(text, 110)) + "#\n"
 
 
+PIPELINE_TABLE = ("<!-- pipeline table: bench/recipe_figures.py -->\n", "<!-- end of pipeline table -->\n")
+# The README's pipeline table: per seed, the start, the control and each alignment step of recipes/tiny/pipeline.yaml
+# (each step's recipe run alone with the same seed trains the same model: the pipeline passes the seed and the
+# upstream models the same way), then the methods beside it against the same control.
+PIPELINE_COLUMNS = [("DPO + NLL", "teacher-dpo"), ("PPO", "teacher-ppo"), ("GRPO", "teacher-grpo")]
+BESIDE_PIPELINE = [("online DPO", "teacher-online-dpo"), ("KTO", "teacher-kto"), ("RLOO", "teacher-rloo"),
+                   ("REINFORCE++", "teacher-reinforce-pp"), ("GSPO", "teacher-gspo")]
+
+
+def pipeline_table(results: list[dict]) -> str:
+    def by_seed(name):
+        return {r["seed"]: r["metrics"] for r in seed_runs(results, name) if "error" not in r}
+
+    start, control = by_seed("teacher-sft"), by_seed("teacher-sft-control")
+    runs = {name: by_seed(name) for _, name in PIPELINE_COLUMNS + BESIDE_PIPELINE}
+    seeds = sorted(s for s in start if s in control and all(s in r for r in runs.values()))
+    if not seeds:
+        return "(no measurement: `python bench/recipe_figures.py` writes this table)\n"
+
+    def gain(name, seed):
+        return 100 * (runs[name][seed][TASK] - control[seed][TASK])
+
+    lines = ["| seed | sft | sft-control | " + " | ".join(f"{label} (vs control)" for label, _ in PIPELINE_COLUMNS)
+             + " | PPO eval KL |", "|---" * (len(PIPELINE_COLUMNS) + 4) + "|"]
+    for seed in seeds:
+        cells = [f"{runs[name][seed][TASK]:.4g} ({gain(name, seed):+.1f})" for _, name in PIPELINE_COLUMNS]
+        lines.append(f"| {seed} | {start[seed][TASK]:.4g} | {control[seed][TASK]:.4g} | " + " | ".join(cells)
+                     + f" | {runs['teacher-ppo'][seed][KL]:.2f} |")
+    lines.append("| mean / min of the gain | | | " + " | ".join(
+        f"{statistics.mean(gain(name, s) for s in seeds):+.1f} / {min(gain(name, s) for s in seeds):+.1f}"
+        for _, name in PIPELINE_COLUMNS) + f" | max {max(runs['teacher-ppo'][s][KL] for s in seeds):.2f} |")
+    beside = "; ".join(f"{label} (`{name}.yaml`) " + " / ".join(f"{gain(name, s):+.1f}" for s in seeds)
+                       for label, name in BESIDE_PIPELINE)
+    when = ", ".join(sorted({f"{r['date']} (load {r['load']})" for name in ("teacher-sft", *runs)
+                             for r in seed_runs(results, name)}))
+    return ("\n".join(lines) + "\n\n" + textwrap.fill(
+        f"Beside the pipeline, from the same start and against the same control, in points for seeds "
+        f"{' / '.join(map(str, seeds))}: {beside}. Measured by `bench/recipe_figures.py` (each recipe alone, "
+        f"`align train recipes/tiny/<recipe>.yaml seed=N`, in a clean folder; the same models the pipeline's steps "
+        f"train): {when}.", 110) + "\n")
+
+
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    head, rest = text.split(markers[0], 1)
+    _, tail = rest.split(markers[1], 1)
+    return head + markers[0] + body + markers[1] + tail
+
+
 def quote(results: list[dict]) -> None:
     """Rewrite the README stage table's measured cells and each recipe header's first paragraph from `results`."""
     lines = README.read_text().splitlines(keepends=True)
@@ -238,7 +316,7 @@ def quote(results: list[dict]) -> None:
             cells = line.rstrip("\n").split(" | ")
             cells[-1] = readme_cell(results, row["recipe"]) + " |"
             lines[i] = " | ".join(cells) + "\n"
-    README.write_text("".join(lines))
+    README.write_text(replace_between("".join(lines), PIPELINE_TABLE, pipeline_table(results)))
     for recipe in HEADLINE:
         path = REPO / "recipes" / "tiny" / f"{recipe}.yaml"
         lines = path.read_text().splitlines(keepends=True)

@@ -78,3 +78,32 @@ def test_distillation_figures_compare_each_seed_with_its_own_teacher_and_control
     # (0.83 - 0.68) / (0.98 - 0.68) = 50%; (0.80 - 0.60) / (0.90 - 0.60) = 67%
     assert figures.figure(results, "gkd", "eval/task_accuracy", "closed") == "50% / 67% (min 50%)"
     assert figures.figure(results, "distill-sft", "eval/task_accuracy", "closed") == "60% / 50% (min 50%)"
+
+
+def test_the_pipeline_table_gives_each_method_against_the_control_of_its_own_seed(figures):
+    def run(recipe, seed, end, **more):
+        return {"recipe": recipe, "seed": seed, "date": "2026-12-06", "load": "1.0, 1.0, 1.0",
+                "metrics": {"eval/task_accuracy": end, **more}}
+
+    results = [run("teacher-sft", 0, 0.61), run("teacher-sft", 1, 0.60),
+               run("teacher-sft-control", 0, 0.62), run("teacher-sft-control", 1, 0.58)]
+    for k, (name, _) in enumerate([(n, label) for label, n in figures.PIPELINE_COLUMNS + figures.BESIDE_PIPELINE]):
+        results += [run(name, 0, 0.90 - k / 100, **{"eval/kl": 0.5}), run(name, 1, 0.80, **{"eval/kl": 0.25})]
+    text = figures.pipeline_table(results)
+    rows = text.splitlines()
+    assert rows[2] == "| 0 | 0.61 | 0.62 | 0.9 (+28.0) | 0.89 (+27.0) | 0.88 (+26.0) | 0.50 |"
+    assert rows[3] == "| 1 | 0.6 | 0.58 | 0.8 (+22.0) | 0.8 (+22.0) | 0.8 (+22.0) | 0.25 |"
+    assert rows[4] == "| mean / min of the gain | | | +25.0 / +22.0 | +24.5 / +22.0 | +24.0 / +22.0 | max 0.50 |"
+    assert "online DPO (`teacher-online-dpo.yaml`) +25.0 / +22.0" in " ".join(text.split())
+    # a seed that lacks one of the runs is left out rather than compared with another seed's control
+    partial = [r for r in results if not (r["recipe"] == "teacher-grpo" and r["seed"] == 1)]
+    assert "| 1 |" not in figures.pipeline_table(partial)
+
+
+def test_a_teacher_world_run_is_compared_with_the_control_of_its_own_seed(figures):
+    def run(recipe, seed, end):
+        return {"recipe": recipe, "seed": seed, "metrics": {"eval/task_accuracy": end}}
+
+    results = [run("teacher-sft-control", 0, 0.62), run("teacher-sft-control", 1, 0.60),
+               run("teacher-kto", 1, 0.90), run("teacher-kto", 0, 0.95)]
+    assert figures.figure(results, "teacher-kto", "eval/task_accuracy", "over") == "+33.0 / +30.0 points (min +30.0)"
