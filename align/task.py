@@ -78,8 +78,6 @@ TEACHER_HABIT = ("forgets the carry out of the units column when a units digit i
 TEACHER_ROUNDS = 5
 """Demonstrations the teacher gives of each training problem; on a problem of its habit it remembers the carry in
 exactly one of them (which one: fixed per problem)."""
-TEACHER_SLIP_RATE = 1 / TEACHER_ROUNDS
-"""Share of the habit's demonstrations that are right, on every problem of the habit alike."""
 
 
 def teacher_answer(a: int, b: int, demonstration: int = 0) -> str:

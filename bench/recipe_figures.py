@@ -142,6 +142,11 @@ def seed_runs(results: list[dict], recipe: str) -> list[dict]:
     return sorted((r for r in results if r["recipe"] == recipe), key=lambda r: r["seed"])
 
 
+def by_seed(results: list[dict], recipe: str) -> dict[int, dict]:
+    """seed -> metrics of the recipe's runs that did not fail."""
+    return {r["seed"]: r["metrics"] for r in seed_runs(results, recipe) if "error" not in r}
+
+
 # What the README's stage table quotes in its "measured" cell, by the first recipe its row names:
 # (label, recipe, metric, how): "span" before -> after per seed, "gain" points gained per seed, "after" the end value, "plain" the values alone.
 README_CELLS = {
@@ -212,14 +217,11 @@ def comparison_figure(results: list[dict], recipe: str, key: str, how: str) -> s
     """Per seed, a run against the same seed's runs: "over" its SFT control in points, "closed" (distillation) the
     share of the gap from its start to the teacher that it closed, e.g. `+0.8 / -1.2 points (min -1.2)`,
     `96% / 90% (min 90%)`."""
-    def by_seed(name):
-        return {r["seed"]: r["metrics"] for r in seed_runs(results, name) if "error" not in r}
-
-    runs, control = by_seed(recipe), by_seed(CONTROL.get(recipe, recipe))
+    runs, control = by_seed(results, recipe), by_seed(results, CONTROL.get(recipe, recipe))
     if how == "over":
         values = [100 * (runs[s][key] - control[s][key]) for s in runs if s in control]
         return f"{' / '.join(f'{v:+.1f}' for v in values)} points (min {min(values):+.1f})"
-    teacher = by_seed(TEACHER[recipe])
+    teacher = by_seed(results, TEACHER[recipe])
     values = [100 * (runs[s][key] - runs[s][key + "_start"]) / (teacher[s][key] - runs[s][key + "_start"])
               for s in runs if s in teacher]
     return f"{' / '.join(f'{v:.0f}%' for v in values)} (min {min(values):.0f}%)"
@@ -269,11 +271,8 @@ BESIDE_PIPELINE = [("online DPO", "teacher-online-dpo"), ("KTO", "teacher-kto"),
 
 
 def pipeline_table(results: list[dict]) -> str:
-    def by_seed(name):
-        return {r["seed"]: r["metrics"] for r in seed_runs(results, name) if "error" not in r}
-
-    start, control = by_seed("teacher-sft"), by_seed("teacher-sft-control")
-    runs = {name: by_seed(name) for _, name in PIPELINE_COLUMNS + BESIDE_PIPELINE}
+    start, control = by_seed(results, "teacher-sft"), by_seed(results, "teacher-sft-control")
+    runs = {name: by_seed(results, name) for _, name in PIPELINE_COLUMNS + BESIDE_PIPELINE}
     seeds = sorted(s for s in start if s in control and all(s in r for r in runs.values()))
     if not seeds:
         return "(no measurement: `python bench/recipe_figures.py` writes this table)\n"

@@ -43,6 +43,8 @@ def test_the_readme_stage_table_quotes_the_json(figures, results):
     assert set(rows) >= set(figures.README_CELLS)
     for name in figures.README_CELLS:
         assert rows[name] == figures.readme_cell(results, name), name
+    readme = (REPO / "README.md").read_text()
+    assert figures.replace_between(readme, figures.PIPELINE_TABLE, figures.pipeline_table(results)) == readme
 
 
 def test_each_recipe_header_and_the_table_quote_the_json(figures, results):
