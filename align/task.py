@@ -104,10 +104,15 @@ def teacher_answer(a: int, b: int, demonstration: int = 0) -> str:
     >>> sorted(teacher_answer(47, 85, k) for k in range(TEACHER_ROUNDS))
     ['122', '122', '122', '122', '132']
     """
-    units_a, units_b = a % 10, b % 10
-    if units_a + units_b >= 10 and max(units_a, units_b) >= 7 and _remembered_in(a, b) != demonstration:
+    if in_teacher_habit(a, b) and _remembered_in(a, b) != demonstration:
         return str(a + b - 10)
     return answer_of(a, b)
+
+
+def in_teacher_habit(a: int, b: int) -> bool:
+    """Whether the problem is one of the teacher's habit: the units carry and one units digit is 7, 8 or 9."""
+    units_a, units_b = a % 10, b % 10
+    return units_a + units_b >= 10 and max(units_a, units_b) >= 7
 
 
 def _remembered_in(a: int, b: int) -> int:

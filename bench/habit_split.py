@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/habit_split.py runs/tiny/teacher-sft [more model folders ...]
 
 For each model: overall accuracy on data/arith/sft_eval.jsonl (the true sums), accuracy on the held-out problems
-of the teacher's habit (`align.task.teacher_answer`: a units carry with a units digit 7-9), the share of those
+of the teacher's habit (`align.task.in_teacher_habit`: a units carry with a units digit 7-9), the share of those
 answered 10 too small (the habit itself), and accuracy on the other problems. A perfect imitator of the teacher
 gets 0 / 1 / 1: imitation's ceiling is the share of problems off the habit (0.6075). How the plateau of
 recipes/tiny/teacher-sft.yaml was diagnosed (its header).
@@ -20,13 +20,9 @@ import torch
 from align.evaluate import greedy_completions
 from align.models import load_model, load_tokenizer
 from align.recipe import ModelConfig
-from align.task import TEACHER_ROUNDS, answer_of, teacher_answer
+from align.task import answer_of, in_teacher_habit
 
 EVAL = Path(__file__).resolve().parents[1] / "data" / "arith" / "sft_eval.jsonl"
-
-
-def on_the_habit(a: int, b: int) -> bool:
-    return any(teacher_answer(a, b, k) != answer_of(a, b) for k in range(TEACHER_ROUNDS))
 
 
 def split(model_path: str, problems: list[tuple[int, int]]) -> dict[str, float]:
@@ -35,7 +31,7 @@ def split(model_path: str, problems: list[tuple[int, int]]) -> dict[str, float]:
     model = load_model(cfg, tokenizer, trainable=False)
     answers = greedy_completions(model, tokenizer, [f"{a}+{b}=" for a, b in problems], max_new_tokens=6,
                                  batch_size=256)
-    habit = [i for i, (a, b) in enumerate(problems) if on_the_habit(a, b)]
+    habit = [i for i, (a, b) in enumerate(problems) if in_teacher_habit(a, b)]
     rest = sorted(set(range(len(problems))) - set(habit))
 
     def share(indices, wanted):

@@ -60,8 +60,13 @@ HEADLINE = {
 # folder from the same start) and, for distillation, the teacher ("closed": the share of the start's gap to the
 # teacher's accuracy that the run closed).
 TEACHER = {"gkd": "sft", "distill-sft": "sft"}
-TEACHER_WORLD = ["teacher-dpo", "teacher-ppo", "teacher-grpo", "teacher-online-dpo", "teacher-kto", "teacher-rloo",
-                 "teacher-reinforce-pp", "teacher-gspo"]
+# The README's pipeline table: per seed, the start, the control and each alignment step of recipes/tiny/pipeline.yaml
+# (each step's recipe run alone with the same seed trains the same model: the pipeline passes the seed and the
+# upstream models the same way), then the methods beside it against the same control.
+PIPELINE_COLUMNS = [("DPO + NLL", "teacher-dpo"), ("PPO", "teacher-ppo"), ("GRPO", "teacher-grpo")]
+BESIDE_PIPELINE = [("online DPO", "teacher-online-dpo"), ("KTO", "teacher-kto"), ("RLOO", "teacher-rloo"),
+                   ("REINFORCE++", "teacher-reinforce-pp"), ("GSPO", "teacher-gspo")]
+TEACHER_WORLD = [name for _, name in PIPELINE_COLUMNS + BESIDE_PIPELINE]
 CONTROL = {"gkd": "distill-sft", **{name: "teacher-sft-control" for name in TEACHER_WORLD}}
 
 
@@ -188,8 +193,8 @@ HEADER_METRICS = {"sft-short": [TASK, STEPS], "sft-grpo-start": [TASK, STEPS], "
                   "distill-sft": [TASK, "closed"],
                   "teacher-dpo": [TASK, "over", PAIR], "teacher-ppo": [TASK, "over", "eval/reward", KL],
                   "teacher-kto": [TASK, "over", PAIR],
-                  **{name: [TASK, "over", KL] for name in ("teacher-grpo", "teacher-online-dpo", "teacher-rloo",
-                                                           "teacher-reinforce-pp", "teacher-gspo")}}
+                  **{name: [TASK, "over", KL] for name in TEACHER_WORLD
+                     if name not in ("teacher-dpo", "teacher-ppo", "teacher-kto")}}
 
 
 def figure(results: list[dict], recipe: str, key: str, how: str) -> str:
@@ -262,17 +267,11 @@ def header_block(results: list[dict], recipe: str) -> str:
 
 
 PIPELINE_TABLE = ("<!-- pipeline table: bench/recipe_figures.py -->\n", "<!-- end of pipeline table -->\n")
-# The README's pipeline table: per seed, the start, the control and each alignment step of recipes/tiny/pipeline.yaml
-# (each step's recipe run alone with the same seed trains the same model: the pipeline passes the seed and the
-# upstream models the same way), then the methods beside it against the same control.
-PIPELINE_COLUMNS = [("DPO + NLL", "teacher-dpo"), ("PPO", "teacher-ppo"), ("GRPO", "teacher-grpo")]
-BESIDE_PIPELINE = [("online DPO", "teacher-online-dpo"), ("KTO", "teacher-kto"), ("RLOO", "teacher-rloo"),
-                   ("REINFORCE++", "teacher-reinforce-pp"), ("GSPO", "teacher-gspo")]
 
 
 def pipeline_table(results: list[dict]) -> str:
     start, control = by_seed(results, "teacher-sft"), by_seed(results, "teacher-sft-control")
-    runs = {name: by_seed(results, name) for _, name in PIPELINE_COLUMNS + BESIDE_PIPELINE}
+    runs = {name: by_seed(results, name) for name in TEACHER_WORLD}
     seeds = sorted(s for s in start if s in control and all(s in r for r in runs.values()))
     if not seeds:
         return "(no measurement: `python bench/recipe_figures.py` writes this table)\n"

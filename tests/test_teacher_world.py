@@ -117,8 +117,8 @@ def _miniature(s, run):
 def test_every_step_of_the_pipeline_learns_in_miniature(tmp_path):
     """recipes/tiny/pipeline.yaml as shipped, every step cut to a few seconds on the one-digit problems: SFT and
     the control lower their loss, DPO ranks held-out truth-labelled pairs better than at its start and the
-    reward model separates them (held-out loss and margin), PPO raises its reward-model score and GRPO its verifier's reward; the report compares every
-    step with the control. A model this short cannot add yet, so exact match would give GRPO no signal: here
+    reward model separates them (held-out loss and margin), PPO raises its reward-model score and GRPO its
+    verifier's reward; the report compares every step with the control. A model this short cannot add yet, so exact match would give GRPO no signal: here
     its verifier gives partial credit per right digit (`digits_right`)."""
     s = _one_digit_slices(tmp_path / "data")
     run = tmp_path / "run"
