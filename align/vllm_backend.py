@@ -93,7 +93,21 @@ def _engine_env() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-class VLLMSampler:
+class SyncSchedule:
+    """When an engine is due the policy's weights: at its first sync, then every `sync_steps` optimizer steps."""
+
+    def __init__(self, sync_steps: int = 1):
+        self.sync_steps = sync_steps
+        self.synced_step: int | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether weights are due at optimizer step `step`: never sent yet, or at least `sync_steps` steps since
+        the last send (counted from where this engine started: a resumed run with sync_steps > 1 sends at other
+        steps than the run it resumes)."""
+        return self.synced_step is None or step - self.synced_step >= self.sync_steps
+
+
+class VLLMSampler(SyncSchedule):
     """A colocated vLLM engine that samples completions of token-id prompts from the policy's current weights.
 
     `max_model_len`: the longest prompt + completion it must hold; `seed`: the engine's (rows
@@ -104,10 +118,10 @@ class VLLMSampler:
     def __init__(self, *, max_model_len: int, seed: int = 0, sync_steps: int = 1,
                  gpu_memory_utilization: float = 0.3):
         require_vllm()
-        self.max_model_len, self.seed, self.sync_steps = max_model_len, seed, sync_steps
+        super().__init__(sync_steps)
+        self.max_model_len, self.seed = max_model_len, seed
         self.gpu_memory_utilization = gpu_memory_utilization
-        self.llm = None
-        self.synced_step: int | None = None
+        self.llm, self.dtype = None, None
         self._folder = None
 
     def _start(self, model) -> None:
@@ -120,7 +134,7 @@ class VLLMSampler:
         config = (model.get_base_model() if is_peft(model) else model).config
         self._folder = tempfile.TemporaryDirectory(prefix="align-vllm-")
         config.save_pretrained(self._folder.name)
-        dtype = next(model.parameters()).dtype
+        self.dtype = dtype = next(model.parameters()).dtype
         # one engine per training process: under a process group (accelerate launch) vLLM joins it as an
         # external launcher (each rank an independent engine, as TRL's colocate mode), else it runs alone
         joined = (torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -135,19 +149,47 @@ class VLLMSampler:
         torch.set_num_threads = set_num_threads
 
     def sync(self, model, step: int = 0) -> bool:
-        """Send `model`'s weights (the bare module, whole) when due at optimizer step `step`; -> whether sent.
-
-        Due: never sent yet, or at least `sync_steps` steps since the last send (counted from where this
-        engine started: a resumed run with sync_steps > 1 sends at other steps than the run it resumes)."""
-        if self.synced_step is not None and step - self.synced_step < self.sync_steps:
+        """Send `model`'s weights (the bare module, whole) when due at optimizer step `step`; -> whether sent."""
+        if not self.due(step):
             return False
         if self.llm is None:
             self._start(model)
-        weights = list(merged_state_dict(model).items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        self.load(list(merged_state_dict(model).items()))
         self.synced_step = step
         return True
+
+    def load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Put `weights` (Hugging Face names, any subset) into the engine and reset its prefix cache."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def complete(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int, stop_ids: list[int], seeds: list[int] | None) -> list[tuple[list[int], list[float]]]:
+        """Completions of `prompts` (token lists): -> one (token ids, their sampled log-probs) per prompt.
+
+        `seeds`: one per prompt (`align.rollout.row_keys`); None: greedy. A completion keeps its stop token.
+        """
+        from vllm import SamplingParams
+
+        if self.llm is None:
+            raise RuntimeError("VLLMSampler.complete before sync: the engine has no weights yet")
+        common = dict(max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True, detokenize=False,
+                      logprobs=0, skip_special_tokens=False)
+        if seeds is None:
+            params = [SamplingParams(temperature=0.0, **common)] * len(prompts)
+        else:
+            params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or -1, seed=int(k), **common)
+                      for k in seeds]
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        with torch.random.fork_rng(devices=[]):
+            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        done = []
+        for o in outputs:
+            c = o.outputs[0]
+            tokens = list(c.token_ids)
+            logps = [lp[t].logprob for t, lp in zip(tokens, c.logprobs)] if c.logprobs is not None else [0.0] * len(tokens)
+            done.append((tokens, logps))
+        return done
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
                top_k: int, stop_ids: list[int], pad_id: int,
@@ -157,40 +199,33 @@ class VLLMSampler:
         `keys` (B,) the rows' seeds (`align.rollout.row_keys`); None: greedy. Rows are padded
         with `pad_id` (log-prob 0) after their stop token, which they keep.
         """
-        from vllm import SamplingParams
-
-        if self.llm is None:
-            raise RuntimeError("VLLMSampler.sample before sync: the engine has no weights yet")
-        common = dict(max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True, detokenize=False,
-                      logprobs=0, skip_special_tokens=False)
-        if keys is None:
-            params = [SamplingParams(temperature=0.0, **common)] * len(prompts)
-        else:
-            params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or -1, seed=int(k), **common)
-                      for k in keys.tolist()]
-        requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        with torch.random.fork_rng(devices=[]):
-            outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        return _pad_outputs([o.outputs[0] for o in outputs], pad_id)
+        return pad_completions(self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, top_k=top_k, stop_ids=stop_ids,
+                                             seeds=None if keys is None else keys.tolist()), pad_id)
 
 
-def _pad_outputs(completions, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM completion outputs -> (token ids (B, C) padded with pad_id, sampled log-probs (B, C), 0 at pads)."""
-    C = max(1, max(len(c.token_ids) for c in completions))
+def pad_completions(completions: list[tuple[list[int], list[float]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, log-probs) per row -> (token ids (B, C) padded with pad_id, sampled log-probs (B, C), 0 at pads)."""
+    C = max(1, max(len(tokens) for tokens, _ in completions))
     ids = torch.full((len(completions), C), pad_id, dtype=torch.long)
     logps = torch.zeros(len(completions), C)
-    for row, c in enumerate(completions):
-        tokens = list(c.token_ids)
+    for row, (tokens, lps) in enumerate(completions):
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        if c.logprobs is not None:
-            logps[row, : len(tokens)] = torch.tensor([lp[t].logprob for t, lp in zip(tokens, c.logprobs)])
+        logps[row, : len(tokens)] = torch.tensor(lps, dtype=torch.float32)
     return ids, logps
 
 
-def sampler_for(rollout_cfg, *, max_model_len: int, seed: int) -> VLLMSampler | None:
-    """The recipe's rollout engine: None for the own decode loop, else a `VLLMSampler`."""
+def sampler_for(rollout_cfg, *, max_model_len: int, seed: int):
+    """The recipe's rollout engine: None for the own decode loop, else a colocated `VLLMSampler` or, in server
+    mode, an `align.vllm_server.VLLMServerClient`."""
     if rollout_cfg.backend != "vllm":
         return None
+    if rollout_cfg.mode == "server":
+        from align.vllm_server import VLLMServerClient
+
+        return VLLMServerClient(host=rollout_cfg.server_host, port=rollout_cfg.server_port,
+                                timeout=rollout_cfg.server_timeout, max_model_len=max_model_len,
+                                sync_steps=rollout_cfg.sync_steps)
     return VLLMSampler(max_model_len=max_model_len, seed=seed, sync_steps=rollout_cfg.sync_steps,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization)
 

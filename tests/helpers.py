@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import pathlib
+import socket
 
 import torch
 from safetensors.torch import load_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1 (the OS's pick; another process may take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_sft_recipe(output_dir, **overrides) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ import yaml
 from align import planning
 from align.recipe import load_recipe
 
-from helpers import REPO, tiny_sft_recipe, weights
+from helpers import REPO, free_port, tiny_sft_recipe, weights
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install '.[deepspeed]')")
 
@@ -39,12 +38,6 @@ def digit_share(prompts, completions, **_) -> list[float]:
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(config: str, recipe: dict, tmp_path, name: str, overrides=()) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file launch/<config>.yaml --num_processes 2 -m align train` on CPU."""
     path = tmp_path / f"{name}.yaml"
@@ -53,7 +46,7 @@ def _launch(config: str, recipe: dict, tmp_path, name: str, overrides=()) -> sub
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / f"launch/{config}.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
            "-m", "align", "train", str(path), *overrides]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

