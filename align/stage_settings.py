@@ -173,7 +173,15 @@ class RolloutConfig:
     (TRL's vllm_gpu_memory_utilization). On a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (align sets 1 when
     unset)."""
 
+    sleep: bool = False
+    """vllm colocate mode on a GPU: vLLM's sleep mode (weights offloaded to CPU memory and the KV cache freed
+    while training runs; woken for each weight sync and generation), for a policy and engine that do not fit
+    the GPU together. Needs a CUDA/ROCm GPU (refused on a CPU). TRL's vllm_enable_sleep_mode."""
+
     def validate(self) -> None:
+        if self.sleep and (self.backend != "vllm" or self.mode != "colocate"):
+            raise AlignError("rollout.sleep puts a colocated vLLM engine to sleep while training runs; it needs "
+                             f"rollout.backend: vllm and rollout.mode: colocate (got {self.backend}, {self.mode})")
         if self.mode == "server" and self.backend != "vllm":
             raise AlignError(f"rollout.mode: server asks for a vLLM server, but rollout.backend is {self.backend!r}; "
                              "set rollout.backend: vllm (or drop rollout.mode)")

@@ -110,6 +110,7 @@ TRL_NAMES: dict[str, str | dict[str, str]] = {
     "vllm_gpu_memory_utilization": {"grpo": "rollout.gpu_memory_utilization",
                                     "ppo": "rollout.gpu_memory_utilization"},
     "vllm_mode": {"grpo": "rollout.mode", "ppo": "rollout.mode"},
+    "vllm_enable_sleep_mode": {"grpo": "rollout.sleep", "ppo": "rollout.sleep"},
     "vllm_server_host": {"grpo": "rollout.server_host", "ppo": "rollout.server_host"},
     "vllm_server_port": {"grpo": "rollout.server_port", "ppo": "rollout.server_port"},
     "vllm_server_timeout": {"grpo": "rollout.server_timeout", "ppo": "rollout.server_timeout"},

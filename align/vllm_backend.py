@@ -30,11 +30,12 @@ tests/test_vllm.py). Everything around the sampling stays align's:
 - **Held-out evaluation** (greedy `eval/task_accuracy`, `eval/kl`) stays on the own decode loop
   and the trainer's weights.
 
-Not here: **server mode** (generation on dedicated GPUs, `trl vllm-serve` style: a vLLM HTTP
-server with a weight-update endpoint, an NCCL group between trainer rank 0 and the server's
-workers to broadcast each parameter after an update, and requests sent per process with the
-same per-row seeds) and **sleep mode** (`LLM(enable_sleep_mode=True)`, `llm.sleep()` between
-generation and training on a GPU). Both need a GPU to build and test; none was available.
+- **Sleep mode** (`rollout.sleep`, a GPU only): level-1 sleep after each generation (weights
+  offloaded to CPU memory, KV cache freed), woken weights-first for the next sync, then the KV
+  cache. Refused on a CPU; written to vLLM's documented API and not yet run on a GPU.
+
+Server mode (generation in a process of its own, weights pushed over a process group) is
+`align.vllm_server`, on this module's engine.
 """
 
 from __future__ import annotations
@@ -112,16 +113,22 @@ class VLLMSampler(SyncSchedule):
 
     `max_model_len`: the longest prompt + completion it must hold; `seed`: the engine's (rows
     have their own); `sync_steps`: send weights when sampling at least this many optimizer
-    steps after the last send. The engine starts on the first `sync`.
+    steps after the last send; `sleep`: vLLM's sleep mode on a GPU (weights offloaded to CPU
+    memory and the KV cache freed after each generation, woken for the next sync or
+    generation: level 1, so weights not due a sync survive). The engine starts on the first `sync`.
     """
 
     def __init__(self, *, max_model_len: int, seed: int = 0, sync_steps: int = 1,
-                 gpu_memory_utilization: float = 0.3):
+                 gpu_memory_utilization: float = 0.3, sleep: bool = False):
         require_vllm()
+        if sleep and not torch.cuda.is_available():
+            raise AlignError("rollout.sleep: vLLM's sleep mode frees GPU memory and needs a CUDA or ROCm GPU; this "
+                             "machine has none (set rollout.sleep: false)")
         super().__init__(sync_steps)
-        self.max_model_len, self.seed = max_model_len, seed
+        self.max_model_len, self.seed, self.sleep = max_model_len, seed, sleep
         self.gpu_memory_utilization = gpu_memory_utilization
         self.llm, self.dtype = None, None
+        self.asleep = False
         self._folder = None
 
     def _start(self, model) -> None:
@@ -145,7 +152,7 @@ class VLLMSampler(SyncSchedule):
                            seed=self.seed, max_model_len=self.max_model_len, enforce_eager=True,
                            distributed_executor_backend="external_launcher" if joined else "uni",
                            generation_config="vllm", logprobs_mode="processed_logprobs",
-                           gpu_memory_utilization=self.gpu_memory_utilization)
+                           gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.sleep)
         torch.set_num_threads = set_num_threads
 
     def sync(self, model, step: int = 0) -> bool:
@@ -154,7 +161,12 @@ class VLLMSampler(SyncSchedule):
             return False
         if self.llm is None:
             self._start(model)
+        if self.asleep:  # the weights' memory first; the KV cache's after the update (less at peak)
+            self.llm.wake_up(tags=["weights"])
         self.load(list(merged_state_dict(model).items()))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.synced_step = step
         return True
 
@@ -181,8 +193,14 @@ class VLLMSampler(SyncSchedule):
             params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or -1, seed=int(k), **common)
                       for k in seeds]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        if self.asleep:  # no sync was due since the last generation
+            self.llm.wake_up()
+            self.asleep = False
         with torch.random.fork_rng(devices=[]):
             outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        if self.sleep:  # training runs next: give it the engine's GPU memory
+            self.llm.sleep(level=1)
+            self.asleep = True
         done = []
         for o in outputs:
             c = o.outputs[0]
@@ -227,5 +245,5 @@ def sampler_for(rollout_cfg, *, max_model_len: int, seed: int):
                                 timeout=rollout_cfg.server_timeout, max_model_len=max_model_len,
                                 sync_steps=rollout_cfg.sync_steps)
     return VLLMSampler(max_model_len=max_model_len, seed=seed, sync_steps=rollout_cfg.sync_steps,
-                       gpu_memory_utilization=rollout_cfg.gpu_memory_utilization)
+                       gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, sleep=rollout_cfg.sleep)
 

@@ -371,6 +371,17 @@ def test_server_refuses_another_model_and_a_short_max_model_len(family_dir, vllm
         VLLMServerClient(host="127.0.0.1", port=vllm_server, timeout=10, max_model_len=10**6)
 
 
+@needs_vllm
+def test_sleep_mode_on_a_cpu_is_refused_with_one_line():
+    from align.errors import AlignError
+    from align.vllm_backend import VLLMSampler
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: sleep mode is allowed")
+    with pytest.raises(AlignError, match="rollout.sleep: .*needs a CUDA or ROCm GPU"):
+        VLLMSampler(max_model_len=32, sleep=True)
+
+
 def test_server_mode_without_a_server_is_one_line_and_exit_2(tmp_path):
     """Server mode needs no vLLM in the training's environment; with nothing listening it stops after
     rollout.server_timeout with one line."""
@@ -412,6 +423,10 @@ def test_unknown_backend_is_refused(tmp_path):
     server_without_vllm["rollout"]["mode"] = "server"
     with pytest.raises(AlignError, match="rollout.mode: server .* rollout.backend: vllm"):
         load_recipe(None, data=server_without_vllm)
+    sleep_on_a_server = _grpo_recipe(tmp_path, server_port=8000)
+    sleep_on_a_server["rollout"]["sleep"] = True
+    with pytest.raises(AlignError, match="rollout.sleep .* rollout.mode: colocate"):
+        load_recipe(None, data=sleep_on_a_server)
     sft = {"stage": "sft", "output_dir": str(tmp_path), "data": {"train": "x.jsonl"}, "rollout": {"backend": "vllm"}}
     with pytest.raises(AlignError, match="rollout"):
         load_recipe(None, data=sft)
