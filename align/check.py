@@ -115,6 +115,7 @@ from align.device import gradient_checkpointing
 from align.errors import AlignError
 from align.logprobs import chunk_positions
 from align.recipe import ModelConfig, Recipe, load_recipe
+from align.stage_settings import vllm_missing
 
 GiB = 2**30
 PAIR_STAGES = ("dpo", "simpo", "orpo", "kto", "reward")
@@ -289,8 +290,12 @@ def load_model_config(cfg: ModelConfig, tokenizer=None, model_config: str | None
 def _config_from_json(path: Path):
     from transformers import AutoConfig
 
-    data = json.loads(path.read_text())
-    if "model_type" not in data:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AlignError(f"--model-config {path}: cannot read it as JSON ({err}); expected a transformers "
+                         "config.json") from None
+    if not isinstance(data, dict) or "model_type" not in data:
         raise AlignError(f"--model-config {path}: no model_type key; expected a transformers config.json")
     return AutoConfig.for_model(**data)
 
@@ -772,6 +777,9 @@ def check(recipe_path: str | None, overrides: list[str] | None = None, *, launch
     if par.mixed_precision and mp != "auto" and par.mixed_precision != mp:
         say(f"  note: the launch config says mixed_precision {par.mixed_precision} but the recipe's "
             f"train.mixed_precision={mp} is what align passes to Accelerator, and it wins")
+    missing = vllm_missing(recipe.rollout)
+    if missing:
+        report.warn("vllm_missing", f"{missing}: a run on this machine stops at once")
     model_cfg = resolve_model_cfg(m)
     if model_cfg is not m:
         say(f"model: {m.name_or_path} does not exist yet; {m.from_recipe} makes it from {model_cfg.name_or_path}")
@@ -844,13 +852,21 @@ def _memory_check(recipe: Recipe, model_cfg: ModelConfig, tokenizer, par, report
     gpu_memory, gpu_words = assumed_gpu(gpu_memory)
     say(f"memory: compared with {gpu_words}")
     _describe_memory(recipe, shape, par, est, gpu_memory, say)
-    if est.peak > gpu_memory * GiB:
-        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU exceeds the {gpu_memory:g} GiB "
-                              f"GPU: shard further (launch/zero3.yaml, fsdp2.yaml), enable gradient "
-                              f"checkpointing, lower train.batch_size (raise grad_accum) or use LoRA")
-    elif est.peak > 0.9 * gpu_memory * GiB:
-        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU leaves under 10% of the "
-                              f"{gpu_memory:g} GiB GPU for the CUDA context, NCCL buffers and fragmentation")
+    room, where = gpu_memory, f"the {gpu_memory:g} GiB GPU"
+    rollout = recipe.rollout
+    if recipe.stage in ONLINE_STAGES and rollout.backend == "vllm" and rollout.mode == "colocate" and not rollout.sleep:
+        room = gpu_memory * (1 - rollout.gpu_memory_utilization)
+        where = f"the {room:.1f} GiB a colocated vLLM engine leaves"
+        say(f"  a colocated vLLM engine keeps rollout.gpu_memory_utilization={rollout.gpu_memory_utilization:g} of "
+            f"the GPU ({gpu_memory - room:.1f} GiB: its weights and KV cache) while training runs: {room:.1f} GiB "
+            "left to training (rollout.sleep frees it between generations)")
+    if est.peak > room * GiB:
+        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU exceeds {where}: shard further "
+                              f"(launch/zero3.yaml, fsdp2.yaml), enable gradient checkpointing, lower "
+                              f"train.batch_size (raise grad_accum) or use LoRA")
+    elif est.peak > 0.9 * room * GiB:
+        report.warn("memory", f"estimated peak {est.peak / GiB:.1f} GiB per GPU leaves under 10% of {where} for "
+                              f"the CUDA context, NCCL buffers and fragmentation")
 
 
 def _describe_samples(recipe, tokenizer, samples, rows, color, say, key):

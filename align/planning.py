@@ -13,8 +13,9 @@ A recipe can need what other recipes make:
 
 `plan(recipe)` lists those as steps, upstream first, the recipe itself last. `check_plan(steps)`
 validates each step's inputs before anything runs: the recipe (already validated when loaded),
-its local data files and their columns, the model it starts from (a folder, a built-in model, a hub
-id, or the output of an earlier step), and its output folder (not a file, writable). A bad input
+its local data files and their columns, vLLM where a colocated engine samples, the model it starts
+from (a folder, a built-in model, a hub id, or the output of an earlier step), and its output folder
+(not a file, writable). A bad input
 of the last step is thus reported in seconds, not after an upstream model has trained for minutes:
 one line, exit 2, nothing written.
 """
@@ -31,6 +32,7 @@ from align.data import SFT_FORMATS, is_local, load_rows
 from align.errors import AlignError
 from align.policy_pairs import ensure_policy_pairs, missing_sources
 from align.recipe import ModelConfig, PolicyPairsConfig, Recipe, load_recipe, recipe_to_dict
+from align.stage_settings import vllm_missing
 
 # columns each stage reads from its data rows (any one of the alternatives)
 STAGE_COLUMNS = {
@@ -147,6 +149,9 @@ def _check_train(step: TrainStep, made_models: set[str], made_files: set[str]) -
     recipe = step.recipe
     prefix = "" if step.why == "the recipe itself" else f"{step.why}: "
     _check_output_dir(recipe.output_dir, prefix)
+    missing = vllm_missing(recipe.rollout)
+    if missing:
+        raise AlignError(prefix + missing)
     _check_model(recipe.model.name_or_path, made_models, f"{prefix}model.name_or_path")
     for key in STAGE_MODELS.get(recipe.stage, ()):
         if getattr(recipe.stage_args, key) is not None:

