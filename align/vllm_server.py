@@ -52,7 +52,7 @@ def weight_buckets(shapes: list[list[int]], limit: int = BUCKET_ELEMENTS) -> lis
     """Indices of `shapes` grouped in order into buckets of at most `limit` elements (a larger tensor alone)."""
     buckets, size = [[]], 0
     for i, shape in enumerate(shapes):
-        n = max(1, int(torch.Size(shape).numel()))
+        n = torch.Size(shape).numel()
         if buckets[-1] and size + n > limit:
             buckets.append([])
             size = 0
@@ -94,7 +94,7 @@ class WeightServer:
         self.group_port = group_port
         self.store = dist.TCPStore("0.0.0.0", group_port, None, True, timeout, wait_for_workers=False)
         self.lock = threading.Lock()
-        self.session, self.group, self.joining = 0, None, None
+        self.session, self.joining = 0, None
         self.params: list[tuple[str, list[int]]] = []
         self.backend = "gloo"
 
@@ -120,7 +120,7 @@ class WeightServer:
             raise _BadRequest(f"backend {backend!r}; expected gloo or nccl")
         with self.lock:
             self.session += 1
-            self.group, self.params, self.backend = None, params, backend
+            self.params, self.backend = params, backend
             store = dist.PrefixStore(f"align-session-{self.session}", self.store)
             result: dict = {}
 
@@ -147,7 +147,7 @@ class WeightServer:
             group = result["group"]
             device = "cuda" if self.backend == "nccl" else "cpu"
             for bucket in weight_buckets([shape for _, shape in self.params]):
-                sizes = [max(1, int(torch.Size(self.params[i][1]).numel())) for i in bucket]
+                sizes = [torch.Size(self.params[i][1]).numel() for i in bucket]
                 flat = torch.empty(sum(sizes), dtype=self.dtype, device=device)
                 _broadcast(group, flat)
                 pieces = flat.split(sizes)

@@ -395,6 +395,19 @@ def test_sleep_mode_on_a_cpu_is_refused_with_one_line():
         VLLMSampler(max_model_len=32, sleep=True)
 
 
+def test_weight_buckets_keep_order_and_size():
+    """Both ends of a push cut the parameter list the same way: in order, at most `limit` elements a bucket
+    unless one tensor alone is larger, empty tensors included."""
+    from align.vllm_server import weight_buckets
+
+    shapes = [[4, 4], [3], [], [20], [0, 5], [2, 2], [7]]
+    buckets = weight_buckets(shapes, limit=20)
+    assert [i for b in buckets for i in b] == list(range(len(shapes)))
+    assert buckets == [[0, 1, 2], [3, 4], [5, 6]]
+    sizes = [sum(torch.Size(shapes[i]).numel() for i in b) for b in buckets]
+    assert sizes == [20, 20, 11]
+
+
 def test_server_mode_without_a_server_is_one_line_and_exit_2(tmp_path):
     """Server mode needs no vLLM in the training's environment; with nothing listening it stops after
     rollout.server_timeout with one line."""
