@@ -233,19 +233,3 @@ def pad_completions(completions: list[tuple[list[int], list[float]]], pad_id: in
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         logps[row, : len(tokens)] = torch.tensor(lps, dtype=torch.float32)
     return ids, logps
-
-
-def sampler_for(rollout_cfg, *, max_model_len: int, seed: int):
-    """The recipe's rollout engine: None for the own decode loop, else a colocated `VLLMSampler` or, in server
-    mode, an `align.vllm_server.VLLMServerClient`."""
-    if rollout_cfg.backend != "vllm":
-        return None
-    if rollout_cfg.mode == "server":
-        from align.vllm_server import VLLMServerClient
-
-        return VLLMServerClient(host=rollout_cfg.server_host, port=rollout_cfg.server_port,
-                                timeout=rollout_cfg.server_timeout, max_model_len=max_model_len,
-                                sync_steps=rollout_cfg.sync_steps)
-    return VLLMSampler(max_model_len=max_model_len, seed=seed, sync_steps=rollout_cfg.sync_steps,
-                       gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, sleep=rollout_cfg.sleep)
-

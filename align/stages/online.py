@@ -35,12 +35,11 @@ def sampling_config(a) -> SamplingConfig:
 
 
 def rollout_engine(recipe: Recipe, prompts: "PromptSource", max_new_tokens: int):
-    """The `rollout:` section's engine: None (the own decode loop), or a colocated vLLM engine sized for the
-    longest prompt + max_new_tokens (`align.vllm_backend.VLLMSampler`, started at its first weight sync)."""
+    """The `rollout:` section's engine: None (the own decode loop), a colocated vLLM engine sized for the
+    longest prompt + max_new_tokens (`align.vllm_backend.VLLMSampler`, started at its first weight sync), or in
+    server mode the client of an `align vllm-serve` process (`align.vllm_server.VLLMServerClient`)."""
     if recipe.rollout.backend != "vllm":
         return None
-    from align.vllm_backend import sampler_for
-
     k = recipe.rollout.sync_steps
     if recipe.train.save_steps % k:
         prompts.accelerator.print(
@@ -48,7 +47,16 @@ def rollout_engine(recipe: Recipe, prompts: "PromptSource", max_new_tokens: int)
             "resumed from a checkpoint sends the engine the resumed weights, where the run straight through sampled "
             "with the weights of its last send (not the same result)")
     longest = max(map(len, prompts.prompt_ids))
-    return sampler_for(recipe.rollout, max_model_len=longest + max_new_tokens, seed=recipe.seed)
+    r = recipe.rollout
+    if r.mode == "server":
+        from align.vllm_server import VLLMServerClient
+
+        return VLLMServerClient(host=r.server_host, port=r.server_port, timeout=r.server_timeout,
+                                max_model_len=longest + max_new_tokens, sync_steps=k)
+    from align.vllm_backend import VLLMSampler
+
+    return VLLMSampler(max_model_len=longest + max_new_tokens, seed=recipe.seed, sync_steps=k,
+                       gpu_memory_utilization=r.gpu_memory_utilization, sleep=r.sleep)
 
 
 def sampler_correction(old_logprobs: torch.Tensor, batch: dict, mask: torch.Tensor, rollout_cfg):
