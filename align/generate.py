@@ -91,7 +91,7 @@ def generate(model_path: str, prompts_path: str, *, output: str | None = None, m
     if backend == "vllm":
         from align.vllm_backend import require_vllm
 
-        require_vllm("--backend")
+        require_vllm("generate --backend vllm")
     state = distributed_state()
     cfg = ModelConfig(name_or_path=model_path, trust_remote_code=trust_remote_code)
     tokenizer = models.load_tokenizer(cfg, padding_side="left")

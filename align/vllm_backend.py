@@ -49,14 +49,14 @@ import torch
 from align.errors import AlignError
 
 
-def require_vllm(key: str = "rollout.backend") -> None:
-    """One clear line (exit 2) when vLLM is not importable; `key` names the setting that chose it."""
+def require_vllm(what: str = "rollout.backend: vllm") -> None:
+    """One clear line (exit 2) when vLLM is not importable; `what` names what asked for it."""
     import importlib.util
 
     from align.stage_settings import VLLM_MISSING
 
     if importlib.util.find_spec("vllm") is None:
-        raise AlignError(VLLM_MISSING.replace("rollout.backend", key, 1))
+        raise AlignError(f"{what}: {VLLM_MISSING}")
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:

@@ -85,14 +85,11 @@ class _BadRequest(Exception):
 class WeightServer:
     """The served engine and the weights group of the current training run (one at a time)."""
 
-    def __init__(self, sampler, shapes: dict[str, list[int]], *, model: str, group_port: int,
+    def __init__(self, sampler, shapes: dict[str, list[int]], *, model: str, store, group_port: int,
                  timeout: datetime.timedelta):
-        import torch.distributed as dist
-
         self.sampler, self.shapes, self.model, self.timeout = sampler, shapes, model, timeout
         self.dtype = sampler.dtype
-        self.group_port = group_port
-        self.store = dist.TCPStore("0.0.0.0", group_port, None, True, timeout, wait_for_workers=False)
+        self.store, self.group_port = store, group_port
         self.lock = threading.Lock()
         self.session, self.joining = 0, None
         self.params: list[tuple[str, list[int]]] = []
@@ -213,6 +210,18 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, group_port: 
     from align.vllm_backend import VLLMSampler, require_vllm
 
     require_vllm("align vllm-serve")
+    timeout = datetime.timedelta(minutes=30)
+    try:  # both ports first: a taken one is reported in seconds, not after the model has loaded
+        httpd = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except OSError as err:
+        raise AlignError(f"align vllm-serve: cannot listen on {host}:{port} ({err.strerror or err}); is another "
+                         "server there? choose another --port") from None
+    try:
+        store = torch.distributed.TCPStore("0.0.0.0", group_port, None, True, timeout, wait_for_workers=False)
+    except (RuntimeError, OSError) as err:
+        httpd.server_close()
+        raise AlignError(f"align vllm-serve: cannot open the weights group's store on port {group_port} "
+                         f"({str(err).splitlines()[0]}); choose another --group-port") from None
     cfg = ModelConfig(name_or_path=model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = models.load_tokenizer(cfg)
     policy = models.load_model(cfg, tokenizer, trainable=False)
@@ -221,9 +230,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, group_port: 
     sampler.sync(policy)
     shapes = {name: list(value.shape) for name, value in merged_state_dict(policy).items()}
     del policy
-    weights = WeightServer(sampler, shapes, model=model, group_port=group_port,
-                           timeout=datetime.timedelta(minutes=30))
-    httpd = ThreadingHTTPServer((host, port), _handler(weights))
+    weights = WeightServer(sampler, shapes, model=model, store=store, group_port=group_port, timeout=timeout)
+    httpd.RequestHandlerClass = _handler(weights)
     print(f"vLLM server for {model} ({weights.health()['dtype']}, max_model_len {limit}) at http://{host}:{port}; "
           f"weights group on port {group_port}", flush=True)
     if ready is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 import socket
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file
@@ -13,9 +15,30 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def free_port() -> int:
     """A TCP port free now on 127.0.0.1 (the OS's pick; another process may take it before it is bound)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def accelerate_launch(args: list[str], *, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m accelerate.commands.launch --main_process_port <a free port> *args` from the repository, output
+    captured; launched again (once) when another process took the port between its pick and the bind."""
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *args]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or not any(m in proc.stderr for m in ("EADDRINUSE", "Address already in use")):
+            break
+    return proc
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free now on 127.0.0.1 (all held open while the OS picks, so no two are equal)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def tiny_sft_recipe(output_dir, **overrides) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import yaml
 from align import planning
 from align.recipe import load_recipe
 
-from helpers import REPO, free_port, tiny_sft_recipe, weights
+from helpers import REPO, accelerate_launch, tiny_sft_recipe, weights
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install '.[deepspeed]')")
 
@@ -45,10 +44,9 @@ def _launch(config: str, recipe: dict, tmp_path, name: str, overrides=()) -> sub
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # CPU mode would drop DeepSpeed
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / f"launch/{config}.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           "-m", "align", "train", str(path), *overrides]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    proc = accelerate_launch(["--config_file", str(REPO / f"launch/{config}.yaml"), "--num_processes", "2",
+                              "--mixed_precision", "no", "-m", "align", "train", str(path), *overrides],
+                             env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 

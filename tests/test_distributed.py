@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,7 +30,7 @@ import torch
 from align import planning
 from align.recipe import load_recipe
 
-from helpers import REPO, free_port, max_relative_difference, weights
+from helpers import REPO, accelerate_launch, max_relative_difference, weights
 
 DATA = REPO / "data/arith"
 MICRO = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
@@ -120,10 +118,9 @@ def _stage_recipes(root, micro, processes: int) -> dict[str, dict]:
 def _launch_two_processes(jobs_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                ACCELERATE_USE_CPU="true")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(REPO / "tests/distributed_driver.py"), str(jobs_path)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                              "--dynamo_backend", "no", str(REPO / "tests/distributed_driver.py"), str(jobs_path)],
+                             env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

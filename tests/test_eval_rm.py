@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,8 @@ from align import models
 from align.cli import main
 from align.evaluate_rm import evaluate_reward_model, score_pairs
 from align.recipe import ModelConfig
+
+from helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -151,11 +151,10 @@ def test_eval_rm_under_accelerate_launch_with_two_processes_equals_one(tmp_path)
     _write_pairs(tmp_path / "pairs.jsonl", n=25)  # 25 pairs: uneven shards (13 + 12)
     one = evaluate_reward_model(str(folder), str(tmp_path / "pairs.jsonl"), batch_size=4, quiet=True)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align", "eval-rm",
-           "--model", str(folder), "--data", str(tmp_path / "pairs.jsonl"), "--batch-size", "4",
-           "--output", str(tmp_path / "two.json")]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                              "--dynamo_backend", "no", "-m", "align", "eval-rm", "--model", str(folder), "--data",
+                              str(tmp_path / "pairs.jsonl"), "--batch-size", "4", "--output", str(tmp_path / "two.json")],
+                             env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("mean margin") == 1  # printed by the main process only
     two = json.loads((tmp_path / "two.json").read_text())

@@ -9,7 +9,7 @@ from align.cli import main
 from align.errors import AlignError
 from align.pipeline import load_pipeline, run_pipeline
 
-from helpers import REPO, tiny_sft_recipe
+from helpers import REPO, accelerate_launch, tiny_sft_recipe
 
 
 def _pipeline(tmp_path, steps):
@@ -119,9 +119,6 @@ def test_shipped_pipeline_validates():
 def test_pipeline_under_two_cpu_processes(tmp_path):
     """`accelerate launch` runs every step on both processes; one table, one report, no duplicated pairs."""
     import os
-    import socket
-    import subprocess
-    import sys
 
     data = str(REPO / "data/arith")
     steps = [
@@ -132,14 +129,10 @@ def test_pipeline_under_two_cpu_processes(tmp_path):
                                                    "data": {"path": f"{data}/prefs_eval.jsonl", "take": 33}}},
     ]
     path = _pipeline(tmp_path, steps)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "-m", "align", "pipeline", str(path), "all.train.progress_bar=false"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                              "--dynamo_backend", "no", "-m", "align", "pipeline", str(path),
+                              "all.train.progress_bar=false"], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| step | stage |") == 1  # the table is printed once
     run = tmp_path / "run"

