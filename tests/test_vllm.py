@@ -233,10 +233,16 @@ def test_tiny_grpo_recipe_through_vllm_meets_its_target(tmp_path, clean_checkout
 
 
 @needs_vllm
-def test_ppo_through_vllm_raises_the_reward_model_score(tmp_path, sharp_reward_model):  # noqa: F811
-    """tests/test_ppo.py's short run sampled by vLLM: the held-out (greedy) score rises (2.40 -> 3.61 when
-    written; the sampled score of 8 rollouts is too noisy to order here); trainer and vLLM agree in fp32."""
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_ppo_through_vllm_raises_the_reward_model_score(tmp_path, sharp_reward_model, mode, request):  # noqa: F811
+    """tests/test_ppo.py's short run sampled by vLLM, colocated or from `align vllm-serve`: the held-out (greedy)
+    score rises (2.40 -> 3.61 when written; the sampled score of 8 rollouts is too noisy to order here); trainer
+    and vLLM agree in fp32."""
     from align.planning import run
+
+    rollout = {"backend": "vllm"}
+    if mode == "server":
+        rollout.update(mode="server", server_port=request.getfixturevalue("vllm_server"))
 
     metrics = run(load_recipe(None, data={
         "stage": "ppo", "output_dir": str(tmp_path), "seed": 0, "model": {"name_or_path": "builtin:tiny"},
@@ -246,7 +252,7 @@ def test_ppo_through_vllm_raises_the_reward_model_score(tmp_path, sharp_reward_m
                   "log_steps": 1, "progress_bar": False},
         "ppo": {"reward_model": str(sharp_reward_model), "max_new_tokens": 6, "update_epochs": 2,
                 "missing_eos_penalty": None, "kl_coef": 0.01, "plot": False},
-        "eval": {"max_new_tokens": 6}, "rollout": {"backend": "vllm"},
+        "eval": {"max_new_tokens": 6}, "rollout": rollout,
     }))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     rollouts = [r for r in log if "train/reward" in r]
@@ -348,15 +354,21 @@ def test_generate_with_vllm_is_the_own_loop_when_greedy(tmp_path, family_dir):
 
 
 @needs_vllm
-def test_server_mode_trains_the_colocated_runs_weights(tmp_path, vllm_server):
+@pytest.mark.parametrize("lora", [False, True])
+def test_server_mode_trains_the_colocated_runs_weights(tmp_path, vllm_server, lora):
     """The same GRPO run sampled by `align vllm-serve` (weights pushed over a gloo group after every step) and by
-    a colocated engine: the same rollouts step for step (per-row seeds, the same weights), the same weights."""
+    a colocated engine: the same rollouts step for step (per-row seeds, the same weights), the same weights. With
+    a LoRA policy the server (serving the base model) gets the adapters merged into the base weights."""
     from align.planning import run
 
     from helpers import max_relative_difference, weights
 
     for name, port in (("colocate", None), ("server", vllm_server)):
-        run(load_recipe(None, data=_grpo_recipe(tmp_path / name, server_port=port, max_steps=4)))
+        recipe = _grpo_recipe(tmp_path / name, server_port=port, max_steps=4)
+        if lora:
+            recipe["model"]["lora"] = {"enabled": True, "r": 8, "alpha": 16}
+            recipe["train"]["lr"] = 2e-2
+        run(load_recipe(None, data=recipe))
     logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()]
             for n in ("colocate", "server")]
     steps = [[r for r in log if "train/reward" in r] for log in logs]
@@ -365,7 +377,14 @@ def test_server_mode_trains_the_colocated_runs_weights(tmp_path, vllm_server):
         for key in ("train/reward", "train/completion_length", "rollout/logprob_diff", "train/loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     assert steps[0][-1]["train/reward"] != steps[0][0]["train/reward"]  # the pushed weights changed the samples
-    assert max_relative_difference(weights(tmp_path / "colocate"), weights(tmp_path / "server")) < 1e-5
+    if lora:
+        from safetensors.torch import load_file
+
+        a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("colocate", "server"))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+        assert max(v.abs().max().item() for k, v in b.items() if "lora_B" in k) > 1e-3  # the adapter trained
+    else:
+        assert max_relative_difference(weights(tmp_path / "colocate"), weights(tmp_path / "server")) < 1e-5
 
 
 @needs_vllm
