@@ -51,6 +51,27 @@ def _launch(config: str, recipe: dict, tmp_path, name: str, overrides=()) -> sub
     return proc
 
 
+def _same_up_to_adam_noise(reference: dict, other: dict) -> None:
+    """ZeRO-3 reduces gradients in another order than one process; Adam's first steps normalise each entry's
+    gradient, so an entry whose gradient is near zero turns that float-order noise into a visible step difference
+    (2026-12-07, deepspeed 0.19.8: 2 of the 16,384 entries of one tensor, 3.2e-4 of its largest entry). Every
+    tensor within 1e-3 of its largest entry, and all but 0.1% of the entries within 1e-6."""
+    assert _relative_difference(reference, other) < 1e-3
+    off = sum(int(((reference[k] - other[k]).abs() > 1e-6).sum()) for k in reference)
+    assert off <= 1e-3 * sum(v.numel() for v in reference.values()), off
+
+
+def _generates_as(folder, reference_folder, model=None) -> None:
+    """The saved model loads and generates greedily what the one-process model does (it may stop at EOS early)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 6, 7]])
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    model = model or AutoModelForCausalLM.from_pretrained(folder)
+    expected = AutoModelForCausalLM.from_pretrained(reference_folder).generate(**kwargs)
+    assert torch.equal(model.generate(**kwargs), expected)
+
+
 def _run_here(recipe: dict) -> dict:
     return planning.run(load_recipe(None, [], data=recipe))
 
@@ -92,16 +113,17 @@ def test_sft_under_zero_matches_one_process_and_saves_full_hf_weights(tmp_path, 
     _launch(config, _sft(out, **split), tmp_path, config)
     start = tiny_start_weights(single)
     assert _relative_difference(start, weights(single)) > 1e-3  # training moved the weights
-    assert _relative_difference(weights(single), weights(out)) < 1e-4
+    if config == "zero2":
+        assert _relative_difference(weights(single), weights(out)) < 1e-4
+    else:
+        _same_up_to_adam_noise(weights(single), weights(out))
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("eval/loss_start", "eval/loss", "eval/task_accuracy"):
         assert metrics[name] == pytest.approx(single_metrics[name], rel=1e-5, abs=1e-7), name
     # the full gathered weights, in Hugging Face format: every tensor whole, loads and generates
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in start.values())
-    ids = torch.tensor([[1, 5, 6, 7]])
-    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-    assert generated.shape == (1, 7)
+    _generates_as(out, single, model)
 
 
 def tiny_start_weights(reference_dir) -> dict:
@@ -123,7 +145,7 @@ def test_zero3_checkpoint_resumes_to_the_same_weights(tmp_path, one_process):
     (out / "model.safetensors").unlink()
     proc = _launch("zero3", recipe, tmp_path, "second")
     assert "resuming from" in proc.stdout + proc.stderr
-    assert _relative_difference(weights(single), weights(out)) < 1e-4
+    _same_up_to_adam_noise(weights(single), weights(out))
 
 
 def test_dpo_with_precomputed_reference_under_zero3_matches_one_process(tmp_path, one_process):
@@ -193,10 +215,11 @@ def test_lora_under_zero3_saves_the_trained_adapter(tmp_path, one_process):
     assert max(v.abs().max().item() for k, v in two.items() if "lora_B" in k) > 1e-4  # B starts at 0: it trained
     # lora_B is still tiny after 3 steps; Adam's first steps turn float-order noise into ~1e-3 relative there
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    base = AutoModelForCausalLM.from_pretrained(single_sft)
-    model = PeftModel.from_pretrained(base, tmp_path / "z3")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(single_sft), tmp_path / "z3")
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(single_sft), tmp_path / "single")
     ids = torch.tensor([[1, 5, 6, 7]])
-    assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2).shape == (1, 6)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))  # loads and generates (EOS may end it)
 
 
 def test_reward_model_and_ppo_under_zero3_match_one_process(tmp_path, one_process):
