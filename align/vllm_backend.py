@@ -14,7 +14,7 @@ tests/test_vllm.py). Everything around the sampling stays align's:
   ZeRO-3 (the caller gathers them, `align.models.gathered`). The prefix cache is reset after
   each update, or a repeated prompt would reuse keys/values of the old weights. A resumed run
   starts its engine from the resumed weights: exact when the checkpoint's step is a multiple of
-  sync_steps (`SyncSchedule`; the stages warn when train.save_steps is not).
+  sync_steps (`RolloutEngine`; the stages warn when train.save_steps is not).
 - **Log-probs**: vLLM returns the log-prob of each sampled token under the distribution it
   sampled from (`logprobs_mode="processed_logprobs"`: after temperature, top-k, top-p). The
   losses never use them: the old/reference log-probs are the trainer's, recomputed by a forward
@@ -95,10 +95,13 @@ def _engine_env() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-class SyncSchedule:
-    """When an engine is due the policy's weights: at its first sync, then at the first sampling in each block
-    of `sync_steps` optimizer steps (blocks counted from step 0, not from the engine's start, so a run resumed
-    from a checkpoint at a multiple of sync_steps sends at the steps the run straight through sends)."""
+class RolloutEngine:
+    """What both vLLM engines (colocated `VLLMSampler`, `align.vllm_server.VLLMServerClient`) share: when the
+    policy's weights are due, and padded rollouts from their `complete`.
+
+    Weights are due at the first sync, then at the first sampling in each block of `sync_steps` optimizer steps
+    (blocks counted from step 0, not from the engine's start, so a run resumed from a checkpoint at a multiple of
+    sync_steps sends at the steps the run straight through sends)."""
 
     def __init__(self, sync_steps: int = 1):
         self.sync_steps = sync_steps
@@ -109,14 +112,27 @@ class SyncSchedule:
         sync_steps steps than the last send."""
         return self.synced_step is None or step // self.sync_steps > self.synced_step // self.sync_steps
 
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+               top_k: int, stop_ids: list[int], pad_id: int,
+               keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completions of `prompts` (token lists): -> (completion ids (B, C), their sampled log-probs (B, C)).
 
-class VLLMSampler(SyncSchedule):
+        `keys` (B,) the rows' seeds (`align.rollout.row_keys`); None: greedy. Rows are padded
+        with `pad_id` (log-prob 0) after their stop token, which they keep.
+        """
+        return pad_completions(self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, top_k=top_k, stop_ids=stop_ids,
+                                             seeds=None if keys is None else keys.tolist()), pad_id)
+
+
+class VLLMSampler(RolloutEngine):
     """A colocated vLLM engine that samples completions of token-id prompts from the policy's current weights.
 
     `max_model_len`: the longest prompt + completion it must hold; `seed`: the engine's (rows
-    have their own); `sync_steps`: when weights are due (`SyncSchedule`); `sleep`: vLLM's sleep mode on a GPU (weights offloaded to CPU
-    memory and the KV cache freed after each generation, woken for the next sync or
-    generation: level 1, so weights not due a sync survive). The engine starts on the first `sync`.
+    have their own); `sync_steps`: when weights are due (`RolloutEngine`); `sleep`: vLLM's sleep
+    mode on a GPU (weights offloaded to CPU memory and the KV cache freed after each generation,
+    woken for the next sync or generation: level 1, so weights not due a sync survive). The engine
+    starts on the first `sync`.
     """
 
     def __init__(self, *, max_model_len: int, seed: int = 0, sync_steps: int = 1,
@@ -209,18 +225,6 @@ class VLLMSampler(SyncSchedule):
             logps = [lp[t].logprob for t, lp in zip(tokens, c.logprobs)] if c.logprobs is not None else [0.0] * len(tokens)
             done.append((tokens, logps))
         return done
-
-    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-               top_k: int, stop_ids: list[int], pad_id: int,
-               keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Completions of `prompts` (token lists): -> (completion ids (B, C), their sampled log-probs (B, C)).
-
-        `keys` (B,) the rows' seeds (`align.rollout.row_keys`); None: greedy. Rows are padded
-        with `pad_id` (log-prob 0) after their stop token, which they keep.
-        """
-        return pad_completions(self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                             top_p=top_p, top_k=top_k, stop_ids=stop_ids,
-                                             seeds=None if keys is None else keys.tolist()), pad_id)
 
 
 def pad_completions(completions: list[tuple[list[int], list[float]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

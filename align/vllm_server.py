@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from align.errors import AlignError
-from align.vllm_backend import SyncSchedule, merged_state_dict, pad_completions
+from align.vllm_backend import RolloutEngine, merged_state_dict
 
 BUCKET_ELEMENTS = 2**27  # parameters travel in flat tensors of at most this many elements (256 MiB in bf16)
 SERVER_RANK, TRAINER_RANK = 0, 1
@@ -242,7 +242,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, group_port: 
         httpd.server_close()
 
 
-class VLLMServerClient(SyncSchedule):
+class VLLMServerClient(RolloutEngine):
     """The training side of server mode: `sync` pushes weights (main process), `sample` asks for completions.
 
     Construction waits up to `timeout` seconds for the server's /health and checks that its max_model_len
@@ -327,12 +327,10 @@ class VLLMServerClient(SyncSchedule):
         self.synced_step = step
         return True
 
-    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-               top_k: int, stop_ids: list[int], pad_id: int,
-               keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `VLLMSampler.sample`, from the server."""
+    def complete(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int, stop_ids: list[int], seeds: list[int] | None) -> list[tuple[list[int], list[float]]]:
+        """As `VLLMSampler.complete`, from the server."""
         body = {"prompts": [list(map(int, p)) for p in prompts], "max_tokens": max_new_tokens,
                 "temperature": temperature, "top_p": top_p, "top_k": top_k, "stop_token_ids": list(stop_ids),
-                "seeds": None if keys is None else keys.tolist()}
-        done = self._post("/generate", body)["completions"]
-        return pad_completions([(tokens, logps) for tokens, logps in done], pad_id)
+                "seeds": seeds}
+        return [(tokens, logps) for tokens, logps in self._post("/generate", body)["completions"]]

@@ -188,12 +188,12 @@ def test_samples_come_from_the_updated_policy_after_a_sync(family_dir):
     assert [row[: int(k.sum())].tolist() for row, k in zip(ids, keep)] == _own_greedy(peft_model, tok, prompts, stops)
 
 
-def _grpo_recipe(output_dir, backend="vllm", server_port=None, **train):
+def _grpo_recipe(output_dir, backend="vllm", server_port=None, sync_steps=1, **train):
     """tests/test_grpo_stage.py's short run on `backend`; `server_port`: vLLM in server mode on that port."""
     from test_grpo_stage import grpo_recipe
 
     recipe = grpo_recipe(output_dir, kl_coef=0.02)
-    recipe["rollout"] = {"backend": backend}
+    recipe["rollout"] = {"backend": backend, "sync_steps": sync_steps}
     if server_port is not None:
         recipe["rollout"].update(mode="server", server_port=server_port)
     recipe["train"].update(train)
@@ -273,19 +273,14 @@ def test_grpo_through_vllm_resumes_to_the_same_weights(tmp_path, monkeypatch, sy
 
     from helpers import max_relative_difference, weights
 
-    def _grpo_recipe(output_dir, **train):
-        recipe = globals()["_grpo_recipe"](output_dir, **train)
-        recipe["rollout"]["sync_steps"] = sync_steps
-        return recipe
-
-    run(load_recipe(None, data=_grpo_recipe(tmp_path / "straight", max_steps=4)))
+    run(load_recipe(None, data=_grpo_recipe(tmp_path / "straight", sync_steps=sync_steps, max_steps=4)))
 
     def crash(self, step):
         if step == 2:
             raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(GRPOStage, "after_step", crash)
-    resumed = _grpo_recipe(tmp_path / "resumed", max_steps=4, save_steps=2)
+    resumed = _grpo_recipe(tmp_path / "resumed", sync_steps=sync_steps, max_steps=4, save_steps=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(load_recipe(None, data=resumed))
     monkeypatch.undo()
